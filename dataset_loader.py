@@ -1,0 +1,462 @@
+"""Normalize what users upload into one canonical form of chat conversations, with a report.
+
+Canonical form (valid OpenAI fine-tuning JSONL): one conversation per line,
+    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight": 0|1 (assistant only)}, ...],
+     "tools": [...] (optional)}
+An assistant message is trained unless it carries `"weight": 0`.
+
+Formats, detected per line:
+- BrightRun LoRA v4/v5 pairs (`target_response`, `conversation_history`, ...; the `_meta` header line),
+- OpenAI chat (`messages`), ShareGPT (`conversations` with `from`/`value`),
+- Alpaca (`instruction`, `input`, `output`), prompt/completion (`prompt`, `completion`).
+
+    python dataset_loader.py INPUT [--output OUT.jsonl] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+FORMATS = ("brightrun", "openai", "sharegpt", "alpaca", "prompt_completion")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_DECOMPRESSED_BYTES = 4 * 1024**3
+MAX_QUOTED_PROBLEMS = 5
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole is unusable; the message says why and what to do."""
+
+
+class LineProblem(Exception):
+    """One line cannot be used. kind is 'invalid' (not understood) or 'skipped' (understood, excluded by a rule)."""
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Report:
+    examples: int = 0
+    skipped: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    blank_lines: int = 0
+    merged_messages: int = 0
+    formats: Counter = field(default_factory=Counter)
+    problems: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["formats"] = dict(self.formats)
+        return d
+
+
+# ---------------------------------------------------------------------------- reading lines
+
+def _open_bytes(path: Path, max_decompressed: int) -> io.BufferedIOBase:
+    raw = open(path, "rb")
+    if raw.read(2) == b"\x1f\x8b":
+        raw.seek(0)
+        return _CappedReader(gzip.GzipFile(fileobj=raw), max_decompressed)
+    raw.seek(0)
+    return raw
+
+
+class _CappedReader(io.RawIOBase):
+    """Stops a gzip bomb: raises once more than `limit` decompressed bytes were read."""
+
+    def __init__(self, inner, limit: int):
+        self.inner, self.limit, self.seen = inner, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.inner.readinto(buffer)
+        self.seen += n
+        if self.seen > self.limit:
+            raise DatasetError(f"the gzip file decompresses to more than {self.limit} bytes: split it into smaller files")
+        return n
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (use null or a number)")
+
+
+def _parse_json(text: str) -> Any:
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPRESSED_BYTES) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed JSON) per non-blank line; problems for lines that are not JSON.
+
+    Lines are split on b"\\n" only (U+2028 inside a string is text). A file whose first
+    non-blank character is `[` is read as one JSON array, and its items are numbered from 1.
+    """
+    with _open_bytes(path, max_decompressed) as stream:
+        buffered = io.BufferedReader(stream) if isinstance(stream, _CappedReader) else stream
+        head = buffered.peek(4096)[:4096]
+        if head.startswith(b"\xef\xbb\xbf"):
+            report.warnings.append("the file starts with a UTF-8 byte order mark; it was ignored")
+        if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            yield from _iter_array(buffered.read(), report)
+            return
+        for number, raw in enumerate(buffered, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(
+                    f"line {number} is not UTF-8 (byte {exc.start}): save the file as UTF-8 and resubmit"
+                ) from None
+            if not text.strip():
+                report.blank_lines += 1
+                continue
+            try:
+                yield number, _parse_json(text)
+            except ValueError as exc:
+                report.invalid += 1
+                report.problems.append({"line": number, "message": f"line {number}: not valid JSON: {exc}"})
+
+
+def _iter_array(data: bytes, report: Report) -> Iterator[tuple[int, Any]]:
+    try:
+        items = _parse_json(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"the file is not UTF-8 (byte {exc.start}): save it as UTF-8 and resubmit") from None
+    except ValueError as exc:
+        raise DatasetError(f"the file starts with '[' but is not a valid JSON array: {exc}") from None
+    if not isinstance(items, list):
+        raise DatasetError("the file starts with '[' but is not a JSON array")
+    yield from enumerate(items, start=1)
+
+
+# ---------------------------------------------------------------------------- formats
+
+def detect_format(record: dict) -> str | None:
+    if "messages" in record:
+        return "openai"
+    if "conversations" in record:
+        return "sharegpt"
+    if "target_response" in record or "current_user_input" in record or "conversation_history" in record:
+        return "brightrun"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    return None
+
+
+def _text(value: Any, where: str, *, allow_none: bool = False) -> str | None:
+    """A message content: a string, or a list of text parts (joined)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise LineProblem(f"`{where}` must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts, got {_kind(value)}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__.replace("str", "string").replace("dict", "object").replace("list", "array")
+
+
+def normalize_brightrun(record: dict) -> list[dict]:
+    """A BrightRun pair → messages. Only `target_response` is trained; the history is context.
+
+    In real exports the history already ends with the current user message; it is not added twice.
+    """
+    target = record.get("target_response")
+    if target is None or (isinstance(target, str) and not target.strip()):
+        raise LineProblem("`target_response` is empty: nothing to train on", kind="skipped")
+    if not isinstance(target, str):
+        raise LineProblem(f"`target_response` must be a string, got {_kind(target)}")
+    messages = []
+    system = record.get("system_prompt")
+    if system is not None and not isinstance(system, str):
+        raise LineProblem(f"`system_prompt` must be a string, got {_kind(system)}")
+    if system and system.strip():
+        messages.append({"role": "system", "content": system})
+    history = record.get("conversation_history") or []
+    if not isinstance(history, list):
+        raise LineProblem(f"`conversation_history` must be an array, got {_kind(history)}")
+    for i, turn in enumerate(history):
+        if not isinstance(turn, dict):
+            raise LineProblem(f"`conversation_history[{i}]` must be an object, got {_kind(turn)}")
+        role = turn.get("role")
+        if role not in ("user", "assistant"):
+            raise LineProblem(f"`conversation_history[{i}].role` is {role!r}; expected user or assistant")
+        content = turn.get("content")
+        if not isinstance(content, str):
+            raise LineProblem(f"`conversation_history[{i}].content` must be a string, got {_kind(content)}")
+        messages.append({"role": role, "content": content} | ({"weight": 0} if role == "assistant" else {}))
+    current = record.get("current_user_input")
+    if current is not None and not isinstance(current, str):
+        raise LineProblem(f"`current_user_input` must be a string, got {_kind(current)}")
+    last = messages[-1] if messages else None
+    already_there = last is not None and last["role"] == "user" and last["content"].strip() == (current or "").strip()
+    if current and current.strip() and not already_there:
+        messages.append({"role": "user", "content": current})
+    messages.append({"role": "assistant", "content": target, "weight": 1})
+    return messages
+
+
+def normalize_openai(record: dict) -> list[dict]:
+    raw = record["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise LineProblem(f"`messages` must be a non-empty array, got {_kind(raw)}")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise LineProblem(f"`messages[{i}]` must be an object, got {_kind(m)}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise LineProblem(f"`messages[{i}].role` is {role!r}; expected system, user, assistant or tool")
+        has_tool_calls = role == "assistant" and m.get("tool_calls") is not None
+        content = _text(m.get("content"), f"messages[{i}].content", allow_none=has_tool_calls)
+        out = {"role": role, "content": content if content is not None else ""}
+        if "name" in m:
+            if not isinstance(m["name"], str):
+                raise LineProblem(f"`messages[{i}].name` must be a string, got {_kind(m['name'])}")
+            out["name"] = m["name"]
+        if has_tool_calls:
+            calls = m["tool_calls"]
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str) for c in calls):
+                raise LineProblem(f"`messages[{i}].tool_calls` must be an array of {{\"function\": {{\"name\": ..., \"arguments\": ...}}}}")
+            out["tool_calls"] = calls
+        if role == "tool":
+            if "tool_call_id" in m:
+                out["tool_call_id"] = m["tool_call_id"]
+        if "weight" in m:
+            weight = m["weight"]
+            if weight not in (0, 1) or isinstance(weight, bool):
+                raise LineProblem(f"`messages[{i}].weight` is {weight!r}; expected 0 or 1")
+            if role != "assistant" and weight != 0:
+                raise LineProblem(f"`messages[{i}].weight` is 1 on a {role} message; only assistant messages can be trained")
+            if role == "assistant":
+                out["weight"] = int(weight)
+        elif role == "assistant":
+            out["weight"] = 1
+        messages.append(out)
+    return messages
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
+                  "tool": "tool", "function_response": "tool", "observation": "tool"}
+
+
+def normalize_sharegpt(record: dict) -> list[dict]:
+    raw = record["conversations"]
+    if not isinstance(raw, list) or not raw:
+        raise LineProblem(f"`conversations` must be a non-empty array, got {_kind(raw)}")
+    messages = []
+    if isinstance(record.get("system"), str) and record["system"].strip():
+        messages.append({"role": "system", "content": record["system"]})
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, dict):
+            raise LineProblem(f"`conversations[{i}]` must be an object, got {_kind(turn)}")
+        speaker = turn.get("from")
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise LineProblem(f"`conversations[{i}].from` is {speaker!r}; expected human, gpt or system")
+        content = _text(turn.get("value"), f"conversations[{i}].value")
+        messages.append({"role": role, "content": content} | ({"weight": 1} if role == "assistant" else {}))
+    return messages
+
+
+def normalize_alpaca(record: dict) -> list[dict]:
+    messages = []
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise LineProblem(f"`system` must be a string, got {_kind(system)}")
+    if system and system.strip():
+        messages.append({"role": "system", "content": system})
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+        raise LineProblem("`history` must be an array of [instruction, response] string pairs")
+    for prompt, answer in history:
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer, "weight": 0}]
+    instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
+    for name, value in (("instruction", instruction), ("output", output)):
+        if not isinstance(value, str):
+            raise LineProblem(f"`{name}` must be a string, got {_kind(value)}")
+    if extra is not None and not isinstance(extra, str):
+        raise LineProblem(f"`input` must be a string, got {_kind(extra)}")
+    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    if not output.strip():
+        raise LineProblem("`output` is empty: nothing to train on", kind="skipped")
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output, "weight": 1}]
+
+
+def normalize_prompt_completion(record: dict) -> list[dict]:
+    prompt, completion = record.get("prompt"), record.get("completion")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, str):
+            raise LineProblem(f"`{name}` must be a string, got {_kind(value)}")
+    if not completion.strip():
+        raise LineProblem("`completion` is empty: nothing to train on", kind="skipped")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion, "weight": 1}]
+
+
+NORMALIZERS = {"brightrun": normalize_brightrun, "openai": normalize_openai, "sharegpt": normalize_sharegpt,
+               "alpaca": normalize_alpaca, "prompt_completion": normalize_prompt_completion}
+
+
+def finalize(messages: list[dict]) -> tuple[list[dict], int]:
+    """Merge consecutive same-role messages, check the system position and that something is trained.
+
+    Returns the messages and how many were merged away. A merged assistant message is trained if
+    any of its parts was. Tool messages and tool calls are never merged.
+    """
+    out: list[dict] = []
+    merged = 0
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i > 0:
+            raise LineProblem(f"message {i} is a system message; a system message may only come first")
+        prev = out[-1] if out else None
+        mergeable = (prev is not None and prev["role"] == m["role"] and m["role"] in ("user", "assistant")
+                     and "tool_calls" not in prev and "tool_calls" not in m and prev.get("name") == m.get("name"))
+        if mergeable:
+            prev["content"] = f"{prev['content']}\n\n{m['content']}"
+            if m["role"] == "assistant":
+                prev["weight"] = max(prev["weight"], m["weight"])
+            merged += 1
+        else:
+            out.append(dict(m))
+    if not any(m["role"] == "assistant" and m.get("weight", 1) and m["content"].strip() for m in out):
+        raise LineProblem("no assistant message to train on (none, empty, or all weight 0)", kind="skipped")
+    return out, merged
+
+
+# ---------------------------------------------------------------------------- the whole file
+
+def _meta_header(record: dict, number: int, report: Report) -> dict:
+    meta = record["_meta"]
+    if not isinstance(meta, dict):
+        report.warnings.append(f"line {number}: `_meta` is not an object; ignored")
+        return {}
+    return meta
+
+
+def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1,
+                 max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES) -> tuple[list[dict], Report]:
+    """Read `path` and return (canonical conversations, report). Raises DatasetError when unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise DatasetError("the dataset file is empty (0 bytes): export the dataset again and resubmit")
+    report = Report()
+    conversations: list[dict] = []
+    seen: set[bytes] = set()
+    meta: dict = {}
+    brightrun_lines = 0
+    for number, record in iter_records(path, report, max_decompressed_bytes):
+        if isinstance(record, dict) and "_meta" in record and detect_format(record) is None:
+            meta = _meta_header(record, number, report)
+            continue
+        try:
+            if not isinstance(record, dict):
+                raise LineProblem(f"expected a JSON object, got {_kind(record)}")
+            fmt = detect_format(record)
+            if fmt is None:
+                keys = ", ".join(sorted(record)[:8]) or "none"
+                raise LineProblem(
+                    f"unrecognized format (keys: {keys}); expected `messages` (OpenAI chat), `conversations` (ShareGPT), "
+                    "`instruction`/`output` (Alpaca), `prompt`/`completion`, or a BrightRun pair with `target_response`"
+                )
+            if fmt == "brightrun":
+                brightrun_lines += 1
+            messages, merged = finalize(NORMALIZERS[fmt](record))
+        except LineProblem as problem:
+            setattr(report, problem.kind, getattr(report, problem.kind) + 1)
+            report.problems.append({"line": number, "message": f"line {number}: {problem}"})
+            continue
+        conversation = {"messages": messages}
+        if fmt == "openai" and isinstance(record.get("tools"), list):
+            conversation["tools"] = record["tools"]
+        key = hashlib.sha256(json.dumps(conversation, sort_keys=True, ensure_ascii=False).encode()).digest()
+        if key in seen:
+            report.duplicates += 1
+            continue
+        seen.add(key)
+        report.merged_messages += merged
+        report.formats[fmt] += 1
+        conversations.append(conversation)
+    report.examples = len(conversations)
+    if meta:
+        declared = meta.get("total_pairs")
+        if isinstance(declared, int) and declared != brightrun_lines:
+            report.warnings.append(f"the _meta header says total_pairs={declared} but the file holds {brightrun_lines} pairs")
+    check_usable(report, max_invalid_fraction)
+    return conversations, report
+
+
+def check_usable(report: Report, max_invalid_fraction: float) -> None:
+    considered = report.examples + report.skipped + report.invalid + report.duplicates
+    quoted = "; ".join(p["message"] for p in report.problems[:MAX_QUOTED_PROBLEMS])
+    more = f" (and {len(report.problems) - MAX_QUOTED_PROBLEMS} more)" if len(report.problems) > MAX_QUOTED_PROBLEMS else ""
+    if report.examples == 0:
+        raise DatasetError(f"no usable example in the dataset{': ' + quoted + more if quoted else ''}")
+    if considered and report.invalid / considered > max_invalid_fraction:
+        raise DatasetError(
+            f"{report.invalid} of {considered} lines are invalid (more than {max_invalid_fraction:.0%}): {quoted}{more}. "
+            "Fix these lines and resubmit"
+        )
+
+
+def write_jsonl(conversations: list[dict], path: str | Path) -> None:
+    tmp = Path(f"{path}.part")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for c in conversations:
+            f.write(json.dumps(c, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="dataset file (JSONL, JSON array, optionally gzip)")
+    parser.add_argument("--output", help="write the canonical JSONL here")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument("--max-invalid-fraction", type=float, default=0.1, help="fail when more lines than this are invalid")
+    args = parser.parse_args(argv)
+    try:
+        conversations, report = load_dataset(args.input, max_invalid_fraction=args.max_invalid_fraction)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.output:
+        write_jsonl(conversations, args.output)
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        formats = ", ".join(f"{k} {v}" for k, v in report.formats.items())
+        print(f"{report.examples} examples ({formats}); {report.skipped} skipped, {report.invalid} invalid, "
+              f"{report.duplicates} duplicates, {report.merged_messages} messages merged")
+        for p in report.problems:
+            print(f"  {p['message']}")
+        for w in report.warnings:
+            print(f"  warning: {w}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

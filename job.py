@@ -1,0 +1,225 @@
+"""The job's input and the worker's settings: the single source of every default and limit.
+
+`JobInput` is what the BrightRun app POSTs as `input` (both shapes of `hyperparameters` and
+`gpu_config` it sends today are accepted); `WorkerSettings` is what the deployment sets in the
+environment. Neither imports torch, so a bad job is answered before any heavy import.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-v0.1"  # what the app sends when the user picked nothing
+
+
+class JobError(Exception):
+    """An expected failure, written for the person who submitted the job: what happened, what to do."""
+
+
+def redact_url(url: str) -> str:
+    """Drop the query string and fragment (they carry signed tokens) and any user:password.
+
+    >>> redact_url("https://x.supabase.co/storage/v1/object/sign/b/d.jsonl?token=eyJ")
+    'https://x.supabase.co/storage/v1/object/sign/b/d.jsonl?<redacted>'
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "<redacted>" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+_URL_IN_TEXT = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+)")
+
+
+def redact_text(text: str) -> str:
+    """Redact every URL found in free text (exception messages, log lines)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(1)), text)
+
+
+class _Section(BaseModel):
+    # Unknown keys are kept (and reported as warnings), never rejected: the app adds fields over time.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Hyperparameters(_Section):
+    """Training settings. Aliases accept both shapes the app sends (shape A | shape B)."""
+
+    base_model: str | None = Field(None, description="Hub id (`Qwen/Qwen2.5-7B-Instruct`) or local path; default: the worker's DEFAULT_BASE_MODEL")
+    learning_rate: float = Field(2e-4, ge=1e-5, le=1e-3, description="Peak learning rate (cosine decay after warmup)")
+    batch_size: int = Field(4, ge=1, le=64, description="Sequences per optimizer step (packed sequences when packing)")
+    micro_batch_size: int | None = Field(None, ge=1, le=64, description="Sequences per forward pass; default batch_size; the rest is gradient accumulation")
+    epochs: int = Field(3, ge=1, le=20, validation_alias=AliasChoices("epochs", "num_epochs"), description="Passes over the dataset (alias num_epochs)")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Stop after this many optimizer steps (default: run all epochs)")
+    lora_rank: int = Field(16, ge=4, le=128, validation_alias=AliasChoices("lora_rank", "rank"), description="LoRA rank r (alias rank)")
+    lora_alpha: float | None = Field(None, gt=0, le=1024, validation_alias=AliasChoices("lora_alpha", "alpha"), description="LoRA alpha (alias alpha); default 2 x rank")
+    lora_dropout: float = Field(0.05, ge=0.0, le=0.5, validation_alias=AliasChoices("lora_dropout", "dropout"), description="LoRA dropout (alias dropout)")
+    lora_target_modules: str | list[str] = Field("all-linear", description="`all-linear` (every linear layer of the decoder, not lm_head) or a list of module names")
+    max_seq_length: int = Field(2048, ge=64, le=32768, description="Tokens per packed sequence; longer conversations lose their oldest turns first")
+    packing: bool = Field(True, description="Pack several conversations into one sequence (isolated by a block-diagonal attention mask)")
+    warmup_steps: int | None = Field(None, ge=0, le=100_000, description="Linear warmup steps; default warmup_ratio x total steps")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Warmup as a fraction of the total steps, when warmup_steps is not given")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0.0, le=100.0, description="Gradient clipping norm")
+    val_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Fraction of conversations held out for validation_loss")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (less memory, ~30% more compute)")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for shuffling, the split and LoRA init")
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def effective_micro_batch_size(self) -> int:
+        return min(self.micro_batch_size or self.batch_size, self.batch_size)
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _targets_not_empty(cls, value):
+        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
+            raise ValueError("must be 'all-linear' or a non-empty list of module names")
+        return value
+
+
+class GpuConfig(_Section):
+    """The GPUs the app asked for; recorded in the metadata (the worker uses what it sees)."""
+
+    count: int = Field(validation_alias=AliasChoices("count", "num_gpus"), ge=1, le=8, description="GPUs requested (alias num_gpus)")
+    type: str | None = Field(None, validation_alias=AliasChoices("type", "gpu_type"), description="GPU type requested (alias gpu_type)")
+
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class JobInput(_Section):
+    """A job's `input`, as the BrightRun app sends it."""
+
+    job_id: str | None = Field(None, description="The app's training job id; names the job directory (default: the RunPod job id)")
+    dataset_url: str = Field(description="Signed http(s) URL of the dataset (JSONL, JSON array or gzip)")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings")
+    gpu_config: GpuConfig | None = Field(None, description="GPUs requested by the app")
+    callback_url: str | None = Field(None, description="Optional URL for one best-effort POST of the final status")
+
+    @field_validator("job_id")
+    @classmethod
+    def _safe_job_id(cls, value):
+        if value is not None and (not _JOB_ID.match(value) or ".." in value):
+            raise ValueError("must be 1-128 letters, digits, '.', '_' or '-' (no path separators, no '..')")
+        return value
+
+    @field_validator("dataset_url")
+    @classmethod
+    def _url_scheme(cls, value):
+        scheme = urlsplit(value).scheme.lower()
+        if scheme not in ("http", "https", "file"):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+
+_ALIASES = {"num_epochs": "epochs", "rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
+            "num_gpus": "count", "gpu_type": "type"}
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    value, kind, ctx = error.get("input"), error["type"], error.get("ctx") or {}
+    if kind == "missing":
+        return f"{loc} is missing"
+    if kind in ("less_than_equal", "less_than"):
+        return f"{loc}={value!r} is above {ctx.get('le', ctx.get('lt'))}"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"{loc}={value!r} is below {ctx.get('ge', ctx.get('gt'))}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{loc}={value!r}: {message}" if not isinstance(value, dict) else f"{loc}: {message}"
+
+
+def _conflicting_aliases(raw: Mapping[str, Any]) -> list[str]:
+    """Both spellings of one field with different values (`epochs` 3 and `num_epochs` 5) is an error."""
+    problems = []
+    for section in ("hyperparameters", "gpu_config"):
+        values = raw.get(section)
+        if not isinstance(values, Mapping):
+            continue
+        for alias, name in _ALIASES.items():
+            if alias in values and name in values and values[alias] != values[name]:
+                problems.append(f"{section}.{name}={values[name]!r} and {section}.{alias}={values[alias]!r} disagree; send one")
+    return problems
+
+
+def _unknown_keys(model: BaseModel, prefix: str = "") -> list[str]:
+    unknown = [f"{prefix}{k}" for k in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        child = getattr(model, name)
+        if isinstance(child, BaseModel):
+            unknown += _unknown_keys(child, f"{prefix}{name}.")
+    return unknown
+
+
+def parse_job_input(raw: Any) -> tuple[JobInput, list[str]]:
+    """Validate a job's input; return it with warnings, or raise JobError listing every problem.
+
+    >>> parse_job_input({"dataset_url": "https://x/d.jsonl", "hyperparameters": {"learning_rate": 0.5}})
+    Traceback (most recent call last):
+    ...
+    job.JobError: invalid job input: hyperparameters.learning_rate=0.5 is above 0.001
+    """
+    if not isinstance(raw, Mapping):
+        raise JobError(f"invalid job input: expected an object with dataset_url and hyperparameters, got {type(raw).__name__}")
+    problems = _conflicting_aliases(raw)
+    job = None
+    try:
+        job = JobInput.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()] + problems
+    if problems:
+        raise JobError("invalid job input: " + "; ".join(problems))
+    warnings = [f"unknown input key ignored: {k}" for k in _unknown_keys(job)]
+    return job, warnings
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise JobError(f"environment variable {name}={value!r} is not a boolean; use true or false")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Settings of the deployment, read from environment variables of the same name (upper case)."""
+
+    jobs_dir: Path = field(default=Path("/runpod-volume/lora-jobs"), metadata={"help": "Each job's files live under <JOBS_DIR>/<job_id>/"})
+    model_cache_dir: Path = field(default=Path("/runpod-volume/models"), metadata={"help": "Base models as <dir>/<org>/<name> or <dir>/<name>"})
+    default_base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"help": "Base model when the job names none"})
+    max_dataset_bytes: int = field(default=2 * 1024**3, metadata={"help": "Largest dataset download accepted, in bytes"})
+    download_timeout_s: float = field(default=60.0, metadata={"help": "Seconds without data before a download attempt is abandoned"})
+    download_retries: int = field(default=4, metadata={"help": "Retries after a connection error, timeout, 429 or 5xx"})
+    allow_file_urls: bool = field(default=False, metadata={"help": "Accept file:// dataset URLs (local runs only)"})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "WorkerSettings":
+        """Build settings from an environment mapping (tests pass a dict; the worker passes os.environ)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                if kind is bool:
+                    values[f.name] = _parse_bool(f.name.upper(), raw)
+                else:
+                    values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise JobError(f"environment variable {f.name.upper()}={raw!r} is invalid: {exc}") from None
+        return cls(**values)

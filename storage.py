@@ -1,0 +1,163 @@
+"""Getting the dataset in: a download that never hands a partial or empty file to the loader.
+
+The runpod SDK's `rp_ssrf.safe_get` does the address checks (public addresses only unless
+RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true, every redirect hop re-checked, the connection pinned to
+the checked address). This module adds what a training job needs on top: streaming to a temporary
+file with a size cap, retries with backoff on transient failures only, a check of the received
+length, errors that name the cause and the fix, and no signed token in any message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import requests
+from runpod.serverless.utils import rp_ssrf
+
+from job import JobError, redact_url
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Download:
+    path: Path
+    bytes: int
+    sha256: str
+    attempts: int
+
+
+class _Retryable(Exception):
+    """A transient failure: worth another attempt."""
+
+
+def _expired_or_denied(status: int, body: str) -> str | None:
+    """Supabase answers an expired signed URL with 400 and {"error":"InvalidJWT","message":"\"exp\" claim ..."}."""
+    text = body.lower()
+    if "invalidjwt" in text or "exp" in text and "claim" in text or "expired" in text:
+        return "dataset URL has expired (signed URLs from the app last 24 h): resubmit the job"
+    if status in (401, 403):
+        return f"dataset URL was refused (HTTP {status}): the signature is invalid or lacks access; create a new signed URL and resubmit"
+    return None
+
+
+def _status_error(status: int, body: str, shown: str) -> JobError:
+    reason = _expired_or_denied(status, body)
+    if reason:
+        return JobError(reason)
+    if status == 404:
+        return JobError(f"dataset not found (HTTP 404) at {shown}: check the file still exists in storage, then resubmit")
+    try:
+        detail = json.loads(body).get("message") if body.strip().startswith("{") else None
+    except (ValueError, AttributeError):
+        detail = None
+    suffix = f" ({detail})" if isinstance(detail, str) else ""
+    return JobError(f"dataset download failed with HTTP {status}{suffix} at {shown}: check the URL and resubmit")
+
+
+def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float) -> tuple[int, str]:
+    shown = redact_url(url)
+    try:
+        response = rp_ssrf.safe_get(url, stream=True, timeout=timeout, max_bytes=max_bytes)
+    except rp_ssrf.SSRFError as exc:
+        message = str(exc).replace(url, shown)
+        if "size cap" in message:
+            raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES") from None
+        raise JobError(
+            f"dataset URL refused: {message}. The worker downloads only from public addresses; "
+            "for a local run set RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true"
+        ) from None
+    except requests.Timeout:
+        raise _Retryable(f"no answer within {timeout:.0f} s from {shown}") from None
+    except requests.ConnectionError:
+        raise _Retryable(f"could not connect to {shown}") from None
+
+    with response:
+        if response.status_code in RETRY_STATUS:
+            raise _Retryable(f"HTTP {response.status_code} from {shown}")
+        if response.status_code != 200:
+            body = response.raw.read(4096, decode_content=True).decode("utf-8", "replace")
+            raise _status_error(response.status_code, body, shown)
+        declared = response.headers.get("Content-Length")
+        digest, received = hashlib.sha256(), 0
+        try:
+            with open(part, "wb") as out:
+                for chunk in rp_ssrf.iter_content_capped(response, CHUNK_BYTES, max_bytes):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+        except rp_ssrf.SSRFError:
+            raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES") from None
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout):
+            raise _Retryable(f"connection to {shown} dropped after {received} bytes") from None
+    if declared is not None and declared.isdigit() and int(declared) != received:
+        raise _Retryable(f"received {received} of the {declared} bytes announced by {shown}")
+    if received == 0:
+        raise JobError(f"dataset at {shown} is empty (0 bytes): check the export in the app and resubmit")
+    return received, digest.hexdigest()
+
+
+def _copy_local_file(url: str, dest: Path, max_bytes: int) -> Download:
+    source = Path(unquote(urlsplit(url).path))
+    if not source.is_file():
+        raise JobError(f"dataset file {source} does not exist")
+    size = source.stat().st_size
+    if size == 0:
+        raise JobError(f"dataset file {source} is empty (0 bytes)")
+    if size > max_bytes:
+        raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES")
+    part = dest.with_name(dest.name + ".part")
+    shutil.copyfile(source, part)
+    digest = hashlib.sha256(part.read_bytes()).hexdigest()
+    os.replace(part, dest)
+    return Download(dest, size, digest, 1)
+
+
+def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 60.0, retries: int = 4,
+                     backoff_s: float = 1.0, allow_file_urls: bool = False) -> Download:
+    """Download `url` to `dest`, atomically: `dest` exists only if every byte arrived.
+
+    Retries (with exponential backoff) connection errors, timeouts, dropped or short bodies,
+    429 and 5xx; any other status fails at once with a message that says what to do.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "file":
+        if not allow_file_urls:
+            raise JobError("file:// dataset URLs are disabled: pass an http(s) URL, or set ALLOW_FILE_URLS=true for a local run")
+        return _copy_local_file(url, dest, max_bytes)
+    if scheme not in ("http", "https"):
+        raise JobError(f"dataset_url must be http(s), got {scheme or 'no'} scheme")
+
+    part = dest.with_name(dest.name + ".part")
+    last = ""
+    for attempt in range(1, retries + 2):
+        try:
+            size, sha = _fetch_once(url, part, max_bytes=max_bytes, timeout=timeout)
+        except _Retryable as exc:
+            last = str(exc)
+            part.unlink(missing_ok=True)
+            if attempt <= retries:
+                delay = backoff_s * 2 ** (attempt - 1)
+                log.warning("download attempt %d failed: %s; retrying in %.1f s", attempt, last, delay)
+                time.sleep(delay)
+            continue
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        os.replace(part, dest)
+        log.info("downloaded %s: %d bytes, sha256 %s", redact_url(url), size, sha)
+        return Download(dest, size, sha, attempt)
+    raise JobError(f"dataset download failed after {retries + 1} attempts: {last}. Check that the storage is reachable and resubmit")

@@ -1,0 +1,130 @@
+"""Tiny random-weight chat models, built locally, for machines with no GPU and no model hub.
+
+The demo and the tests train on these. Each is a real transformers architecture (Qwen2 or
+Mistral) with a real `tokenizers` BPE tokenizer trained here on the bundled BrightRun sample,
+saved with `save_pretrained` so that it loads exactly like a model from the volume. Nothing is
+downloaded.
+
+- `qwen2`: byte-level BPE with Qwen's special tokens (`<|endoftext|>` is EOS, turns end with
+  `<|im_end|>`) and a ChatML chat template, like Qwen2.5-Instruct.
+- `mistral`: SentencePiece-style BPE (`▁` marks a leading space, so a space merges into the next
+  token) with `<s>`, `</s>`, `<unk>` and no chat template, like the base `Mistral-7B-v0.1`.
+
+Sizes: hidden 64 and MLP 128, because bitsandbytes 0.50 quantizes to 4-bit on CPU only when every
+quantized linear layer's input size is a multiple of 64.
+
+    python tiny_model.py --arch qwen2 --output .cache/models/tiny-qwen2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SAMPLE_DATASET = Path(__file__).resolve().parent / "data" / "brightrun-eq12-demo.jsonl"
+ARCHITECTURES = ("qwen2", "mistral")
+VOCAB_SIZE = 2048
+SEED = 0
+
+QWEN_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _sample_texts() -> list[str]:
+    """Every piece of chat text in the bundled sample: the tokenizer's training corpus."""
+    texts = []
+    with open(SAMPLE_DATASET, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            for key in ("system_prompt", "current_user_input", "target_response"):
+                if isinstance(row.get(key), str):
+                    texts.append(row[key])
+            texts.extend(t["content"] for t in row.get("conversation_history") or [])
+    return texts
+
+
+def build_tokenizer(arch: str):
+    """Train a small BPE tokenizer for `arch` and wrap it for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if arch == "qwen2":
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=VOCAB_SIZE, special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
+        tok.train_from_iterator(_sample_texts(), trainer=trainer)
+        wrapped = PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+            additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        )
+        wrapped.chat_template = QWEN_CHATML_TEMPLATE
+        return wrapped
+
+    if arch == "mistral":
+        specials = ["<unk>", "<s>", "</s>"]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False)
+        tok.train_from_iterator(_sample_texts(), trainer=trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+        # No chat template, no pad token: like the base Mistral-7B-v0.1 the app defaults to.
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+
+
+def build_tiny_model(arch: str, output_dir: str | Path) -> Path:
+    """Build a tiny random-weight causal LM with its tokenizer into `output_dir`; returns the path."""
+    import torch
+    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    output_dir = Path(output_dir)
+    tokenizer = build_tokenizer(arch)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="qwen2", help="architecture to build")
+    parser.add_argument("--output", required=True, help="directory to write the model and tokenizer to")
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.arch, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

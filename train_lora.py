@@ -1,0 +1,457 @@
+"""QLoRA training of a chat adapter: 4-bit NF4 base (bitsandbytes) + LoRA (PEFT), assistant tokens only.
+
+The recipe reads top to bottom:
+    setup  - find the base model, load the tokenizer and its chat template, label and pack the data,
+             load the base in 4-bit, add LoRA
+    train  - AdamW (paged 8-bit, bitsandbytes), cosine schedule with warmup, gradient accumulation
+             and clipping; loss = mean over trained tokens of the optimizer step
+    save   - adapter, tokenizer + template, generation config, training_config.json, metrics.json,
+             the per-step log; written to a temporary directory and renamed into place
+
+The CPU path is the same QLoRA path the GPU runs (bitsandbytes 4-bit layers run on CPU), in fp32.
+
+    python train_lora.py train   --dataset FILE --base-model DIR --output DIR [--epochs N ...]
+    python train_lora.py preview --dataset FILE --base-model DIR [--max-seq-length N] [--limit K] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_text, end_of_turn_token,
+                         ensure_chat_template, pack_examples, tokenize_conversation, trained_runs)
+from dataset_loader import DatasetError, load_dataset
+from job import Hyperparameters, JobError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict], None]
+
+
+# ---------------------------------------------------------------------------- setup: base model
+
+def model_search_paths(name: str, cache_dirs: list[Path]) -> list[Path]:
+    """Where a base model named `name` (a hub id like `Qwen/Qwen2.5-7B-Instruct` or a path) is looked for."""
+    from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
+
+    paths = [Path(name).expanduser()]
+    short = name.rsplit("/", 1)[-1]
+    for d in cache_dirs:
+        paths += [d / name, d / short]
+    runpod_cache = resolve_model_cache_path_from_hugginface_repository(name)
+    if runpod_cache:
+        paths.append(Path(runpod_cache))
+    return list(dict.fromkeys(paths))
+
+
+def resolve_base_model(name: str, cache_dirs: list[Path]) -> Path:
+    """A local directory holding `name` (with config.json), or JobError naming every place searched."""
+    searched = model_search_paths(name, cache_dirs)
+    for path in searched:
+        if (path / "config.json").is_file():
+            return path
+    try:  # the Hugging Face cache (HF_HOME), without touching the network
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure here means "not in the HF cache"
+        pass
+    cached = [str(cfg.parent.relative_to(d)) for d in cache_dirs if d.is_dir()
+              for cfg in sorted(d.glob("*/config.json")) + sorted(d.glob("*/*/config.json"))]
+    raise JobError(
+        f"base model {name!r} was not found; searched {', '.join(str(p) for p in searched)} and the Hugging Face cache. "
+        f"Cached models: {', '.join(cached) or 'none'}. Pick a cached model in hyperparameters.base_model "
+        "or put the model in the model cache directory"
+    )
+
+
+def select_precision():
+    """(device, compute dtype): bf16 on GPUs with compute capability >= 8.0, fp16 below, fp32 on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        return "cuda", torch.bfloat16 if major >= 8 else torch.float16
+    return "cpu", torch.float32
+
+
+def quantization_config(compute_dtype):
+    """NF4 with double quantization: the QLoRA recipe."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
+
+
+def lora_config(hp: Hyperparameters):
+    """LoRA on every linear layer of the decoder (PEFT's `all-linear` excludes lm_head) unless told otherwise."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=hp.lora_rank, lora_alpha=hp.effective_lora_alpha, lora_dropout=hp.lora_dropout,
+                      target_modules=hp.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def load_tokenizer(base_model: Path):
+    """The tokenizer with a chat template (its own, or a default from tokens it has) and its end of turn."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    template_source = ensure_chat_template(tokenizer)
+    eot_text = end_of_turn_text(tokenizer)
+    return tokenizer, template_source, eot_text
+
+
+def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype):
+    """The base model in 4-bit with trainable LoRA layers on top."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model, quantization_config=quantization_config(compute_dtype), dtype=compute_dtype,
+        attn_implementation="sdpa", device_map={"": 0} if device == "cuda" else None,
+    )
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=hp.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    torch.manual_seed(hp.seed)  # LoRA A matrices are initialised randomly
+    return get_peft_model(model, lora_config(hp))
+
+
+def label_conversations(tokenizer, conversations: list[dict], max_seq_length: int, eot_text: str):
+    """Tokenize and label every conversation; returns (examples, length report)."""
+    examples, skipped = [], []
+    for i, conversation in enumerate(conversations):
+        try:
+            examples.append(tokenize_conversation(tokenizer, conversation, max_seq_length, eot_text))
+        except SkipExample as exc:
+            skipped.append({"example": i + 1, "message": f"example {i + 1}: {exc}"})
+    report = {
+        "examples": len(examples),
+        "shortened": sum(1 for e in examples if e.dropped_messages),
+        "truncated": sum(1 for e in examples if e.truncated),
+        "dropped": len(skipped),
+        "problems": skipped,
+    }
+    return examples, report
+
+
+def split_validation(conversations: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    if fraction <= 0 or len(conversations) < 2:
+        return conversations, []
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(conversations) * fraction))
+    val = set(order[:n_val])
+    return [c for i, c in enumerate(conversations) if i not in val], [c for i, c in enumerate(conversations) if i in val]
+
+
+def _sequences(examples: list[Example], hp: Hyperparameters) -> list[list[Example]]:
+    return pack_examples(examples, hp.max_seq_length) if hp.packing else [[e] for e in examples]
+
+
+# ---------------------------------------------------------------------------- train
+
+def _loss_sum(model, batch, device):
+    """Sum of the cross-entropy over the trained tokens of one micro-batch (fp32 logits)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   position_ids=batch["position_ids"].to(device)).logits
+    labels = batch["labels"].to(device)
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def _trained_in(batch) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str) -> float | None:
+    import torch
+
+    if not sequences:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(sequences), micro_batch_size):
+            batch = collate(sequences[i:i + micro_batch_size], pad_id)
+            total += float(_loss_sum(model, batch, device))
+            count += _trained_in(batch)
+    model.train()
+    return total / max(count, 1)
+
+
+def _peak_memory_gb(device: str) -> float:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def train(conversations: list[dict], base_model: str | Path, output_dir: str | Path, hp: Hyperparameters,
+          on_progress: ProgressFn | None = None, cache_dirs: list[Path] | None = None) -> dict:
+    """Train a LoRA adapter on canonical conversations; write it to `output_dir`; return the metrics."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    started = time.monotonic()
+    progress = on_progress or (lambda _: None)
+    random.seed(hp.seed)
+    torch.manual_seed(hp.seed)
+
+    # -- setup: data
+    base_path = resolve_base_model(str(base_model), cache_dirs or [])
+    tokenizer, template_source, eot_text = load_tokenizer(base_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_convs, val_convs = split_validation(conversations, hp.val_fraction, hp.seed)
+    train_examples, length_report = label_conversations(tokenizer, train_convs, hp.max_seq_length, eot_text)
+    val_examples, _ = label_conversations(tokenizer, val_convs, hp.max_seq_length, eot_text)
+    if not train_examples:
+        quoted = "; ".join(p["message"] for p in length_report["problems"][:3])
+        raise JobError(f"no example could be tokenized for training: {quoted}")
+    train_seqs, val_seqs = _sequences(train_examples, hp), _sequences(val_examples, hp)
+    micro = hp.effective_micro_batch_size
+    accumulation = math.ceil(hp.batch_size / micro)
+    steps_per_epoch = math.ceil(len(train_seqs) / hp.batch_size)
+    total_steps = steps_per_epoch * hp.epochs
+    if hp.max_steps:
+        total_steps = min(total_steps, hp.max_steps)
+    warmup = hp.warmup_steps if hp.warmup_steps is not None else math.ceil(hp.warmup_ratio * total_steps)
+    log.info("%d examples -> %d sequences of <= %d tokens; %d steps (%d per epoch), batch %d = %d x %d accumulation",
+             len(train_examples), len(train_seqs), hp.max_seq_length, total_steps, steps_per_epoch,
+             hp.batch_size, micro, accumulation)
+
+    # -- setup: model
+    progress({"stage": "loading_model"})
+    device, compute_dtype = select_precision()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = load_model(base_path, hp, device, compute_dtype)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    loaded_at = time.monotonic()
+
+    # -- train
+    history: list[dict] = []
+    real_tokens = computed_tokens = trained_tokens = 0
+    step, epoch = 0, 0
+    generator = random.Random(hp.seed)
+    progress({"stage": "training", "percent": 0.0, "step": 0, "total_steps": total_steps, "epoch": 0})
+    while step < total_steps:
+        epoch += 1
+        order = list(range(len(train_seqs)))
+        generator.shuffle(order)
+        for start in range(0, len(order), hp.batch_size):
+            if step >= total_steps:
+                break
+            t0 = time.monotonic()
+            step_seqs = [train_seqs[i] for i in order[start:start + hp.batch_size]]
+            batches = [collate(step_seqs[i:i + micro], pad_id) for i in range(0, len(step_seqs), micro)]
+            n_trained = sum(_trained_in(b) for b in batches)
+            loss_total = 0.0
+            for batch in batches:
+                loss = _loss_sum(model, batch, device) / n_trained
+                loss.backward()
+                loss_total += float(loss)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_real = sum(b["real_tokens"] for b in batches)
+            real_tokens += step_real
+            computed_tokens += sum(b["computed_tokens"] for b in batches)
+            trained_tokens += n_trained
+            record = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": lr, "grad_norm": grad_norm,
+                      "tokens_per_second": step_real / max(time.monotonic() - t0, 1e-9), "trained_tokens": n_trained}
+            history.append(record)
+            log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", step, total_steps, epoch,
+                     loss_total, lr, grad_norm, record["tokens_per_second"])
+            progress({"stage": "training", "percent": 100.0 * step / total_steps, "total_steps": total_steps, **record})
+        if val_seqs:
+            val_loss = evaluate(model, val_seqs, micro, pad_id, device)
+            history[-1]["validation_loss"] = val_loss
+            progress({"stage": "training", "percent": 100.0 * step / total_steps, "step": step, "epoch": epoch,
+                      "validation_loss": val_loss, "total_steps": total_steps})
+    train_seconds = time.monotonic() - loaded_at
+    validation_loss = evaluate(model, val_seqs, micro, pad_id, device) if val_seqs else None
+
+    # -- save
+    progress({"stage": "saving"})
+    metrics = {
+        "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
+        "validation_loss": validation_loss, "steps": step, "epochs": epoch,
+        "examples": len(train_examples), "validation_examples": len(val_examples), "sequences": len(train_seqs),
+        "tokens": real_tokens, "trained_tokens": trained_tokens,
+        "token_efficiency": real_tokens / max(computed_tokens, 1),
+        "wall_seconds": time.monotonic() - started, "load_seconds": loaded_at - started, "train_seconds": train_seconds,
+        "tokens_per_second": real_tokens / max(train_seconds, 1e-9),
+        "peak_memory_gb": _peak_memory_gb(device), "device": device, "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "length_report": length_report,
+    }
+    config = {
+        "base_model": str(base_model), "base_model_path": str(base_path), "hyperparameters": hp.model_dump(mode="json"),
+        "effective": {"lora_alpha": hp.effective_lora_alpha, "micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
+                      "warmup_steps": warmup, "total_steps": total_steps, "optimizer": "bitsandbytes.PagedAdamW8bit",
+                      "scheduler": "cosine", "quantization": "nf4 + double quantization", "attention": "sdpa",
+                      "chat_template_source": template_source, "end_of_turn": eot_text},
+        "seed": hp.seed, "versions": _library_versions(), "device": device,
+    }
+    save_adapter(model, tokenizer, eot_text, Path(output_dir), config, metrics, history)
+    return metrics
+
+
+def _library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def save_adapter(model, tokenizer, eot_text: str, output_dir: Path, config: dict, metrics: dict, history: list[dict]) -> None:
+    """Write everything into `<output>.tmp`, then rename it to `output_dir`: never a half-written adapter."""
+    from transformers import GenerationConfig
+
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    # Inference must stop where training taught the model to stop: the end-of-turn token.
+    eot_token = end_of_turn_token(tokenizer, eot_text)
+    stop_ids = list(dict.fromkeys(i for i in (tokenizer.convert_tokens_to_ids(eot_token), tokenizer.eos_token_id) if i is not None))
+    tokenizer.eos_token = eot_token
+    tokenizer.save_pretrained(tmp)
+    GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
+    (tmp / "training_config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(tmp / "training_log.jsonl", "w") as f:
+        for record in history:
+            f.write(json.dumps(record) + "\n")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+
+
+# ---------------------------------------------------------------------------- preview
+
+def preview(dataset: str, base_model: str, max_seq_length: int = 2048, limit: int | None = None) -> dict:
+    """What the trainer would train on: per example, the token counts and the trained text."""
+    tokenizer, template_source, eot_text = load_tokenizer(Path(base_model))
+    conversations, _ = load_dataset(dataset)
+    examples = []
+    for conversation in conversations[:limit]:
+        try:
+            ex = tokenize_conversation(tokenizer, conversation, max_seq_length, eot_text)
+        except SkipExample as exc:
+            examples.append({"skipped": str(exc)})
+            continue
+        examples.append({"num_tokens": len(ex.input_ids), "num_trained_tokens": ex.num_trained,
+                         "trained_text": trained_runs(tokenizer, ex), "truncated": ex.truncated,
+                         "dropped_messages": ex.dropped_messages, "_example": ex})
+    return {"examples": examples, "template": tokenizer.chat_template, "template_source": template_source,
+            "eos_token": end_of_turn_token(tokenizer, eot_text), "_tokenizer": tokenizer}
+
+
+def _print_marked(tokenizer, example: Example) -> None:
+    """The rendered conversation with each trained run between »» and ««."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(example.input_ids, example.labels):
+        trained = label != IGNORE
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token)
+        else:
+            runs.append((trained, [token]))
+    text = "".join(tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(ids)).join(("»»", "««")) if trained
+                   else tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(ids)) for trained, ids in runs)
+    print(text)
+
+
+# ---------------------------------------------------------------------------- command line
+
+def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Hyperparameters field, its default and help taken from the model (the single source)."""
+    for name, info in Hyperparameters.model_fields.items():
+        if name == "base_model":
+            continue
+        flag = "--" + name.replace("_", "-")
+        annotation = str(info.annotation)
+        if "bool" in annotation:
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None, help=info.description)
+        elif "list" in annotation:
+            parser.add_argument(flag, nargs="+", default=None, help=info.description)
+        else:
+            kind = float if "float" in annotation else int if "int" in annotation else str
+            parser.add_argument(flag, type=kind, default=None, help=f"{info.description} (default {info.default})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train an adapter outside RunPod")
+    p_train.add_argument("--dataset", required=True)
+    p_train.add_argument("--base-model", required=True)
+    p_train.add_argument("--output", required=True)
+    _add_hyperparameter_flags(p_train)
+    p_prev = sub.add_parser("preview", help="show exactly which tokens would be trained")
+    p_prev.add_argument("--dataset", required=True)
+    p_prev.add_argument("--base-model", required=True)
+    p_prev.add_argument("--max-seq-length", type=int, default=Hyperparameters.model_fields["max_seq_length"].default)
+    p_prev.add_argument("--limit", type=int, default=None)
+    p_prev.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        if args.command == "preview":
+            result = preview(args.dataset, args.base_model, args.max_seq_length, args.limit)
+            tokenizer = result.pop("_tokenizer")
+            examples = result["examples"]
+            if args.json:
+                for e in examples:
+                    e.pop("_example", None)
+                print(json.dumps(result, ensure_ascii=False))
+            else:
+                for i, e in enumerate(examples, 1):
+                    print(f"=== example {i}: " + (f"skipped: {e['skipped']}" if "skipped" in e else
+                          f"{e['num_tokens']} tokens, {e['num_trained_tokens']} trained, truncated={e['truncated']}"))
+                    if "_example" in e:
+                        _print_marked(tokenizer, e["_example"])
+            return 0
+        overrides = {k: v for k, v in vars(args).items() if k in Hyperparameters.model_fields and v is not None}
+        hp = Hyperparameters(**overrides)
+        conversations, report = load_dataset(args.dataset)
+        metrics = train(conversations, args.base_model, args.output, hp)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    except (JobError, DatasetError, SkipExample) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
