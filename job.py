@@ -19,7 +19,18 @@ DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-v0.1"  # what the app sends when the 
 
 
 class JobError(Exception):
-    """An expected failure, written for the person who submitted the job: what happened, what to do."""
+    """An expected failure, written for the person who submitted the job: what happened, what to do.
+
+    `stage` names the step that failed (downloading, loading_data, ...); the handler fills it in.
+    """
+
+    def __init__(self, message: str, stage: str | None = None):
+        super().__init__(message)
+        self.stage = stage
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        return f"{self.stage}: {message}" if self.stage else message
 
 
 def redact_url(url: str) -> str:
@@ -97,6 +108,12 @@ class GpuConfig(_Section):
 
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+JOB_ID_RULE = "must be 1-128 letters, digits, '.', '_' or '-' (no path separators, no '..')"
+
+
+def is_safe_job_id(value: str) -> bool:
+    """A job id names a directory: no separators, no '..', nothing hidden."""
+    return bool(_JOB_ID.match(value)) and ".." not in value
 
 
 class JobInput(_Section):
@@ -111,8 +128,8 @@ class JobInput(_Section):
     @field_validator("job_id")
     @classmethod
     def _safe_job_id(cls, value):
-        if value is not None and (not _JOB_ID.match(value) or ".." in value):
-            raise ValueError("must be 1-128 letters, digits, '.', '_' or '-' (no path separators, no '..')")
+        if value is not None and not is_safe_job_id(value):
+            raise ValueError(JOB_ID_RULE)
         return value
 
     @field_validator("dataset_url")

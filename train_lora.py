@@ -107,8 +107,11 @@ def load_tokenizer(base_model: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    template_source = ensure_chat_template(tokenizer)
-    eot_text = end_of_turn_text(tokenizer)
+    try:
+        template_source = ensure_chat_template(tokenizer)
+        eot_text = end_of_turn_text(tokenizer)
+    except SkipExample as exc:
+        raise JobError(f"the base model {base_model.name} cannot be used for chat training: {exc}") from None
     return tokenizer, template_source, eot_text
 
 

@@ -1,0 +1,187 @@
+"""RunPod serverless worker: a chat dataset in, a LoRA adapter out.
+
+One job flows: validate the input → download the dataset → normalize it → train (4-bit QLoRA) →
+deliver the adapter's files. Each step is a plain function in its own module; this file only calls
+them in order, reports progress, and turns failures into `{"error": "<stage>: <what to do>"}`.
+
+    python handler.py --test_input '{"input": {...}}'      # one job, locally
+    python handler.py --rp_serve_api --rp_api_port 8000     # the SDK's local API server
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import runpod
+
+from dataset_loader import DatasetError, load_dataset, write_jsonl
+from job import JOB_ID_RULE, JobError, WorkerSettings, is_safe_job_id, parse_job_input, redact_text, redact_url
+from storage import download_dataset
+from train_lora import resolve_base_model
+
+log = logging.getLogger("worker")
+
+# Overall progress (0..100) at the start of each stage; training fills the span up to "saving".
+STAGE_START = {"validating": 0, "downloading": 1, "loading_data": 4, "loading_model": 6, "training": 10, "saving": 95}
+PROGRESS_INTERVAL_S = 10.0
+
+
+class RedactingFilter(logging.Filter):
+    """No signed URL token reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact_text(record.getMessage())
+        record.args = ()
+        return True
+
+
+class ProgressReporter:
+    """Sends what the app polls (`progress`, `current_epoch`, `current_step`, `stage`, `metrics`) at each
+    stage change and at most every PROGRESS_INTERVAL_S seconds in between.
+
+    The SDK posts progress to RUNPOD_WEBHOOK_POST_OUTPUT from a thread; where that is unset (a local
+    run) there is nobody to tell, so nothing is sent.
+    """
+
+    def __init__(self, job: dict, enabled: bool):
+        self.job, self.enabled = job, enabled
+        self.stage, self.last_sent, self.last = None, 0.0, {}
+
+    def __call__(self, event: dict) -> None:
+        stage = event.get("stage", self.stage)
+        base, end = STAGE_START.get(stage, 0), 95
+        percent = base + (end - base) * event["percent"] / 100 if stage == "training" and "percent" in event else base
+        payload = {
+            "stage": stage, "progress": round(percent, 1),
+            "current_epoch": event.get("epoch", self.last.get("current_epoch", 0)),
+            "current_step": event.get("step", self.last.get("current_step", 0)),
+            "metrics": {k: v for k, v in {
+                "training_loss": event.get("loss"), "validation_loss": event.get("validation_loss"),
+                "learning_rate": event.get("learning_rate"), "throughput": event.get("tokens_per_second"),
+                "gradient_norm": event.get("grad_norm"),
+            }.items() if v is not None} or self.last.get("metrics", {}),
+        }
+        self.last = payload
+        now = time.monotonic()
+        if stage != self.stage or now - self.last_sent >= PROGRESS_INTERVAL_S:
+            self.stage, self.last_sent = stage, now
+            log.info("progress %s %.1f%% step %s", stage, payload["progress"], payload["current_step"])
+            if self.enabled:
+                runpod.serverless.progress_update(self.job, payload)
+
+
+def _job_log(job_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(job_dir / "job.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(RedactingFilter())
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+@contextmanager
+def _stage(name: str, progress: "ProgressReporter | None" = None):
+    """Announce a stage; label the expected failures raised inside it with its name."""
+    if progress:
+        progress({"stage": name})
+    try:
+        yield
+    except JobError as exc:
+        exc.stage = exc.stage or name
+        raise
+    except DatasetError as exc:
+        raise JobError(str(exc), stage=name) from None
+
+
+def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> dict:
+    """The job's steps in order. Raises JobError (expected) or anything else (a bug)."""
+    spec, warnings = parse_job_input(job.get("input"))
+    job_id = spec.job_id or str(job.get("id") or "")
+    if not is_safe_job_id(job_id):
+        raise JobError(f"invalid job input: job id {job_id!r} {JOB_ID_RULE}")
+    hp = spec.hyperparameters
+    base_model = hp.base_model or settings.default_base_model
+    with _stage("loading_model"):  # fail in seconds, before any download, when the model is not there
+        base_path = resolve_base_model(base_model, [settings.model_cache_dir, Path("/workspace/models")])
+    job_dir = settings.jobs_dir / job_id
+    job_dir.mkdir(parents=True, exist_ok=True)
+    file_log = _job_log(job_dir)
+    started = time.monotonic()
+    try:
+        log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path, redact_url(spec.dataset_url))
+        with _stage("downloading", progress):
+            download = download_dataset(
+                spec.dataset_url, job_dir / "dataset.download", max_bytes=settings.max_dataset_bytes,
+                timeout=settings.download_timeout_s, retries=settings.download_retries,
+                allow_file_urls=settings.allow_file_urls,
+            )
+        with _stage("loading_data", progress):
+            conversations, report = load_dataset(download.path)
+            write_jsonl(conversations, job_dir / "dataset.canonical.jsonl")
+        warnings += report.warnings
+        log.info("dataset: %d bytes, sha256 %s; %d examples %s, %d skipped, %d invalid, %d duplicates",
+                 download.bytes, download.sha256, report.examples, dict(report.formats), report.skipped,
+                 report.invalid, report.duplicates)
+
+        import train_lora  # torch, transformers and bitsandbytes load here, on the first job
+
+        adapter_dir = job_dir / "adapter"
+        with _stage("training"):
+            metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress)
+        warnings += _gpu_warnings(spec.gpu_config)
+        model_files = {p.name: p.resolve().as_uri() for p in sorted(adapter_dir.iterdir()) if p.is_file()}
+        warnings.append(f"no S3 storage is configured: the adapter stays on the volume at {adapter_dir}")
+        return {
+            "model_files": model_files,
+            "model_metadata": {
+                "base_model": base_model, "lora_rank": hp.lora_rank, "lora_alpha": hp.effective_lora_alpha,
+                "lora_dropout": hp.lora_dropout, "target_modules": hp.lora_target_modules,
+                "final_loss": metrics["train_loss_last"], "validation_loss": metrics["validation_loss"],
+                "training_seconds": metrics["train_seconds"], "job_seconds": time.monotonic() - started,
+                "gpu_config": spec.gpu_config.model_dump() if spec.gpu_config else None,
+                "dataset": {"bytes": download.bytes, "sha256": download.sha256, "examples": report.examples,
+                            "formats": dict(report.formats)},
+            },
+            "metrics": metrics,
+            "adapter_path": str(adapter_dir),
+            "dataset_report": report.to_dict(),
+            "warnings": warnings,
+        }
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+
+
+def _gpu_warnings(gpu_config) -> list[str]:
+    import torch
+
+    seen = torch.cuda.device_count()
+    if gpu_config is None or gpu_config.count == max(seen, 1) and seen:
+        return []
+    used = f"{seen} GPU(s)" if seen else "the CPU (no GPU visible)"
+    return [f"gpu_config asked for {gpu_config.count} GPU(s); this worker trained on {used}"]
+
+
+def handler(job: dict) -> dict:
+    """RunPod entry point: the job's result, or {"error": "<stage>: <message>"}."""
+    progress = ProgressReporter(job, enabled=bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")))
+    try:
+        settings = WorkerSettings.from_env(os.environ)
+        return run_job(job, settings, progress)
+    except JobError as exc:
+        return {"error": redact_text(str(exc))}
+    except Exception as exc:  # a bug: keep the traceback in the log, give the user the job id to report
+        log.error("internal error in job %s:\n%s", job.get("id"), traceback.format_exc())
+        return {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: {redact_text(str(exc))}) "
+                         f"in job {job.get('id')}; the worker log has the traceback. Retry once; if it fails again, report the job id"}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for h in logging.getLogger().handlers:
+        h.addFilter(RedactingFilter())
+    runpod.serverless.start({"handler": handler})
