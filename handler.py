@@ -131,7 +131,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
 
         adapter_dir = job_dir / "adapter"
         with _stage("training"):
-            metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress)
+            metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress).metrics
         warnings += _gpu_warnings(spec.gpu_config)
         model_files = {p.name: p.resolve().as_uri() for p in sorted(adapter_dir.iterdir()) if p.is_file()}
         warnings.append(f"no S3 storage is configured: the adapter stays on the volume at {adapter_dir}")

@@ -26,8 +26,9 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_text, end_of_turn_token,
                          ensure_chat_template, pack_examples, tokenize_conversation, trained_runs)
@@ -168,6 +169,12 @@ def _sequences(examples: list[Example], hp: Hyperparameters) -> list[list[Exampl
 
 # ---------------------------------------------------------------------------- train
 
+@dataclass
+class TrainResult:
+    metrics: dict
+    model: Any  # the PEFT model, still in memory (tests inspect it; the handler drops it)
+    tokenizer: Any
+
 def _loss_sum(model, batch, device):
     """Sum of the cross-entropy over the trained tokens of one micro-batch (fp32 logits)."""
     import torch.nn.functional as F
@@ -209,8 +216,8 @@ def _peak_memory_gb(device: str) -> float:
 
 
 def train(conversations: list[dict], base_model: str | Path, output_dir: str | Path, hp: Hyperparameters,
-          on_progress: ProgressFn | None = None, cache_dirs: list[Path] | None = None) -> dict:
-    """Train a LoRA adapter on canonical conversations; write it to `output_dir`; return the metrics."""
+          on_progress: ProgressFn | None = None, cache_dirs: list[Path] | None = None) -> TrainResult:
+    """Train a LoRA adapter on canonical conversations and write it to `output_dir`."""
     import bitsandbytes as bnb
     import torch
     from transformers import get_cosine_schedule_with_warmup
@@ -275,7 +282,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
             for batch in batches:
                 loss = _loss_sum(model, batch, device) / n_trained
                 loss.backward()
-                loss_total += float(loss)
+                loss_total += float(loss.detach())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -322,7 +329,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "seed": hp.seed, "versions": _library_versions(), "device": device,
     }
     save_adapter(model, tokenizer, eot_text, Path(output_dir), config, metrics, history)
-    return metrics
+    return TrainResult(metrics, model, tokenizer)
 
 
 def _library_versions() -> dict:
@@ -448,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in vars(args).items() if k in Hyperparameters.model_fields and v is not None}
         hp = Hyperparameters(**overrides)
         conversations, report = load_dataset(args.dataset)
-        metrics = train(conversations, args.base_model, args.output, hp)
-        print(json.dumps(metrics, indent=2))
+        result = train(conversations, args.base_model, args.output, hp)
+        print(json.dumps(result.metrics, indent=2))
         return 0
     except (JobError, DatasetError, SkipExample) as exc:
         print(f"error: {exc}", file=sys.stderr)

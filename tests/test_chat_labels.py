@@ -1,0 +1,97 @@
+"""Labels: exactly the assistant's words plus the end-of-turn token, for a ChatML and a template-less
+SentencePiece-style base model; packing that isolates examples."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chat_labels import (IGNORE, collate, end_of_turn_text, ensure_chat_template, pack_examples,
+                         tokenize_conversation, trained_runs)
+
+CONVERSATION = {"messages": [
+    {"role": "system", "content": "You are a careful financial planner."},
+    {"role": "user", "content": "Should I pay off my mortgage early?"},
+    {"role": "assistant", "content": "It depends on your rate and your savings.", "weight": 0},
+    {"role": "user", "content": "My rate is 6 percent and I have savings."},
+    {"role": "assistant", "content": "Then paying it down early is a safe return.", "weight": 1},
+]}
+
+
+def labelled(model_dir, conversation=CONVERSATION, max_len=2048):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    source = ensure_chat_template(tokenizer)
+    eot = end_of_turn_text(tokenizer)
+    return tokenizer, source, eot, tokenize_conversation(tokenizer, conversation, max_len, eot)
+
+
+def test_chatml_trains_the_target_and_im_end_only(tiny_qwen2):
+    tokenizer, source, eot, example = labelled(tiny_qwen2)
+    assert source == "tokenizer" and eot == "<|im_end|>"
+    assert tokenizer.eos_token == "<|endoftext|>"  # EOS is not the end-of-turn token: im_end is what is trained
+    assert trained_runs(tokenizer, example) == ["Then paying it down early is a safe return.<|im_end|>"]
+
+
+def test_template_less_sentencepiece_model_gets_a_default_inst_template(tiny_mistral):
+    tokenizer, source, eot, example = labelled(tiny_mistral)
+    assert source == "default-inst" and eot == "</s>"
+    runs = trained_runs(tokenizer, example)
+    # the leading space merges into the first word ("▁Then"): it is trained with it
+    assert [r.strip() for r in runs] == ["Then paying it down early is a safe return.</s>"]
+
+
+def test_every_trained_assistant_message_is_one_run_and_no_user_token_is_trained(tiny_qwen2):
+    conversation = {"messages": [dict(m, weight=1) if m["role"] == "assistant" else m for m in CONVERSATION["messages"]]}
+    tokenizer, _, _, example = labelled(tiny_qwen2, conversation)
+    assert trained_runs(tokenizer, example) == ["It depends on your rate and your savings.<|im_end|>",
+                                                "Then paying it down early is a safe return.<|im_end|>"]
+    trained_text = tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l != IGNORE])
+    for message in conversation["messages"]:
+        if message["role"] != "assistant":
+            assert message["content"] not in trained_text
+
+
+def test_too_long_conversations_lose_their_oldest_turns_first(tiny_qwen2):
+    tokenizer, _, eot, full = labelled(tiny_qwen2)
+    shorter = tokenize_conversation(tokenizer, CONVERSATION, len(full.input_ids) - 1, eot)
+    assert shorter.dropped_messages == 2 and not shorter.truncated
+    text = tokenizer.decode(shorter.input_ids)
+    assert "careful financial planner" in text and "Should I pay off" not in text
+    assert trained_runs(tokenizer, shorter) == ["Then paying it down early is a safe return.<|im_end|>"]
+    cut = tokenize_conversation(tokenizer, CONVERSATION, len(shorter.input_ids) - 3, eot)
+    assert cut.truncated and len(cut.input_ids) == len(shorter.input_ids) - 3 and cut.num_trained > 0
+
+
+def test_packed_examples_do_not_see_each_other(tiny_qwen2):
+    """The packed batch's per-example losses equal the unpacked ones."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    eot = end_of_turn_text(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32, attn_implementation="sdpa").eval()
+    examples = [tokenize_conversation(tokenizer, {"messages": [
+        {"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"},
+        {"role": "assistant", "content": f"The answer is {2 * i}, as always." * (i + 1)}]}, 512, eot) for i in range(3)]
+    packs = pack_examples(examples, 512)
+    assert len(packs) == 1 and len(packs[0]) == 3
+
+    def per_token_losses(batch):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="none",
+                                                   ignore_index=IGNORE)
+        return losses[labels.flatten() != IGNORE]
+
+    packed = per_token_losses(collate(packs, tokenizer.pad_token_id))
+    alone = torch.cat([per_token_losses(collate([[e]], tokenizer.pad_token_id)) for e in packs[0]])
+    assert packed.shape == alone.shape
+    assert torch.allclose(packed, alone, atol=1e-5)
+
+
+def test_padding_is_never_trained_nor_attended(tiny_qwen2):
+    tokenizer, _, eot, example = labelled(tiny_qwen2)
+    short = tokenize_conversation(tokenizer, {"messages": CONVERSATION["messages"][3:]}, 2048, eot)
+    batch = collate([[example], [short]], tokenizer.pad_token_id)
+    pad = len(example.input_ids) - len(short.input_ids)
+    assert pad > 0 and (batch["labels"][1, -pad:] == IGNORE).all()
+    assert not batch["attention_mask"][1, 0, :, -pad:][: -pad].any()  # no real token attends to padding
+    assert batch["real_tokens"] == len(example.input_ids) + len(short.input_ids)

@@ -1,0 +1,83 @@
+"""The job model: both payload shapes, every problem at once, safe job ids, settings from the environment."""
+
+import pytest
+
+from job import JobError, WorkerSettings, parse_job_input, redact_text, redact_url
+
+URL = "https://p.supabase.co/storage/v1/object/sign/lora-datasets/d.jsonl?token=eyJsecret"
+
+
+def test_both_payload_shapes_give_the_same_settings():
+    a, _ = parse_job_input({"dataset_url": URL, "hyperparameters": {
+        "epochs": 5, "rank": 32, "alpha": 64, "dropout": 0.1, "learning_rate": 2e-4, "batch_size": 8},
+        "gpu_config": {"type": "NVIDIA A100 80GB", "count": 2}})
+    b, _ = parse_job_input({"dataset_url": URL, "hyperparameters": {
+        "num_epochs": 5, "lora_rank": 32, "lora_alpha": 64, "lora_dropout": 0.1, "learning_rate": 2e-4, "batch_size": 8,
+        "warmup_steps": 10, "weight_decay": 0.01},
+        "gpu_config": {"gpu_type": "NVIDIA A100 80GB", "num_gpus": 2, "gpu_memory_gb": 80, "cost_per_gpu_hour": 1.9}})
+    for field in ("epochs", "lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "batch_size"):
+        assert getattr(a.hyperparameters, field) == getattr(b.hyperparameters, field), field
+    assert (a.gpu_config.count, a.gpu_config.type) == (b.gpu_config.count, b.gpu_config.type) == (2, "NVIDIA A100 80GB")
+    assert b.hyperparameters.warmup_steps == 10 and b.hyperparameters.weight_decay == 0.01
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(JobError) as exc:
+        parse_job_input({"dataset_url": URL, "hyperparameters": {"learning_rate": 0.5}, "gpu_config": {}})
+    assert str(exc.value) == "invalid job input: hyperparameters.learning_rate=0.5 is above 0.001; gpu_config.count is missing"
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("learning_rate", 1e-6, "below 1e-05"), ("batch_size", 65, "above 64"), ("num_epochs", 21, "above 20"),
+    ("rank", 2, "below 4"), ("lora_rank", 256, "above 128"),
+])
+def test_limits_match_the_app(field, value, expected):
+    with pytest.raises(JobError, match=expected):
+        parse_job_input({"dataset_url": URL, "hyperparameters": {field: value}})
+
+
+def test_gpu_count_is_limited_to_eight():
+    with pytest.raises(JobError, match=r"gpu_config.count=9 is above 8"):
+        parse_job_input({"dataset_url": URL, "gpu_config": {"count": 9}})
+
+
+def test_disagreeing_aliases_are_an_error():
+    with pytest.raises(JobError, match="hyperparameters.epochs=3 and hyperparameters.num_epochs=5 disagree"):
+        parse_job_input({"dataset_url": URL, "hyperparameters": {"epochs": 3, "num_epochs": 5}})
+
+
+@pytest.mark.parametrize("job_id", ["../etc", "a/b", "..", ".hidden", "a\\b", "x" * 129, ""])
+def test_job_ids_that_could_escape_the_jobs_dir_are_refused(job_id):
+    with pytest.raises(JobError, match="job_id"):
+        parse_job_input({"dataset_url": URL, "job_id": job_id})
+
+
+def test_unknown_keys_are_warnings_not_errors():
+    job, warnings = parse_job_input({"dataset_url": URL, "colour": "red", "hyperparameters": {"fancy": 1}})
+    assert warnings == ["unknown input key ignored: colour", "unknown input key ignored: hyperparameters.fancy"]
+    assert job.hyperparameters.lora_rank == 16
+
+
+def test_defaults_and_derived_values():
+    job, _ = parse_job_input({"dataset_url": URL, "hyperparameters": {"rank": 8, "batch_size": 8, "micro_batch_size": 2}})
+    hp = job.hyperparameters
+    assert hp.effective_lora_alpha == 16 and hp.effective_micro_batch_size == 2 and hp.base_model is None
+
+
+def test_non_http_urls_are_refused():
+    with pytest.raises(JobError, match="dataset_url='s3://b/k': must be an http"):
+        parse_job_input({"dataset_url": "s3://b/k"})
+
+
+def test_tokens_never_survive_redaction():
+    assert redact_url(URL) == "https://p.supabase.co/storage/v1/object/sign/lora-datasets/d.jsonl?<redacted>"
+    assert "eyJsecret" not in redact_text(f"failed to GET {URL} after 3 tries")
+    assert "pw" not in redact_url("https://user:pw@host/x")
+
+
+def test_settings_come_from_the_given_environment():
+    settings = WorkerSettings.from_env({"JOBS_DIR": "/tmp/j", "ALLOW_FILE_URLS": "true", "DOWNLOAD_RETRIES": "2"})
+    assert str(settings.jobs_dir) == "/tmp/j" and settings.allow_file_urls and settings.download_retries == 2
+    assert WorkerSettings.from_env({}).default_base_model == "mistralai/Mistral-7B-v0.1"
+    with pytest.raises(JobError, match="ALLOW_FILE_URLS='maybe' is not a boolean"):
+        WorkerSettings.from_env({"ALLOW_FILE_URLS": "maybe"})

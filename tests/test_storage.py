@@ -1,0 +1,81 @@
+"""Downloads against a real HTTP server on loopback: every failure named, nothing partial kept."""
+
+import hashlib
+
+import pytest
+
+from conftest import SAMPLE, free_port
+from job import JobError
+from storage import download_dataset
+
+
+@pytest.fixture
+def private_ok(monkeypatch):
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+
+
+def fetch(url, tmp_path, **kw):
+    kw.setdefault("max_bytes", 10**8)
+    return download_dataset(url, tmp_path / "out" / "dataset.download", retries=2, backoff_s=0.01, **kw)
+
+
+def test_download_writes_every_byte_and_its_hash(storage, tmp_path, private_ok):
+    got = fetch(storage.url(SAMPLE.name, storage.good), tmp_path)
+    data = SAMPLE.read_bytes()
+    assert got.path.read_bytes() == data and got.bytes == len(data)
+    assert got.sha256 == hashlib.sha256(data).hexdigest() and got.attempts == 1
+
+
+def test_expired_signed_url_says_resubmit(storage, tmp_path, private_ok):
+    with pytest.raises(JobError, match=r"dataset URL has expired \(signed URLs from the app last 24 h\): resubmit the job"):
+        fetch(storage.url(SAMPLE.name, storage.old), tmp_path)
+    assert storage.hits[SAMPLE.name] == 1  # not retried
+
+
+def test_missing_file_is_a_404_message_without_the_token(storage, tmp_path, private_ok):
+    with pytest.raises(JobError, match="not found") as exc:
+        fetch(storage.url("nope.jsonl", storage.good), tmp_path)
+    assert storage.good not in str(exc.value)
+
+
+def test_503_twice_then_200_succeeds_on_the_third_attempt(storage, tmp_path, private_ok):
+    storage.fail_first[SAMPLE.name] = 2
+    got = fetch(storage.url(SAMPLE.name, storage.good), tmp_path)
+    assert got.attempts == 3 and got.path.read_bytes() == SAMPLE.read_bytes()
+
+
+def test_a_body_cut_short_is_never_kept(storage, tmp_path, private_ok):
+    storage.cut[SAMPLE.name] = 1000
+    with pytest.raises(JobError, match="failed after 3 attempts"):
+        fetch(storage.url(SAMPLE.name, storage.good), tmp_path)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_empty_body_is_an_error(storage, tmp_path, private_ok):
+    (storage.root / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(JobError, match=r"empty \(0 bytes\)"):
+        fetch(storage.url("empty.jsonl", storage.good), tmp_path)
+
+
+def test_the_size_cap_is_enforced(storage, tmp_path, private_ok):
+    with pytest.raises(JobError, match="larger than the worker's limit of 1000 bytes"):
+        fetch(storage.url(SAMPLE.name, storage.good), tmp_path, max_bytes=1000)
+
+
+def test_unreachable_host_is_retried_then_named(tmp_path, private_ok):
+    with pytest.raises(JobError, match="could not connect"):
+        fetch(f"http://127.0.0.1:{free_port()}/x.jsonl?token=abc", tmp_path)
+
+
+def test_loopback_is_refused_without_the_private_switch_and_never_contacted(storage, tmp_path, monkeypatch):
+    monkeypatch.delenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", raising=False)
+    with pytest.raises(JobError, match="only from public addresses") as exc:
+        fetch(storage.url(SAMPLE.name, storage.good), tmp_path)
+    assert storage.hits[SAMPLE.name] == 0
+    assert storage.good not in str(exc.value)
+
+
+def test_file_urls_need_the_setting(tmp_path):
+    with pytest.raises(JobError, match="ALLOW_FILE_URLS"):
+        fetch(SAMPLE.as_uri(), tmp_path)
+    assert fetch(SAMPLE.as_uri(), tmp_path, allow_file_urls=True).bytes == SAMPLE.stat().st_size

@@ -1,0 +1,96 @@
+"""The trainer on a tiny 4-bit model: what changes, what does not, and what is saved."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from conftest import ROOT, SAMPLE
+from dataset_loader import load_dataset
+from job import Hyperparameters, JobError
+from train_lora import quantization_config, resolve_base_model, train
+
+
+def load_base(path):
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(torch.float32),
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_qwen2, tmp_path_factory):
+    conversations, _ = load_dataset(SAMPLE)
+    hp = Hyperparameters(learning_rate=1e-3, batch_size=4, micro_batch_size=2, epochs=1, max_steps=3,
+                         lora_rank=8, max_seq_length=512, val_fraction=0.1)
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    events = []
+    result = train(conversations, tiny_qwen2, out, hp, on_progress=events.append)
+    return result, out, events
+
+
+def test_lora_weights_change_and_the_4bit_base_does_not(trained, tiny_qwen2):
+    result, _, _ = trained
+    fresh = load_base(tiny_qwen2)
+    trained_layers = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
+                      for n, m in result.model.named_modules() if isinstance(m, Linear4bit)}
+    fresh_layers = {n: m for n, m in fresh.named_modules() if isinstance(m, Linear4bit)}
+    assert trained_layers.keys() == fresh_layers.keys() and len(fresh_layers) == 14  # 7 linear layers x 2 blocks
+    for name, layer in fresh_layers.items():
+        assert torch.equal(trained_layers[name].weight.data.view(torch.uint8), layer.weight.data.view(torch.uint8)), name
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: nonzero means it was trained
+    assert all(not p.requires_grad for n, p in result.model.named_parameters() if "lora_" not in n)
+
+
+def test_the_saved_adapter_reproduces_the_trained_model(trained, tiny_qwen2):
+    result, out, _ = trained
+    ids = torch.tensor([[11, 42, 7, 300, 901, 5]])
+    result.model.eval()
+    with torch.no_grad():
+        expected = result.model(ids).logits
+        reloaded = PeftModel.from_pretrained(load_base(tiny_qwen2), out).eval()(ids).logits
+    assert torch.allclose(expected, reloaded, atol=1e-5)
+
+
+def test_metrics_config_and_stop_tokens_are_saved(trained):
+    result, out, events = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result.metrics))
+    assert metrics["steps"] == 3 and math.isfinite(metrics["train_loss_last"]) and math.isfinite(metrics["validation_loss"])
+    assert metrics["examples"] + metrics["validation_examples"] == 44 and metrics["validation_examples"] == 4
+    assert 0 < metrics["token_efficiency"] <= 1 and metrics["trained_tokens"] < metrics["tokens"]
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["seed"] == 42 and config["effective"]["gradient_accumulation_steps"] == 2
+    assert config["versions"]["bitsandbytes"] and config["hyperparameters"]["lora_rank"] == 8
+    assert len((out / "training_log.jsonl").read_text().splitlines()) == 3
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    generation = GenerationConfig.from_pretrained(out)
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tokenizer.eos_token == "<|im_end|>" and generation.eos_token_id == [im_end, endoftext]
+    assert tokenizer.chat_template
+    steps = [e["step"] for e in events if e.get("stage") == "training" and "loss" in e]
+    assert steps == [1, 2, 3]
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_a_missing_base_model_names_the_places_searched(tmp_path):
+    (tmp_path / "Qwen" / "Qwen2.5-7B").mkdir(parents=True)
+    (tmp_path / "Qwen" / "Qwen2.5-7B" / "config.json").write_text("{}")
+    with pytest.raises(JobError, match=r"not found; searched .*Cached models: Qwen/Qwen2.5-7B"):
+        resolve_base_model("mistralai/Mistral-7B-v0.1", [tmp_path])
+    assert resolve_base_model("Qwen/Qwen2.5-7B", [tmp_path]) == tmp_path / "Qwen" / "Qwen2.5-7B"
+
+
+def test_preview_cli_shows_the_trained_text(tiny_qwen2):
+    run = subprocess.run([sys.executable, "train_lora.py", "preview", "--dataset", str(SAMPLE), "--base-model",
+                          str(tiny_qwen2), "--limit", "2", "--json"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    preview = json.loads(run.stdout)
+    pairs = [json.loads(l) for l in SAMPLE.read_text().splitlines()[1:3]]
+    assert preview["eos_token"] == "<|im_end|>"
+    assert [e["trained_text"] for e in preview["examples"]] == [[p["target_response"] + "<|im_end|>"] for p in pairs]
