@@ -257,7 +257,9 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     model = load_model(base_path, hp, device, compute_dtype)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW8bit(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    # 8-bit AdamW states; paged (spills to host memory under pressure) where CUDA is there to page from.
+    optimizer_class = bnb.optim.PagedAdamW8bit if device == "cuda" else bnb.optim.AdamW8bit
+    optimizer = optimizer_class(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     loaded_at = time.monotonic()
 
@@ -323,7 +325,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     config = {
         "base_model": str(base_model), "base_model_path": str(base_path), "hyperparameters": hp.model_dump(mode="json"),
         "effective": {"lora_alpha": hp.effective_lora_alpha, "micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
-                      "warmup_steps": warmup, "total_steps": total_steps, "optimizer": "bitsandbytes.PagedAdamW8bit",
+                      "warmup_steps": warmup, "total_steps": total_steps, "optimizer": f"bitsandbytes.{optimizer_class.__name__}",
                       "scheduler": "cosine", "quantization": "nf4 + double quantization", "attention": "sdpa",
                       "chat_template_source": template_source, "end_of_turn": eot_text},
         "seed": hp.seed, "versions": _library_versions(), "device": device,

@@ -1,0 +1,24 @@
+# RunPod serverless worker: QLoRA fine-tuning of chat adapters.
+# The base image supplies CUDA and torch 2.13.0 (the version requirements.txt pins; its CUDA build,
+# 2.13.0+cu128, satisfies ==2.13.0, so pip keeps it). Nothing is downloaded at run time but the dataset.
+FROM pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/runpod-volume/huggingface \
+    JOBS_DIR=/runpod-volume/lora-jobs \
+    MODEL_CACHE_DIR=/runpod-volume/models \
+    TOKENIZERS_PARALLELISM=false
+
+WORKDIR /app
+
+# Dependencies first, in their own cached layer; fail the build if the base image's torch drifted.
+COPY requirements.txt .
+RUN python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '2.13.0' else 'base image torch ' + torch.__version__ + ' != 2.13.0')" \
+ && pip install -r requirements.txt
+
+COPY handler.py job.py storage.py dataset_loader.py chat_labels.py train_lora.py tiny_model.py ./
+COPY data/ data/
+
+CMD ["python", "-u", "handler.py"]
