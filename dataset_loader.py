@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 FORMATS = ("brightrun", "openai", "sharegpt", "alpaca", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
@@ -98,8 +97,11 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON (use null or a number)")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _parse_json(text: str) -> Any:
-    return json.loads(text, parse_constant=_reject_constant)
+    return _DECODER.decode(text)
 
 
 def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPRESSED_BYTES) -> Iterator[tuple[int, Any]]:
@@ -113,10 +115,16 @@ def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPR
         head = buffered.peek(4096)[:4096]
         if head.startswith(b"\xef\xbb\xbf"):
             report.warnings.append("the file starts with a UTF-8 byte order mark; it was ignored")
+        lines: Iterable[bytes] = buffered
         if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            yield from _iter_array(buffered.read(), report)
-            return
-        for number, raw in enumerate(buffered, start=1):
+            data = buffered.read()
+            items = _parse_array(data)
+            if items is not None:
+                report.warnings.append("the file is one JSON array: problems are numbered by item, not by line")
+                yield from enumerate(items, start=1)
+                return
+            lines = io.BytesIO(data)  # not one array: JSON Lines whose first line happens to be an array
+        for number, raw in enumerate(lines, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
@@ -125,7 +133,7 @@ def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPR
                 raise DatasetError(
                     f"line {number} is not UTF-8 (byte {exc.start}): save the file as UTF-8 and resubmit"
                 ) from None
-            if not text.strip():
+            if text.isspace() or not text:
                 report.blank_lines += 1
                 continue
             try:
@@ -135,16 +143,13 @@ def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPR
                 report.problems.append({"line": number, "message": f"line {number}: not valid JSON: {exc}"})
 
 
-def _iter_array(data: bytes, report: Report) -> Iterator[tuple[int, Any]]:
+def _parse_array(data: bytes) -> list | None:
+    """The items of a file that is one JSON array, or None when it is not one."""
     try:
         items = _parse_json(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"the file is not UTF-8 (byte {exc.start}): save it as UTF-8 and resubmit") from None
-    except ValueError as exc:
-        raise DatasetError(f"the file starts with '[' but is not a valid JSON array: {exc}") from None
-    if not isinstance(items, list):
-        raise DatasetError("the file starts with '[' but is not a JSON array")
-    yield from enumerate(items, start=1)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return items if isinstance(items, list) else None
 
 
 # ---------------------------------------------------------------------------- formats
@@ -211,7 +216,8 @@ def normalize_brightrun(record: dict) -> list[dict]:
     if current is not None and not isinstance(current, str):
         raise LineProblem(f"`current_user_input` must be a string, got {_kind(current)}")
     last = messages[-1] if messages else None
-    already_there = last is not None and last["role"] == "user" and last["content"].strip() == (current or "").strip()
+    already_there = (last is not None and last["role"] == "user" and current is not None
+                     and (last["content"] == current or last["content"].strip() == current.strip()))
     if current and current.strip() and not already_there:
         messages.append({"role": "user", "content": current})
     messages.append({"role": "assistant", "content": target, "weight": 1})
@@ -340,13 +346,25 @@ def finalize(messages: list[dict]) -> tuple[list[dict], int]:
                 prev["weight"] = max(prev["weight"], m["weight"])
             merged += 1
         else:
-            out.append(dict(m))
+            out.append(m)  # the normalizers build fresh dicts: no copy needed
     if not any(m["role"] == "assistant" and m.get("weight", 1) and m["content"].strip() for m in out):
         raise LineProblem("no assistant message to train on (none, empty, or all weight 0)", kind="skipped")
     return out, merged
 
 
 # ---------------------------------------------------------------------------- the whole file
+
+def fingerprint(conversation: dict) -> tuple:
+    """A hashable key holding everything that makes a conversation what it is (exact duplicates only:
+    the set compares the strings themselves, so two different conversations never collide)."""
+    def extra(m: dict) -> str | None:
+        if "tool_calls" in m or "tool_call_id" in m:
+            return json.dumps([m.get("tool_calls"), m.get("tool_call_id")], sort_keys=True)
+        return None
+
+    key = tuple((m["role"], m.get("weight"), m.get("name"), m["content"], extra(m)) for m in conversation["messages"])
+    return key + ((json.dumps(conversation["tools"], sort_keys=True),) if "tools" in conversation else ())
+
 
 def _meta_header(record: dict, number: int, report: Report) -> dict:
     meta = record["_meta"]
@@ -356,9 +374,13 @@ def _meta_header(record: dict, number: int, report: Report) -> dict:
     return meta
 
 
-def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1,
+def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1, check: bool = True,
                  max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES) -> tuple[list[dict], Report]:
-    """Read `path` and return (canonical conversations, report). Raises DatasetError when unusable."""
+    """Read `path` and return (canonical conversations, report).
+
+    Raises DatasetError when the file cannot be read, or (with `check`) when it is unusable: nothing
+    loaded, or more than `max_invalid_fraction` of its non-blank lines invalid.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist")
@@ -366,7 +388,7 @@ def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1,
         raise DatasetError("the dataset file is empty (0 bytes): export the dataset again and resubmit")
     report = Report()
     conversations: list[dict] = []
-    seen: set[bytes] = set()
+    seen: set[tuple] = set()
     meta: dict = {}
     brightrun_lines = 0
     for number, record in iter_records(path, report, max_decompressed_bytes):
@@ -393,7 +415,7 @@ def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1,
         conversation = {"messages": messages}
         if fmt == "openai" and isinstance(record.get("tools"), list):
             conversation["tools"] = record["tools"]
-        key = hashlib.sha256(json.dumps(conversation, sort_keys=True, ensure_ascii=False).encode()).digest()
+        key = fingerprint(conversation)
         if key in seen:
             report.duplicates += 1
             continue
@@ -406,7 +428,8 @@ def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1,
         declared = meta.get("total_pairs")
         if isinstance(declared, int) and declared != brightrun_lines:
             report.warnings.append(f"the _meta header says total_pairs={declared} but the file holds {brightrun_lines} pairs")
-    check_usable(report, max_invalid_fraction)
+    if check:
+        check_usable(report, max_invalid_fraction)
     return conversations, report
 
 
@@ -439,11 +462,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-invalid-fraction", type=float, default=0.1, help="fail when more lines than this are invalid")
     args = parser.parse_args(argv)
     try:
-        conversations, report = load_dataset(args.input, max_invalid_fraction=args.max_invalid_fraction)
+        conversations, report = load_dataset(args.input, check=False)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.output:
+    try:
+        check_usable(report, args.max_invalid_fraction)
+        usable = None
+    except DatasetError as exc:
+        usable = exc
+    if args.output and usable is None:
         write_jsonl(conversations, args.output)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
@@ -455,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {p['message']}")
         for w in report.warnings:
             print(f"  warning: {w}")
+    if usable is not None:
+        print(f"error: {usable}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -120,7 +120,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
                 allow_file_urls=settings.allow_file_urls,
             )
         with _stage("loading_data", progress):
-            conversations, report = load_dataset(download.path)
+            conversations, report = load_dataset(download.path, max_invalid_fraction=spec.max_invalid_fraction)
             write_jsonl(conversations, job_dir / "dataset.canonical.jsonl")
         warnings += report.warnings
         log.info("dataset: %d bytes, sha256 %s; %d examples %s, %d skipped, %d invalid, %d duplicates",

@@ -124,6 +124,7 @@ class JobInput(_Section):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings")
     gpu_config: GpuConfig | None = Field(None, description="GPUs requested by the app")
     callback_url: str | None = Field(None, description="Optional URL for one best-effort POST of the final status")
+    max_invalid_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Fail when more than this fraction of the dataset's non-blank lines is invalid")
 
     @field_validator("job_id")
     @classmethod
