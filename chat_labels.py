@@ -103,6 +103,15 @@ def trained_char_spans(tokenizer, messages: list[dict], tools: list | None, full
             continue
         before = render(tokenizer, messages[:k], tools, add_generation_prompt=True) if k else ""
         start = len(before) if before and full.startswith(before) else cursor
+        if message.get("tool_calls"):
+            # A tool call is rendered by the template in its own syntax: its span is what rendering
+            # this message adds to the conversation before it (which must render as a prefix).
+            after = render(tokenizer, messages[:k + 1], tools).rstrip()
+            if not (before and full.startswith(before) and full.startswith(after) and after.endswith(eot_text)):
+                raise SkipExample(f"the chat template renders the tool call of assistant message {k} differently in context")
+            spans.append((len(before), len(after)))
+            cursor = len(after)
+            continue
         content = (message.get("content") or "").strip()
         if not content:
             continue

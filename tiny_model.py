@@ -7,11 +7,14 @@ downloaded.
 
 - `qwen2`: byte-level BPE with Qwen's special tokens (`<|endoftext|>` is EOS, turns end with
   `<|im_end|>`) and a ChatML chat template, like Qwen2.5-Instruct.
-- `mistral`: SentencePiece-style BPE (`▁` marks a leading space, so a space merges into the next
-  token) with `<s>`, `</s>`, `<unk>` and no chat template, like the base `Mistral-7B-v0.1`.
+- `mistral`: the real SentencePiece vocabulary of `Mistral-7B-v0.1` (`tokenizer.model.v1`, shipped
+  inside the `mistral-common` package: 32,000 tokens, `▁` marks a leading space so a space merges into
+  the next word) and, like that base model, no chat template.
 
 Sizes: hidden 64 and MLP 128, because bitsandbytes 0.50 quantizes to 4-bit on CPU only when every
-quantized linear layer's input size is a multiple of 64.
+quantized linear layer's input size is a multiple of 64. Weights are drawn with std 0.1 rather than
+the usual 0.02: after the final RMSNorm a 64-wide hidden state times 0.02-std output weights bounds
+every logit near ±1.3, so no adapter could lower the loss much and a test could not see learning.
 
     python tiny_model.py --arch qwen2 --output .cache/models/tiny-qwen2
 """
@@ -53,7 +56,7 @@ def _sample_texts() -> list[str]:
 
 def build_tokenizer(arch: str):
     """Train a small BPE tokenizer for `arch` and wrap it for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if arch == "qwen2":
@@ -74,19 +77,27 @@ def build_tokenizer(arch: str):
         return wrapped
 
     if arch == "mistral":
-        specials = ["<unk>", "<s>", "</s>"]
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-        trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False)
-        tok.train_from_iterator(_sample_texts(), trainer=trainer)
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-        )
-        # No chat template, no pad token: like the base Mistral-7B-v0.1 the app defaults to.
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        return _mistral_v1_tokenizer()
 
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+
+
+def _mistral_v1_tokenizer():
+    """Mistral-7B-v0.1's SentencePiece tokenizer, from the file mistral-common ships, as a fast tokenizer."""
+    import shutil
+    import tempfile
+
+    import mistral_common
+    from transformers import AutoTokenizer
+
+    source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(source, Path(tmp) / "tokenizer.model")
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        }))
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def build_tiny_model(arch: str, output_dir: str | Path) -> Path:
@@ -100,7 +111,7 @@ def build_tiny_model(arch: str, output_dir: str | Path) -> Path:
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.1,
     )
     torch.manual_seed(SEED)
     if arch == "qwen2":

@@ -95,3 +95,49 @@ def test_padding_is_never_trained_nor_attended(tiny_qwen2):
     assert pad > 0 and (batch["labels"][1, -pad:] == IGNORE).all()
     assert not batch["attention_mask"][1, 0, :, -pad:][: -pad].any()  # no real token attends to padding
     assert batch["real_tokens"] == len(example.input_ids) + len(short.input_ids)
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | map(attribute='function.name') | join(', ') }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}({{ c.function.arguments }})</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tool_conversation():
+    import json
+
+    from conftest import ROOT
+    return json.loads((ROOT / "tests" / "fixtures" / "openai_tools.jsonl").read_text().splitlines()[0])
+
+
+def test_tool_calls_are_trained_and_tool_results_are_not(tiny_qwen2):
+    from dataset_loader import finalize, normalize_openai
+
+    record = tool_conversation()
+    messages, _ = finalize(normalize_openai(record))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    eot = end_of_turn_text(tokenizer)
+    example = tokenize_conversation(tokenizer, {"messages": messages, "tools": record["tools"]}, 2048, eot)
+    assert trained_runs(tokenizer, example) == ["<tool_call>get_rate({})</tool_call><|im_end|>",
+                                                "Today's 30-year rate is 6.1%.<|im_end|>"]
+
+
+def test_tools_with_a_template_that_cannot_render_them_are_skipped_with_the_reason(tiny_qwen2):
+    from chat_labels import SkipExample
+    from dataset_loader import finalize, normalize_openai
+
+    messages, _ = finalize(normalize_openai(tool_conversation()))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    with pytest.raises(SkipExample, match="uses tools but the chat template cannot render tool messages"):
+        tokenize_conversation(tokenizer, {"messages": messages}, 2048, end_of_turn_text(tokenizer))
+
+
+def test_a_real_sentencepiece_vocabulary_merges_the_leading_space_into_the_trained_word(tiny_mistral):
+    tokenizer, _, _, example = labelled(tiny_mistral)
+    assert len(tokenizer) == 32000  # Mistral-7B-v0.1's own tokenizer.model
+    first_trained = next(i for i, l in enumerate(example.labels) if l != IGNORE)
+    assert tokenizer.convert_ids_to_tokens(example.input_ids[first_trained]) == "▁Then"
+    assert tokenizer.convert_ids_to_tokens(example.input_ids[first_trained - 1]) == "]"  # ... [/INST] is the prompt

@@ -94,3 +94,42 @@ def test_preview_cli_shows_the_trained_text(tiny_qwen2):
     pairs = [json.loads(l) for l in SAMPLE.read_text().splitlines()[1:3]]
     assert preview["eos_token"] == "<|im_end|>"
     assert [e["trained_text"] for e in preview["examples"]] == [[p["target_response"] + "<|im_end|>"] for p in pairs]
+
+
+def trained_token_loss(model, tokenizer, conversations, max_seq_length=512):
+    """Mean cross-entropy over the trained tokens of `conversations` (one sequence each)."""
+    from chat_labels import collate, end_of_turn_text, tokenize_conversation
+    from train_lora import _loss_sum, _trained_in
+
+    eot = end_of_turn_text(tokenizer)
+    total = count = 0
+    with torch.no_grad():
+        for c in conversations:
+            batch = collate([[tokenize_conversation(tokenizer, c, max_seq_length, eot)]], tokenizer.pad_token_id)
+            total += float(_loss_sum(model, batch, "cpu"))
+            count += _trained_in(batch)
+    return total / count
+
+
+def test_learning_happens_on_the_sample(tiny_qwen2, tmp_path):
+    conversations = load_dataset(SAMPLE)[0][:8]
+    hp = Hyperparameters(learning_rate=1e-3, batch_size=1, epochs=10, lora_rank=8, lora_alpha=256, lora_dropout=0.0,
+                         max_seq_length=512, warmup_steps=5, gradient_checkpointing=False)
+    result = train(conversations, tiny_qwen2, tmp_path / "adapter", hp)
+    model = result.model.eval()
+    with model.disable_adapter():
+        before = trained_token_loss(model, result.tokenizer, conversations)
+    after = trained_token_loss(model, result.tokenizer, conversations)
+    print(f"trained-token loss before {before:.3f}, after {after:.3f} ({after / before:.2f}x)")
+    assert after < 0.8 * before, (before, after)
+
+
+def test_the_cli_trains_and_a_cpu_run_is_reproducible(tiny_qwen2, tmp_path):
+    args = ["--max-steps", "2", "--max-seq-length", "256", "--batch-size", "2", "--lora-rank", "4"]
+    run = subprocess.run([sys.executable, "train_lora.py", "train", "--dataset", str(SAMPLE), "--base-model", str(tiny_qwen2),
+                          "--output", str(tmp_path / "cli"), *args], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    hp = Hyperparameters(max_steps=2, max_seq_length=256, batch_size=2, lora_rank=4)
+    train(load_dataset(SAMPLE)[0], tiny_qwen2, tmp_path / "api", hp)
+    logs = [[json.loads(l)["loss"] for l in (tmp_path / d / "training_log.jsonl").read_text().splitlines()] for d in ("cli", "api")]
+    assert len(logs[0]) == 2 and logs[0] == logs[1]
