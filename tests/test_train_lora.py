@@ -113,7 +113,7 @@ def trained_token_loss(model, tokenizer, conversations, max_seq_length=512):
 
 def test_learning_happens_on_the_sample(tiny_qwen2, tmp_path):
     conversations = load_dataset(SAMPLE)[0][:8]
-    hp = Hyperparameters(learning_rate=1e-3, batch_size=1, epochs=10, lora_rank=8, lora_alpha=256, lora_dropout=0.0,
+    hp = Hyperparameters(learning_rate=1e-3, batch_size=1, epochs=15, lora_rank=8, lora_alpha=256, lora_dropout=0.0,
                          max_seq_length=512, warmup_steps=5, gradient_checkpointing=False)
     result = train(conversations, tiny_qwen2, tmp_path / "adapter", hp)
     model = result.model.eval()
