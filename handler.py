@@ -17,18 +17,21 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-import runpod
+# The runpod SDK logs every job's input and output at DEBUG, its default level: that would put signed
+# dataset URLs and presigned download links in the worker's log. INFO unless the deployment says otherwise.
+os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
-from dataset_loader import DatasetError, load_dataset, write_jsonl
-from job import JOB_ID_RULE, JobError, WorkerSettings, is_safe_job_id, parse_job_input, redact_text, redact_url
-from storage import download_dataset
-from train_lora import resolve_base_model
+import runpod  # noqa: E402
+
+from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
+from job import JOB_ID_RULE, JobError, WorkerSettings, is_safe_job_id, parse_job_input, redact_text, redact_url  # noqa: E402
+from storage import download_dataset, post_callback, upload_files  # noqa: E402
+from train_lora import resolve_base_model  # noqa: E402
 
 log = logging.getLogger("worker")
 
 # Overall progress (0..100) at the start of each stage; training fills the span up to "saving".
-STAGE_START = {"validating": 0, "downloading": 1, "loading_data": 4, "loading_model": 6, "training": 10, "saving": 95}
-PROGRESS_INTERVAL_S = 10.0
+STAGE_START = {"downloading": 1, "loading_data": 4, "loading_model": 6, "training": 10, "saving": 95, "uploading": 97}
 
 
 class RedactingFilter(logging.Filter):
@@ -42,37 +45,38 @@ class RedactingFilter(logging.Filter):
 
 class ProgressReporter:
     """Sends what the app polls (`progress`, `current_epoch`, `current_step`, `stage`, `metrics`) at each
-    stage change and at most every PROGRESS_INTERVAL_S seconds in between.
+    stage change and at most every `interval_s` seconds in between.
 
     The SDK posts progress to RUNPOD_WEBHOOK_POST_OUTPUT from a thread; where that is unset (a local
     run) there is nobody to tell, so nothing is sent.
     """
 
-    def __init__(self, job: dict, enabled: bool):
-        self.job, self.enabled = job, enabled
-        self.stage, self.last_sent, self.last = None, 0.0, {}
+    METRICS = {"training_loss": "loss", "validation_loss": "validation_loss", "learning_rate": "learning_rate",
+               "throughput": "tokens_per_second", "gpu_utilization": "gpu_utilization", "gradient_norm": "grad_norm"}
+
+    def __init__(self, job: dict, enabled: bool, interval_s: float = 10.0):
+        self.job, self.enabled, self.interval_s = job, enabled, interval_s
+        self.stage, self.last_sent = None, 0.0
+        self.payload = {"progress": 0.0, "current_epoch": 0, "current_step": 0, "stage": None, "metrics": {}}
 
     def __call__(self, event: dict) -> None:
         stage = event.get("stage", self.stage)
-        base, end = STAGE_START.get(stage, 0), 95
-        percent = base + (end - base) * event["percent"] / 100 if stage == "training" and "percent" in event else base
-        payload = {
-            "stage": stage, "progress": round(percent, 1),
-            "current_epoch": event.get("epoch", self.last.get("current_epoch", 0)),
-            "current_step": event.get("step", self.last.get("current_step", 0)),
-            "metrics": {k: v for k, v in {
-                "training_loss": event.get("loss"), "validation_loss": event.get("validation_loss"),
-                "learning_rate": event.get("learning_rate"), "throughput": event.get("tokens_per_second"),
-                "gradient_norm": event.get("grad_norm"),
-            }.items() if v is not None} or self.last.get("metrics", {}),
+        start, end = STAGE_START.get(stage, 0), STAGE_START["saving"]
+        training = stage == "training" and "percent" in event
+        metrics = {name: event[key] for name, key in self.METRICS.items() if event.get(key) is not None}
+        self.payload = {
+            "progress": round(start + (end - start) * event["percent"] / 100 if training else start, 1),
+            "current_epoch": event.get("epoch", self.payload["current_epoch"]),
+            "current_step": event.get("step", self.payload["current_step"]),
+            "stage": stage,
+            "metrics": {**self.payload["metrics"], **metrics},
         }
-        self.last = payload
         now = time.monotonic()
-        if stage != self.stage or now - self.last_sent >= PROGRESS_INTERVAL_S:
+        if stage != self.stage or now - self.last_sent >= self.interval_s:
             self.stage, self.last_sent = stage, now
-            log.info("progress %s %.1f%% step %s", stage, payload["progress"], payload["current_step"])
+            log.info("progress %s %.1f%% step %s", stage, self.payload["progress"], self.payload["current_step"])
             if self.enabled:
-                runpod.serverless.progress_update(self.job, payload)
+                runpod.serverless.progress_update(self.job, self.payload)
 
 
 def _job_log(job_dir: Path) -> logging.Handler:
@@ -110,10 +114,11 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     file_log = _job_log(job_dir)
+    seconds: dict[str, float] = {}
     started = time.monotonic()
     try:
         log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path, redact_url(spec.dataset_url))
-        with _stage("downloading", progress):
+        with _stage("downloading", progress), _timed(seconds, "download"):
             download = download_dataset(
                 spec.dataset_url, job_dir / "dataset.download", max_bytes=settings.max_dataset_bytes,
                 timeout=settings.download_timeout_s, retries=settings.download_retries,
@@ -122,7 +127,6 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         with _stage("loading_data", progress):
             conversations, report = load_dataset(download.path, max_invalid_fraction=spec.max_invalid_fraction)
             write_jsonl(conversations, job_dir / "dataset.canonical.jsonl")
-        warnings += report.warnings
         log.info("dataset: %d bytes, sha256 %s; %d examples %s, %d skipped, %d invalid, %d duplicates",
                  download.bytes, download.sha256, report.examples, dict(report.formats), report.skipped,
                  report.invalid, report.duplicates)
@@ -130,30 +134,50 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         import train_lora  # torch, transformers and bitsandbytes load here, on the first job
 
         adapter_dir = job_dir / "adapter"
-        with _stage("training"):
+        with _stage("training"), _timed(seconds, "training"):
             metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress).metrics
         warnings += _gpu_warnings(spec.gpu_config)
-        model_files = {p.name: p.resolve().as_uri() for p in sorted(adapter_dir.iterdir()) if p.is_file()}
-        warnings.append(f"no S3 storage is configured: the adapter stays on the volume at {adapter_dir}")
+        files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
+        if settings.s3_configured:
+            with _stage("uploading", progress), _timed(seconds, "upload"):
+                model_files = upload_files(files, job_id, settings)
+        else:
+            model_files = {p.name: p.resolve().as_uri() for p in files}
+            warnings.append(f"no S3 storage is configured (S3_ENDPOINT_URL, S3_BUCKET): the adapter's files stay on the volume at {adapter_dir}")
+        seconds["job"] = time.monotonic() - started
         return {
             "model_files": model_files,
             "model_metadata": {
-                "base_model": base_model, "lora_rank": hp.lora_rank, "lora_alpha": hp.effective_lora_alpha,
-                "lora_dropout": hp.lora_dropout, "target_modules": hp.lora_target_modules,
+                "base_model": base_model, "base_model_path": str(base_path),
+                "lora": {"rank": hp.lora_rank, "alpha": hp.effective_lora_alpha, "dropout": hp.lora_dropout,
+                         "target_modules": hp.lora_target_modules},
                 "final_loss": metrics["train_loss_last"], "validation_loss": metrics["validation_loss"],
-                "training_seconds": metrics["train_seconds"], "job_seconds": time.monotonic() - started,
+                "seconds": {k: round(v, 2) for k, v in seconds.items()},
                 "gpu_config": spec.gpu_config.model_dump() if spec.gpu_config else None,
+                "device": metrics["device"],
                 "dataset": {"bytes": download.bytes, "sha256": download.sha256, "examples": report.examples,
-                            "formats": dict(report.formats)},
+                            "formats": dict(report.formats), "skipped": report.skipped, "invalid": report.invalid},
             },
             "metrics": metrics,
             "adapter_path": str(adapter_dir),
             "dataset_report": report.to_dict(),
-            "warnings": warnings,
+            "warnings": warnings + report.warnings,
         }
+    except Exception:
+        log.error("job %s failed in %s:\n%s", job_id, progress.stage, redact_text(traceback.format_exc()))
+        raise
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
+
+
+@contextmanager
+def _timed(seconds: dict, name: str):
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        seconds[name] = time.monotonic() - t0
 
 
 def _gpu_warnings(gpu_config) -> list[str]:
@@ -168,16 +192,25 @@ def _gpu_warnings(gpu_config) -> list[str]:
 
 def handler(job: dict) -> dict:
     """RunPod entry point: the job's result, or {"error": "<stage>: <message>"}."""
-    progress = ProgressReporter(job, enabled=bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")))
     try:
         settings = WorkerSettings.from_env(os.environ)
-        return run_job(job, settings, progress)
     except JobError as exc:
-        return {"error": redact_text(str(exc))}
-    except Exception as exc:  # a bug: keep the traceback in the log, give the user the job id to report
-        log.error("internal error in job %s:\n%s", job.get("id"), traceback.format_exc())
-        return {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: {redact_text(str(exc))}) "
-                         f"in job {job.get('id')}; the worker log has the traceback. Retry once; if it fails again, report the job id"}
+        return {"error": f"worker settings: {exc}. Fix the endpoint's environment variables"}
+    progress = ProgressReporter(job, enabled=bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
+                                interval_s=settings.progress_interval_s)
+    try:
+        result = run_job(job, settings, progress)
+    except JobError as exc:
+        result = {"error": redact_text(str(exc))}
+    except Exception as exc:  # a bug: the job's log has the traceback; give the user the job id to report
+        log.error("internal error in job %s:\n%s", job.get("id"), redact_text(traceback.format_exc()))
+        result = {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: {redact_text(str(exc))}) "
+                           f"in job {job.get('id')}. Retry once; if it fails again, report the job id"}
+    callback = (job.get("input") or {}).get("callback_url") if isinstance(job.get("input"), dict) else None
+    if isinstance(callback, str) and callback:
+        status = "FAILED" if "error" in result else "COMPLETED"
+        post_callback(callback, {"id": job.get("id"), "status": status, **({"error": result["error"]} if "error" in result else {"output": result})})
+    return result
 
 
 if __name__ == "__main__":

@@ -105,6 +105,8 @@ class GpuConfig(_Section):
 
     count: int = Field(validation_alias=AliasChoices("count", "num_gpus"), ge=1, le=8, description="GPUs requested (alias num_gpus)")
     type: str | None = Field(None, validation_alias=AliasChoices("type", "gpu_type"), description="GPU type requested (alias gpu_type)")
+    gpu_memory_gb: float | None = Field(None, ge=0, description="Memory per GPU the app assumed (shape B)")
+    cost_per_gpu_hour: float | None = Field(None, ge=0, description="Price the app assumed (shape B)")
 
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -212,32 +214,52 @@ def _parse_bool(name: str, value: str) -> bool:
     raise JobError(f"environment variable {name}={value!r} is not a boolean; use true or false")
 
 
+def _setting(default: Any, help: str, kind: type, *aliases: str):
+    """A worker setting: its default, help, type, and other environment names it is also read from."""
+    return field(default=default, metadata={"help": help, "type": kind, "aliases": aliases})
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
-    """Settings of the deployment, read from environment variables of the same name (upper case)."""
+    """Settings of the deployment, read from environment variables named like the fields (upper case)."""
 
-    jobs_dir: Path = field(default=Path("/runpod-volume/lora-jobs"), metadata={"help": "Each job's files live under <JOBS_DIR>/<job_id>/"})
-    model_cache_dir: Path = field(default=Path("/runpod-volume/models"), metadata={"help": "Base models as <dir>/<org>/<name> or <dir>/<name>"})
-    default_base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"help": "Base model when the job names none"})
-    max_dataset_bytes: int = field(default=2 * 1024**3, metadata={"help": "Largest dataset download accepted, in bytes"})
-    download_timeout_s: float = field(default=60.0, metadata={"help": "Seconds without data before a download attempt is abandoned"})
-    download_retries: int = field(default=4, metadata={"help": "Retries after a connection error, timeout, 429 or 5xx"})
-    allow_file_urls: bool = field(default=False, metadata={"help": "Accept file:// dataset URLs (local runs only)"})
+    jobs_dir: Path = _setting(Path("/runpod-volume/lora-jobs"), "each job's files live under `<JOBS_DIR>/<job_id>/`", Path)
+    model_cache_dir: Path = _setting(Path("/runpod-volume/models"), "base models as `<dir>/<org>/<name>` or `<dir>/<name>` (`/workspace/models` is searched too)", Path)
+    default_base_model: str = _setting(DEFAULT_BASE_MODEL, "the base model when a job names none", str)
+    max_dataset_bytes: int = _setting(2 * 1024**3, "largest dataset download accepted, in bytes", int)
+    download_timeout_s: float = _setting(60.0, "seconds without data before a download attempt is abandoned", float)
+    download_retries: int = _setting(4, "retries (exponential backoff) after connection errors, timeouts, short bodies, 429 and 5xx", int)
+    allow_file_urls: bool = _setting(False, "accept `file://` dataset URLs (local runs only)", bool)
+    s3_endpoint_url: str | None = _setting(None, "S3-compatible endpoint for the adapter's files (RunPod volume S3 API, Supabase Storage S3, AWS); unset: files stay on the volume", str, "BUCKET_ENDPOINT_URL")
+    s3_access_key_id: str | None = _setting(None, "access key for S3_ENDPOINT_URL", str, "BUCKET_ACCESS_KEY_ID")
+    s3_secret_access_key: str | None = _setting(None, "secret key for S3_ENDPOINT_URL", str, "BUCKET_SECRET_ACCESS_KEY")
+    s3_bucket: str | None = _setting(None, "bucket the adapter's files are uploaded to", str, "BUCKET_NAME")
+    s3_prefix: str = _setting("lora-adapters", "key prefix: files go to `<prefix>/<job_id>/<file>`", str)
+    s3_region: str = _setting("us-east-1", "region used to sign S3 requests", str)
+    presigned_url_expiry_s: int = _setting(7 * 24 * 3600, "lifetime of the presigned GET URLs in `model_files` (seconds)", int)
+    progress_interval_s: float = _setting(10.0, "least seconds between two progress updates within a stage (stage changes are always sent)", float)
+
+    @property
+    def s3_configured(self) -> bool:
+        return bool(self.s3_endpoint_url and self.s3_bucket)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "WorkerSettings":
         """Build settings from an environment mapping (tests pass a dict; the worker passes os.environ)."""
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(f.name.upper())
-            if raw is None or raw == "":
+            names = (f.name.upper(), *f.metadata["aliases"])
+            name, raw = next(((n, env[n]) for n in names if env.get(n)), (names[0], None))
+            if raw is None:
                 continue
-            kind = type(f.default)
+            kind = f.metadata["type"]
             try:
-                if kind is bool:
-                    values[f.name] = _parse_bool(f.name.upper(), raw)
-                else:
-                    values[f.name] = kind(raw)
+                values[f.name] = _parse_bool(name, raw) if kind is bool else kind(raw)
             except ValueError as exc:
-                raise JobError(f"environment variable {f.name.upper()}={raw!r} is invalid: {exc}") from None
-        return cls(**values)
+                raise JobError(f"environment variable {name}={raw!r} is invalid: {exc}") from None
+        settings = cls(**values)
+        partial = [n for n in ("s3_endpoint_url", "s3_bucket", "s3_access_key_id", "s3_secret_access_key")
+                   if getattr(settings, n)]
+        if partial and not settings.s3_configured:
+            raise JobError("S3 upload is half configured: set both S3_ENDPOINT_URL and S3_BUCKET, or neither")
+        return settings

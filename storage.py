@@ -1,4 +1,5 @@
-"""Getting the dataset in: a download that never hands a partial or empty file to the loader.
+"""Files in and out: a download that never hands a partial or empty file to the loader, an upload
+of the adapter to S3-compatible storage, and the optional callback.
 
 The runpod SDK's `rp_ssrf.safe_get` does the address checks (public addresses only unless
 RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true, every redirect hop re-checked, the connection pinned to
@@ -22,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 from runpod.serverless.utils import rp_ssrf
 
-from job import JobError, redact_url
+from job import JobError, WorkerSettings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +162,51 @@ def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 6
         log.info("downloaded %s: %d bytes, sha256 %s", redact_url(url), size, sha)
         return Download(dest, size, sha, attempt)
     raise JobError(f"dataset download failed after {retries + 1} attempts: {last}. Check that the storage is reachable and resubmit")
+
+
+def upload_files(files: list[Path], job_id: str, settings: WorkerSettings) -> dict[str, str]:
+    """Upload `files` to `<bucket>/<prefix>/<job_id>/<name>`; return name → presigned GET URL.
+
+    Any S3-compatible endpoint works (RunPod's network-volume S3 API, Supabase Storage's S3
+    endpoint, AWS). Nothing is deleted here: the local files stay until the caller decides.
+    """
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=settings.s3_secret_access_key,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                      retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120),
+    )
+    urls = {}
+    for path in files:
+        key = f"{settings.s3_prefix.strip('/')}/{job_id}/{path.name}".lstrip("/")
+        try:
+            client.upload_file(str(path), settings.s3_bucket, key)
+            urls[path.name] = client.generate_presigned_url(
+                "get_object", Params={"Bucket": settings.s3_bucket, "Key": key}, ExpiresIn=settings.presigned_url_expiry_s)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise JobError(
+                f"could not upload {path.name} to bucket {settings.s3_bucket!r} at {redact_url(settings.s3_endpoint_url)}: "
+                f"{type(exc).__name__}: {exc}. The adapter is kept on the volume; check the S3_* settings and resubmit"
+            ) from None
+        log.info("uploaded %s (%d bytes) to s3://%s/%s", path.name, path.stat().st_size, settings.s3_bucket, key)
+    return urls
+
+
+def post_callback(url: str, payload: dict, timeout: float = 10.0) -> bool:
+    """One best-effort POST of the final status; a failure is logged, never raised."""
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("callback_url must be an http(s) URL")
+        rp_ssrf.resolve_and_validate(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        response = requests.post(url, json=payload, timeout=timeout, allow_redirects=False)
+        log.info("callback %s answered HTTP %d", shown, response.status_code)
+        return response.ok
+    except Exception as exc:  # noqa: BLE001 - the callback must never fail a job
+        log.warning("callback to %s failed: %s", shown, str(exc).replace(url, shown))
+        return False

@@ -205,6 +205,18 @@ def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str) 
     return total / max(count, 1)
 
 
+def _gpu_utilization(device: str) -> float | None:
+    """Percent of time the GPU was busy over the last sample period (needs NVML); None on CPU."""
+    if device != "cuda":
+        return None
+    import torch
+
+    try:
+        return float(torch.cuda.utilization())
+    except Exception:  # noqa: BLE001 - NVML missing or unsupported: report nothing rather than fail
+        return None
+
+
 def _peak_memory_gb(device: str) -> float:
     import resource
 
@@ -296,7 +308,8 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
             computed_tokens += sum(b["computed_tokens"] for b in batches)
             trained_tokens += n_trained
             record = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": lr, "grad_norm": grad_norm,
-                      "tokens_per_second": step_real / max(time.monotonic() - t0, 1e-9), "trained_tokens": n_trained}
+                      "tokens_per_second": step_real / max(time.monotonic() - t0, 1e-9), "trained_tokens": n_trained,
+                      "gpu_utilization": _gpu_utilization(device)}
             history.append(record)
             log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", step, total_steps, epoch,
                      loss_total, lr, grad_norm, record["tokens_per_second"])
@@ -365,9 +378,31 @@ def save_adapter(model, tokenizer, eot_text: str, output_dir: Path, config: dict
     with open(tmp / "training_log.jsonl", "w") as f:
         for record in history:
             f.write(json.dumps(record) + "\n")
+    plot_losses(history, tmp / "loss_curve.png")
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.replace(tmp, output_dir)
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Training loss per step and validation loss (where measured), as a PNG for a person to look at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="training loss", linewidth=1.2)
+    validation = [(r["step"], r["validation_loss"]) for r in history if r.get("validation_loss") is not None]
+    if validation:
+        ax.plot(*zip(*validation), "o-", label="validation loss", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (trained tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- preview

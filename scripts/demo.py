@@ -44,7 +44,7 @@ def main() -> int:
             "gpu_config": {"gpu_type": "NVIDIA A100 80GB", "num_gpus": 1},
         }}
         env = os.environ | {"JOBS_DIR": str(JOBS_DIR), "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
-                            "RUNPOD_DEBUG_LEVEL": "INFO", "TOKENIZERS_PARALLELISM": "false"}
+                            "TOKENIZERS_PARALLELISM": "false"}
         print("running: python handler.py --test_input <job> (RunPod SDK, local mode)", flush=True)
         run = subprocess.run([sys.executable, "handler.py", "--test_input", json.dumps(job)], cwd=ROOT, env=env)
     if run.returncode != 0:

@@ -1,11 +1,20 @@
 """Shared fixtures: tiny local models with real tokenizers, the bundled sample, a signed-URL server."""
 
+import json
+import os
 import shutil
 import socket
+import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,3 +57,69 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def running_worker(tmp: Path, **env):
+    """`python handler.py --rp_serve_api` (the SDK's local API server) on a free loopback port."""
+    port = free_port()
+    env = os.environ | {"JOBS_DIR": str(tmp / "jobs"), "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
+                        "DOWNLOAD_RETRIES": "1", "TOKENIZERS_PARALLELISM": "false"} | env
+    log_path = tmp / "worker.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            assert proc.poll() is None, f"worker exited early:\n{log_path.read_text()}"
+            try:
+                requests.get(f"{url}/docs", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, f"worker did not start:\n{log_path.read_text()}"
+                time.sleep(0.3)
+        yield SimpleNamespace(url=url, jobs=tmp / "jobs", log=log_path)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def runsync(worker, job_input: dict) -> dict:
+    response = requests.post(f"{worker.url}/runsync", json={"input": job_input}, timeout=600)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+class Recorder:
+    """An HTTP server on loopback that keeps every POST it receives (path and JSON body)."""
+
+    def __init__(self):
+        self.posts: list[tuple[str, dict]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    recorder.posts.append((self.path, json.loads(body)))
+                except ValueError:
+                    recorder.posts.append((self.path, {"unparsed": body.decode("utf-8", "replace")}))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

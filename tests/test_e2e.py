@@ -1,50 +1,17 @@
 """The whole worker, through the RunPod SDK's local API server, over real HTTP, with real 4-bit layers."""
 
-import json
 import math
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import requests
 
-from conftest import ROOT, SAMPLE, free_port
+from conftest import SAMPLE, free_port, running_worker, runsync
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    """`python handler.py --rp_serve_api` on a free loopback port."""
-    tmp = tmp_path_factory.mktemp("worker")
-    port = free_port()
-    env = os.environ | {"JOBS_DIR": str(tmp / "jobs"), "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
-                        "DOWNLOAD_RETRIES": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log_path = tmp / "worker.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, f"worker exited early:\n{log_path.read_text()}"
-        try:
-            requests.get(f"{url}/docs", timeout=2)
-            break
-        except requests.ConnectionError:
-            assert time.monotonic() < deadline, f"worker did not start:\n{log_path.read_text()}"
-            time.sleep(0.5)
-    yield SimpleNamespace(url=url, jobs=tmp / "jobs", log=log_path)
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-def runsync(worker, job_input: dict) -> dict:
-    response = requests.post(f"{worker.url}/runsync", json={"input": job_input}, timeout=600)
-    assert response.status_code == 200, response.text
-    return response.json()
+    with running_worker(tmp_path_factory.mktemp("worker")) as w:
+        yield w
 
 
 def test_job_trains_an_adapter_that_changes_the_model(worker, storage, tiny_qwen2):
@@ -73,7 +40,7 @@ def test_job_trains_an_adapter_that_changes_the_model(worker, storage, tiny_qwen
     assert metrics["steps"] == 4
     assert math.isfinite(metrics["train_loss_first"]) and math.isfinite(metrics["train_loss_last"])
     assert output["dataset_report"]["examples"] == 44
-    assert output["model_metadata"]["lora_rank"] == 8 and output["model_metadata"]["lora_alpha"] == 16
+    assert output["model_metadata"]["lora"]["rank"] == 8 and output["model_metadata"]["lora"]["alpha"] == 16
     job_log = (worker.jobs / "e2e-shape-a" / "job.log").read_text()
     assert "sha256" in job_log and storage.good not in job_log
 

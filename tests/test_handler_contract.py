@@ -1,0 +1,111 @@
+"""The job contract with the BrightRun app, on loopback with real parts: the SDK's local API server
+runs the handler, datasets come from a signed-URL server, the adapter goes to an S3 API server
+(moto in server mode) whose presigned URLs are downloaded over HTTP, progress goes to a recorder."""
+
+import json
+
+import boto3
+import pytest
+import requests
+from moto.server import ThreadedMotoServer
+
+from conftest import SAMPLE, Recorder, free_port, running_worker, runsync
+
+APP_STAGES = {"downloading", "loading_data", "loading_model", "training", "saving", "uploading"}
+APP_METRICS = {"training_loss", "validation_loss", "learning_rate", "throughput", "gpu_utilization", "gradient_norm"}
+S3_KEYS = {"S3_ACCESS_KEY_ID": "AKIAEXAMPLEKEY123", "S3_SECRET_ACCESS_KEY": "s3-secret-value-9b8a7"}
+CALLBACK_SECRET = "cb-secret-51c2"
+
+SHAPE_A = {"hyperparameters": {"learning_rate": 1e-3, "batch_size": 2, "epochs": 1, "rank": 8, "alpha": 16, "dropout": 0.05},
+           "gpu_config": {"type": "NVIDIA A100 80GB", "count": 2}}
+SHAPE_B = {"hyperparameters": {"learning_rate": 1e-3, "batch_size": 2, "num_epochs": 1, "lora_rank": 8, "lora_alpha": 16,
+                               "lora_dropout": 0.05, "warmup_steps": 1, "weight_decay": 0.01},
+           "gpu_config": {"gpu_type": "NVIDIA A100 80GB", "num_gpus": 2, "gpu_memory_gb": 80, "cost_per_gpu_hour": 1.89}}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=S3_KEYS["S3_ACCESS_KEY_ID"], aws_secret_access_key=S3_KEYS["S3_SECRET_ACCESS_KEY"])
+    client.create_bucket(Bucket="lora-models")
+    yield endpoint, client
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def recorder():
+    r = Recorder()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, s3, recorder):
+    env = {"S3_ENDPOINT_URL": s3[0], "S3_BUCKET": "lora-models", **S3_KEYS, "PROGRESS_INTERVAL_S": "0",
+           "RUNPOD_WEBHOOK_POST_OUTPUT": recorder.url("/progress?id=$ID")}
+    with running_worker(tmp_path_factory.mktemp("worker"), **env) as w:
+        yield w
+
+
+@pytest.mark.parametrize("shape", [SHAPE_A, SHAPE_B], ids=["shape-A", "shape-B"])
+def test_a_job_reports_progress_and_returns_files_the_app_can_download(shape, worker, storage, recorder, s3, tiny_qwen2):
+    job_id = f"contract-{'A' if shape is SHAPE_A else 'B'}"
+    job = {"job_id": job_id, "dataset_url": storage.url(SAMPLE.name, storage.good),
+           "callback_url": recorder.url(f"/callback?sig={CALLBACK_SECRET}"), "gpu_config": shape["gpu_config"],
+           "hyperparameters": {**shape["hyperparameters"], "base_model": str(tiny_qwen2), "max_seq_length": 512, "max_steps": 3}}
+    result = runsync(worker, job)
+    assert result["status"] == "COMPLETED", result
+    output = result["output"]
+
+    # progress: exactly the fields the app reads, at every stage it shows
+    updates = [body for path, body in recorder.posts if path.startswith(f"/progress?id={result['id']}&")]
+    assert updates and all(u["status"] == "IN_PROGRESS" for u in updates)
+    payloads = [u["output"] for u in updates]
+    assert {p["stage"] for p in payloads} >= APP_STAGES
+    for p in payloads:
+        assert set(p) == {"progress", "current_epoch", "current_step", "stage", "metrics"}
+        assert 0 <= p["progress"] <= 100 and set(p["metrics"]) <= APP_METRICS
+    trained = [p for p in payloads if p["stage"] == "training" and p["current_step"] > 0]
+    assert trained and {"training_loss", "learning_rate", "throughput", "gradient_norm"} <= set(trained[-1]["metrics"])
+    assert [p["progress"] for p in payloads] == sorted(p["progress"] for p in payloads)
+
+    # every model_files URL downloads, without credentials, the same bytes as the adapter's files
+    adapter = worker.jobs / job_id / "adapter"
+    local = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    assert set(output["model_files"]) == set(local)
+    assert {"adapter_model.safetensors", "adapter_config.json", "training_log.jsonl", "loss_curve.png"} <= set(local)
+    for name, url in output["model_files"].items():
+        assert url.startswith(f"{s3[0]}/lora-models/lora-adapters/{job_id}/{name}?")
+        response = requests.get(url, timeout=30)
+        assert response.status_code == 200 and response.content == local[name], name
+    assert local["loss_curve.png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+    meta = output["model_metadata"]
+    assert (meta["gpu_config"]["count"], meta["gpu_config"]["type"]) == (2, "NVIDIA A100 80GB")
+    assert any("asked for 2 GPU(s)" in w for w in output["warnings"])
+    assert meta["dataset"]["examples"] == 44 and meta["seconds"]["upload"] >= 0 and meta["final_loss"] > 0
+    assert not any("unknown input key" in w for w in output["warnings"])  # both shapes are fully understood
+
+    # the callback got the final status once
+    callbacks = [body for path, body in recorder.posts if path.startswith("/callback") and body.get("id") == result["id"]]
+    assert len(callbacks) == 1 and callbacks[0]["status"] == "COMPLETED"
+
+
+def test_expired_url_fails_with_the_expiry_message_and_no_secret_is_logged(worker, storage, recorder, tiny_qwen2):
+    result = runsync(worker, {"job_id": "contract-expired", "dataset_url": storage.url(SAMPLE.name, storage.old),
+                              "callback_url": recorder.url(f"/callback?sig={CALLBACK_SECRET}"),
+                              "hyperparameters": {"base_model": str(tiny_qwen2)}})
+    assert result["status"] == "FAILED"
+    assert result["error"] == "downloading: dataset URL has expired (signed URLs from the app last 24 h): resubmit the job"
+    callbacks = [body for path, body in recorder.posts if path.startswith("/callback") and body.get("id") == result["id"]]
+    assert callbacks and callbacks[0]["status"] == "FAILED" and "expired" in callbacks[0]["error"]
+
+    logs = worker.log.read_text() + "".join(p.read_text() for p in worker.jobs.glob("*/job.log"))
+    progress = json.dumps([body for path, body in recorder.posts if path.startswith("/progress")])
+    for secret in (storage.good, storage.old, CALLBACK_SECRET, *S3_KEYS.values()):
+        assert secret not in logs, secret
+    for secret in (storage.good, storage.old, *S3_KEYS.values()):
+        assert secret not in progress, secret
