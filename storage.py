@@ -80,7 +80,7 @@ def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float) -> tupl
             "for a local run set RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true"
         ) from None
     except requests.Timeout:
-        raise _Retryable(f"no answer within {timeout:.0f} s from {shown}") from None
+        raise _Retryable(f"no answer within {timeout:g} s from {shown}") from None
     except requests.ConnectionError:
         raise _Retryable(f"could not connect to {shown}") from None
 

@@ -5,14 +5,16 @@ Serves the files of one directory at `/storage/v1/object/sign/<bucket>/<name>?to
 - an expired token gets what Supabase answers: HTTP 400 with
   `{"statusCode":"400","error":"InvalidJWT","message":"\\"exp\\" claim timestamp check failed"}`;
 - an unknown file gets 404; any other token gets 400 InvalidJWT "invalid signature".
-Faults can be injected per file name (`fail_first[name] = n` answers 503 n times; `cut[name] = k`
-sends k bytes and drops the connection). Every request is counted in `hits`.
+Faults can be injected per file name (`fail_first[name] = n` answers `fail_status` (503) n times;
+`cut[name] = k` sends k bytes and drops the connection; `delay[name] = s` waits s seconds before
+answering). Every request is counted in `hits`.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +30,8 @@ class SignedUrlServer:
         self.expired: set[str] = set()
         self.fail_first: Counter = Counter()
         self.cut: dict[str, int] = {}
+        self.delay: dict[str, float] = {}
+        self.fail_status = 503
         self.hits: Counter = Counter()
         server = self
 
@@ -40,9 +44,11 @@ class SignedUrlServer:
                 name = parts.path.removeprefix(PREFIX)
                 token = parse_qs(parts.query).get("token", [""])[0]
                 server.hits[name] += 1
+                if name in server.delay:
+                    time.sleep(server.delay[name])
                 if server.fail_first[name] > 0:
                     server.fail_first[name] -= 1
-                    return self._json(503, {"error": "Service Unavailable"})
+                    return self._json(server.fail_status, {"error": "try again later"})
                 if token in server.expired:
                     return self._json(400, {"statusCode": "400", "error": "InvalidJWT",
                                             "message": '"exp" claim timestamp check failed'})

@@ -109,3 +109,16 @@ def test_expired_url_fails_with_the_expiry_message_and_no_secret_is_logged(worke
         assert secret not in logs, secret
     for secret in (storage.good, storage.old, *S3_KEYS.values()):
         assert secret not in progress, secret
+
+
+def test_importing_the_handler_loads_no_training_library():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    code = ("import sys, handler; heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
+            "print(heavy); r = handler.handler({'id': 'x', 'input': {'dataset_url': 'https://h/d?token=t', "
+            "'hyperparameters': {'rank': 1}}}); print(r['error'])")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["[]", "invalid job input: hyperparameters.lora_rank=1 is below 4"]

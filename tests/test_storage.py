@@ -79,3 +79,16 @@ def test_file_urls_need_the_setting(tmp_path):
     with pytest.raises(JobError, match="ALLOW_FILE_URLS"):
         fetch(SAMPLE.as_uri(), tmp_path)
     assert fetch(SAMPLE.as_uri(), tmp_path, allow_file_urls=True).bytes == SAMPLE.stat().st_size
+
+
+def test_429_is_retried(storage, tmp_path, private_ok):
+    storage.fail_status, storage.fail_first[SAMPLE.name] = 429, 1
+    assert fetch(storage.url(SAMPLE.name, storage.good), tmp_path).attempts == 2
+
+
+def test_a_server_slower_than_the_timeout_is_named(storage, tmp_path, private_ok):
+    storage.delay[SAMPLE.name] = 1.5
+    with pytest.raises(JobError, match=r"no answer within 0.5 s") as exc:
+        fetch(storage.url(SAMPLE.name, storage.good), tmp_path, timeout=0.5)
+    assert storage.hits[SAMPLE.name] == 3 and storage.good not in str(exc.value)
+    assert not (tmp_path / "out" / "dataset.download").exists()
