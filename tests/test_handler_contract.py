@@ -121,4 +121,4 @@ def test_importing_the_handler_loads_no_training_library():
             "'hyperparameters': {'rank': 1}}}); print(r['error'])")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["[]", "invalid job input: hyperparameters.lora_rank=1 is below 4"]
+    assert run.stdout.splitlines() == ["[]", "invalid job input: hyperparameters.rank=1 is below 4"]  # named as sent
