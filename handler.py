@@ -26,7 +26,7 @@ import runpod  # noqa: E402
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
 from job import JOB_ID_RULE, JobError, WorkerSettings, is_safe_job_id, parse_job_input, redact_text, redact_url  # noqa: E402
 from storage import download_dataset, post_callback, upload_files  # noqa: E402
-from train_lora import resolve_base_model  # noqa: E402
+from base_models import resolve_base_model, trust_remote_code_for  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -110,7 +110,9 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
     hp = spec.hyperparameters
     base_model = hp.base_model or settings.default_base_model
     with _stage("loading_model"):  # fail in seconds, before any download, when the model is not there
-        base_path = resolve_base_model(base_model, [settings.model_cache_dir, Path("/workspace/models")])
+        base_path = resolve_base_model(base_model, [settings.model_cache_dir, Path("/workspace/models")],
+                                       allow_download=settings.allow_model_download, hf_token=settings.hf_token,
+                                       allowed=settings.allowed_base_models)
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     file_log = _job_log(job_dir)
@@ -135,7 +137,8 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
 
         adapter_dir = job_dir / "adapter"
         with _stage("training"), _timed(seconds, "training"):
-            metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress).metrics
+            metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress,
+                                       trust_remote_code=trust_remote_code_for(base_model, settings.remote_code_models)).metrics
         warnings += _gpu_warnings(spec.gpu_config)
         files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
         if settings.s3_configured:

@@ -226,6 +226,10 @@ class WorkerSettings:
     jobs_dir: Path = _setting(Path("/runpod-volume/lora-jobs"), "each job's files live under `<JOBS_DIR>/<job_id>/`", Path)
     model_cache_dir: Path = _setting(Path("/runpod-volume/models"), "base models as `<dir>/<org>/<name>` or `<dir>/<name>` (`/workspace/models` is searched too)", Path)
     default_base_model: str = _setting(DEFAULT_BASE_MODEL, "the base model when a job names none", str)
+    allow_model_download: bool = _setting(False, "download a base model that is not cached into MODEL_CACHE_DIR (from the Hugging Face Hub)", bool)
+    hf_token: str | None = _setting(None, "Hugging Face token for gated models, used only to download", str)
+    base_model_allowlist: str = _setting("", "comma-separated base models a job may use; empty: any", str)
+    trust_remote_code_models: str = _setting("", "comma-separated base models allowed to run their own modelling code; empty: none", str)
     max_dataset_bytes: int = _setting(2 * 1024**3, "largest dataset download accepted, in bytes", int)
     download_timeout_s: float = _setting(60.0, "seconds without data before a download attempt is abandoned", float)
     download_retries: int = _setting(4, "retries (exponential backoff) after connection errors, timeouts, short bodies, 429 and 5xx", int)
@@ -238,6 +242,18 @@ class WorkerSettings:
     s3_region: str = _setting("us-east-1", "region used to sign S3 requests", str)
     presigned_url_expiry_s: int = _setting(7 * 24 * 3600, "lifetime of the presigned GET URLs in `model_files` (seconds)", int)
     progress_interval_s: float = _setting(10.0, "least seconds between two progress updates within a stage (stage changes are always sent)", float)
+
+    @staticmethod
+    def _names(value: str) -> list[str]:
+        return [n.strip() for n in value.split(",") if n.strip()]
+
+    @property
+    def allowed_base_models(self) -> list[str]:
+        return self._names(self.base_model_allowlist)
+
+    @property
+    def remote_code_models(self) -> list[str]:
+        return self._names(self.trust_remote_code_models)
 
     @property
     def s3_configured(self) -> bool:

@@ -7,6 +7,8 @@ downloaded.
 
 - `qwen2`: byte-level BPE with Qwen's special tokens (`<|endoftext|>` is EOS, turns end with
   `<|im_end|>`) and a ChatML chat template, like Qwen2.5-Instruct.
+- `qwen3_next`: Qwen3-Next's hybrid layout (3 linear-attention layers, then full attention) with
+  fused mixture-of-experts MLPs (4 experts, 2 per token, a shared expert), with the `qwen2` tokenizer.
 - `mistral`: the real SentencePiece vocabulary of `Mistral-7B-v0.1` (`tokenizer.model.v1`, shipped
   inside the `mistral-common` package: 32,000 tokens, `▁` marks a leading space so a space merges into
   the next word) and, like that base model, no chat template.
@@ -26,7 +28,7 @@ import json
 from pathlib import Path
 
 SAMPLE_DATASET = Path(__file__).resolve().parent / "data" / "brightrun-eq12-demo.jsonl"
-ARCHITECTURES = ("qwen2", "mistral")
+ARCHITECTURES = ("qwen2", "mistral", "qwen3_next")
 VOCAB_SIZE = 2048
 SEED = 0
 
@@ -59,7 +61,7 @@ def build_tokenizer(arch: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3_next"):
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -116,6 +118,16 @@ def build_tiny_model(arch: str, output_dir: str | Path) -> Path:
     torch.manual_seed(SEED)
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "qwen3_next":
+        from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+        common.update(num_hidden_layers=4, head_dim=16)
+        model = Qwen3NextForCausalLM(Qwen3NextConfig(
+            **common, full_attention_interval=4, linear_num_key_heads=2, linear_key_head_dim=32,
+            linear_num_value_heads=4, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+            decoder_sparse_step=1, norm_topk_prob=True,
+        ))
     else:
         model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
     model.generation_config = GenerationConfig(

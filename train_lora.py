@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_text, end_of_turn_token,
                          ensure_chat_template, pack_examples, tokenize_conversation, trained_runs)
+from base_models import (does_not_fit_message, estimate_job_memory, load_config, quantize_moe_experts,
+                         resolve_base_model)
 from dataset_loader import DatasetError, load_dataset
 from job import Hyperparameters, JobError
 
@@ -41,41 +43,6 @@ ProgressFn = Callable[[dict], None]
 
 
 # ---------------------------------------------------------------------------- setup: base model
-
-def model_search_paths(name: str, cache_dirs: list[Path]) -> list[Path]:
-    """Where a base model named `name` (a hub id like `Qwen/Qwen2.5-7B-Instruct` or a path) is looked for."""
-    from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
-
-    paths = [Path(name).expanduser()]
-    short = name.rsplit("/", 1)[-1]
-    for d in cache_dirs:
-        paths += [d / name, d / short]
-    runpod_cache = resolve_model_cache_path_from_hugginface_repository(name)
-    if runpod_cache:
-        paths.append(Path(runpod_cache))
-    return list(dict.fromkeys(paths))
-
-
-def resolve_base_model(name: str, cache_dirs: list[Path]) -> Path:
-    """A local directory holding `name` (with config.json), or JobError naming every place searched."""
-    searched = model_search_paths(name, cache_dirs)
-    for path in searched:
-        if (path / "config.json").is_file():
-            return path
-    try:  # the Hugging Face cache (HF_HOME), without touching the network
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any failure here means "not in the HF cache"
-        pass
-    cached = [str(cfg.parent.relative_to(d)) for d in cache_dirs if d.is_dir()
-              for cfg in sorted(d.glob("*/config.json")) + sorted(d.glob("*/*/config.json"))]
-    raise JobError(
-        f"base model {name!r} was not found; searched {', '.join(str(p) for p in searched)} and the Hugging Face cache. "
-        f"Cached models: {', '.join(cached) or 'none'}. Pick a cached model in hyperparameters.base_model "
-        "or put the model in the model cache directory"
-    )
-
 
 def select_precision():
     """(device, compute dtype): bf16 on GPUs with compute capability >= 8.0, fp16 below, fp32 on CPU."""
@@ -95,19 +62,34 @@ def quantization_config(compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
 
 
-def lora_config(hp: Hyperparameters):
-    """LoRA on every linear layer of the decoder (PEFT's `all-linear` excludes lm_head) unless told otherwise."""
+def lora_config(hp: Hyperparameters, target_modules: list[str] | str):
+    """LoRA with the job's rank, alpha and dropout on `target_modules`."""
     from peft import LoraConfig
 
     return LoraConfig(r=hp.lora_rank, lora_alpha=hp.effective_lora_alpha, lora_dropout=hp.lora_dropout,
-                      target_modules=hp.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
 
 
-def load_tokenizer(base_model: Path):
+def lora_targets(model, requested: str | list[str]) -> list[str] | str:
+    """`all-linear`: the names of every linear layer of the decoder, without lm_head and without the
+    routed MoE experts (hundreds of small adapters per layer, each seen by few tokens); attention,
+    linear-attention and shared-expert layers are adapted. A list is used as given."""
+    if requested != "all-linear":
+        return requested
+    import bitsandbytes as bnb
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and ".experts." not in name
+             and name != "lm_head" and not name.endswith(".lm_head")}
+    return sorted(names)
+
+
+def load_tokenizer(base_model: Path, trust_remote_code: bool = False):
     """The tokenizer with a chat template (its own, or a default from tokens it has) and its end of turn."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     try:
         template_source = ensure_chat_template(tokenizer)
         eot_text = end_of_turn_text(tokenizer)
@@ -116,23 +98,32 @@ def load_tokenizer(base_model: Path):
     return tokenizer, template_source, eot_text
 
 
-def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype):
-    """The base model in 4-bit with trainable LoRA layers on top."""
+def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype, trust_remote_code: bool = False):
+    """The base model in 4-bit (fused MoE experts too) with trainable LoRA layers on top.
+
+    k-bit preparation is done here rather than with PEFT's `prepare_model_for_kbit_training`, which
+    casts every non-4-bit weight (embeddings, lm_head, norms, MoE experts) to fp32: 4.4 GB more for
+    Qwen2.5-7B's embeddings alone. The frozen weights stay in the compute dtype; LoRA weights are fp32.
+    """
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         base_model, quantization_config=quantization_config(compute_dtype), dtype=compute_dtype,
-        attn_implementation="sdpa", device_map={"": 0} if device == "cuda" else None,
+        attn_implementation="sdpa", device_map={"": 0} if device == "cuda" else None, trust_remote_code=trust_remote_code,
     )
+    experts = quantize_moe_experts(model, compute_dtype)
+    if experts:
+        log.info("quantized the fused experts of %d MoE layers to 4-bit", experts)
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=hp.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     torch.manual_seed(hp.seed)  # LoRA A matrices are initialised randomly
-    return get_peft_model(model, lora_config(hp))
+    return get_peft_model(model, lora_config(hp, lora_targets(model, hp.lora_target_modules)))
 
 
 def label_conversations(tokenizer, conversations: list[dict], max_seq_length: int, eot_text: str):
@@ -228,7 +219,8 @@ def _peak_memory_gb(device: str) -> float:
 
 
 def train(conversations: list[dict], base_model: str | Path, output_dir: str | Path, hp: Hyperparameters,
-          on_progress: ProgressFn | None = None, cache_dirs: list[Path] | None = None) -> TrainResult:
+          on_progress: ProgressFn | None = None, cache_dirs: list[Path] | None = None,
+          trust_remote_code: bool = False) -> TrainResult:
     """Train a LoRA adapter on canonical conversations and write it to `output_dir`."""
     import bitsandbytes as bnb
     import torch
@@ -241,7 +233,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
 
     # -- setup: data
     base_path = resolve_base_model(str(base_model), cache_dirs or [])
-    tokenizer, template_source, eot_text = load_tokenizer(base_path)
+    tokenizer, template_source, eot_text = load_tokenizer(base_path, trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_convs, val_convs = split_validation(conversations, hp.val_fraction, hp.seed)
     train_examples, length_report = label_conversations(tokenizer, train_convs, hp.max_seq_length, eot_text)
@@ -250,7 +242,16 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         quoted = "; ".join(p["message"] for p in length_report["problems"][:3])
         raise JobError(f"no example could be tokenized for training: {quoted}")
     train_seqs, val_seqs = _sequences(train_examples, hp), _sequences(val_examples, hp)
-    micro = hp.effective_micro_batch_size
+    # -- setup: does it fit? (config.json only: fail in seconds, before any weight is read)
+    device, compute_dtype = select_precision()
+    free_gb = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None
+    estimate = estimate_job_memory(load_config(base_path), max_seq_length=hp.max_seq_length,
+                                   batch_size=hp.effective_micro_batch_size, lora_rank=hp.lora_rank, gpu_memory_gb=free_gb,
+                                   gradient_checkpointing=hp.gradient_checkpointing,
+                                   compute_bytes=torch.tensor([], dtype=compute_dtype).element_size())
+    if not estimate.fits:
+        raise JobError(does_not_fit_message(Path(str(base_model)).name, estimate, hp.max_seq_length))
+    micro = estimate.micro_batch_size
     accumulation = math.ceil(hp.batch_size / micro)
     steps_per_epoch = math.ceil(len(train_seqs) / hp.batch_size)
     total_steps = steps_per_epoch * hp.epochs
@@ -263,10 +264,9 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
 
     # -- setup: model
     progress({"stage": "loading_model"})
-    device, compute_dtype = select_precision()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = load_model(base_path, hp, device, compute_dtype)
+    model = load_model(base_path, hp, device, compute_dtype, trust_remote_code)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # 8-bit AdamW states; paged (spills to host memory under pressure) where CUDA is there to page from.
@@ -333,14 +333,15 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "wall_seconds": time.monotonic() - started, "load_seconds": loaded_at - started, "train_seconds": train_seconds,
         "tokens_per_second": real_tokens / max(train_seconds, 1e-9),
         "peak_memory_gb": _peak_memory_gb(device), "device": device, "compute_dtype": str(compute_dtype).removeprefix("torch."),
-        "length_report": length_report,
+        "length_report": length_report, "memory_estimate": estimate.to_dict(),
     }
     config = {
         "base_model": str(base_model), "base_model_path": str(base_path), "hyperparameters": hp.model_dump(mode="json"),
         "effective": {"lora_alpha": hp.effective_lora_alpha, "micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
                       "warmup_steps": warmup, "total_steps": total_steps, "optimizer": f"bitsandbytes.{optimizer_class.__name__}",
                       "scheduler": "cosine", "quantization": "nf4 + double quantization", "attention": "sdpa",
-                      "chat_template_source": template_source, "end_of_turn": eot_text},
+                      "chat_template_source": template_source, "end_of_turn": eot_text,
+                      "kbit_preparation": "frozen base in compute dtype, LoRA fp32, non-reentrant checkpointing"},
         "seed": hp.seed, "versions": _library_versions(), "device": device,
     }
     save_adapter(model, tokenizer, eot_text, Path(output_dir), config, metrics, history)
@@ -457,6 +458,35 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, help=f"{info.description} (default {info.default})")
 
 
+def _estimate_command(args) -> int:
+    path = Path(args.base_model)
+    if not (path / "config.json").is_file() and not path.is_file():
+        from job import WorkerSettings
+
+        settings = WorkerSettings.from_env(os.environ)
+        path = resolve_base_model(args.base_model, [settings.model_cache_dir, Path("/workspace/models")])
+    config = load_config(path)
+    common = dict(max_seq_length=args.max_seq_length, batch_size=args.batch_size, lora_rank=args.lora_rank,
+                  gpu_memory_gb=args.gpu_memory_gb)
+    estimate = estimate_job_memory(config, **common)
+    result = estimate.to_dict()
+    stock = estimate_job_memory(config, quantize_experts=False, **common)
+    if stock.weights_gb != estimate.weights_gb:  # fused MoE experts: what the stock transformers path would need
+        result["stock_path"] = {k: v for k, v in stock.to_dict().items() if k in ("required_gb", "weights_gb", "fits", "quantized_fraction")}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{path}: {estimate.total_parameters / 1e9:.2f}B parameters, {estimate.quantized_fraction:.1%} stored in 4-bit")
+    print(f"needs ~{estimate.required_gb:.1f} GB: weights {estimate.weights_gb:.1f}, LoRA+optimizer {estimate.lora_gb:.2f}, "
+          f"activations {estimate.activations_gb:.1f}, logits {estimate.logits_gb:.1f}, overhead {estimate.overhead_gb:.1f}")
+    if "stock_path" in result:
+        print(f"(the stock transformers path keeps the fused experts in 16-bit: ~{stock.required_gb:.0f} GB)")
+    if args.gpu_memory_gb is not None:
+        print(f"fits {args.gpu_memory_gb:g} GB: {estimate.fits}; micro-batch {estimate.micro_batch_size} x "
+              f"{estimate.gradient_accumulation_steps} accumulation steps")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -471,9 +501,18 @@ def main(argv: list[str] | None = None) -> int:
     p_prev.add_argument("--max-seq-length", type=int, default=Hyperparameters.model_fields["max_seq_length"].default)
     p_prev.add_argument("--limit", type=int, default=None)
     p_prev.add_argument("--json", action="store_true")
+    p_est = sub.add_parser("estimate", help="GPU memory a job needs, from config.json alone")
+    p_est.add_argument("--base-model", required=True, help="model directory (config.json is enough) or a cached model id")
+    p_est.add_argument("--max-seq-length", type=int, default=Hyperparameters.model_fields["max_seq_length"].default)
+    p_est.add_argument("--batch-size", type=int, default=Hyperparameters.model_fields["batch_size"].default)
+    p_est.add_argument("--lora-rank", type=int, default=Hyperparameters.model_fields["lora_rank"].default)
+    p_est.add_argument("--gpu-memory-gb", type=float, default=None, help="free GPU memory to fit into")
+    p_est.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        if args.command == "estimate":
+            return _estimate_command(args)
         if args.command == "preview":
             result = preview(args.dataset, args.base_model, args.max_seq_length, args.limit)
             tokenizer = result.pop("_tokenizer")

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
-from train_lora import quantization_config, resolve_base_model, train
+from base_models import resolve_base_model
+from train_lora import quantization_config, train
 
 
 def load_base(path):

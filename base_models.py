@@ -1,0 +1,276 @@
+"""Base models: where a job's model is, whether it fits the GPU, and 4-bit for fused MoE experts.
+
+Lookup order for a name like `Qwen/Qwen2.5-7B-Instruct` (or a path): the path itself; each model
+cache directory as `<dir>/<org>/<name>` and `<dir>/<name>`; RunPod's cached-models location (as the
+runpod SDK resolves it); the Hugging Face cache (HF_HOME), offline. A download into the first cache
+directory happens only when the deployment allows it.
+
+The memory estimate needs only `config.json`: it counts the parameters of each kind, which of them
+bitsandbytes really stores in 4-bit, and the LoRA, optimizer and activation memory of the job.
+No weight is read, so a model that cannot fit fails in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from job import JobError
+
+GB = 1024**3
+NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # = 0.5161 bytes per weight
+CUDA_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS workspaces, allocator slack
+
+
+# ---------------------------------------------------------------------------- finding the model
+
+def model_search_paths(name: str, cache_dirs: list[Path]) -> list[Path]:
+    """Where a base model named `name` is looked for, in order."""
+    from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
+
+    paths = [Path(name).expanduser()]
+    short = name.rsplit("/", 1)[-1]
+    for d in cache_dirs:
+        paths += [d / name, d / short]
+    runpod_cache = resolve_model_cache_path_from_hugginface_repository(name)
+    if runpod_cache:
+        paths.append(Path(runpod_cache))
+    return list(dict.fromkeys(paths))
+
+
+def cached_models(cache_dirs: list[Path]) -> list[str]:
+    return [str(cfg.parent.relative_to(d)) for d in cache_dirs if d.is_dir()
+            for cfg in sorted(d.glob("*/config.json")) + sorted(d.glob("*/*/config.json"))]
+
+
+def resolve_base_model(name: str, cache_dirs: list[Path], *, allow_download: bool = False,
+                       allowed: list[str] | None = None, hf_token: str | None = None) -> Path:
+    """A local directory holding `name` (with config.json), or JobError naming every place searched."""
+    if allowed and name not in allowed:
+        raise JobError(f"base model {name!r} is not on this worker's allow-list ({', '.join(allowed)}); pick one of those")
+    searched = model_search_paths(name, cache_dirs)
+    for path in searched:
+        if (path / "config.json").is_file():
+            return path
+    from huggingface_hub import snapshot_download
+
+    try:  # the Hugging Face cache (HF_HOME), without touching the network
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure here means "not in the HF cache"
+        pass
+    if allow_download and cache_dirs and "/" in name and not Path(name).is_absolute():
+        target = cache_dirs[0] / name
+        try:
+            snapshot_download(name, local_dir=target, token=hf_token)
+        except Exception as exc:  # noqa: BLE001
+            raise JobError(f"base model {name!r} could not be downloaded: {type(exc).__name__}: {exc}. "
+                           "Check the name and HF_TOKEN, or put the model in the model cache directory") from None
+        return target
+    raise JobError(
+        f"base model {name!r} was not found; searched {', '.join(str(p) for p in searched)} and the Hugging Face cache. "
+        f"Cached models: {', '.join(cached_models(cache_dirs)) or 'none'}. Pick a cached model in hyperparameters.base_model, "
+        "put the model in the model cache directory, or set ALLOW_MODEL_DOWNLOAD=true"
+    )
+
+
+def trust_remote_code_for(name: str, allowed: list[str]) -> bool:
+    """Remote code runs only for models a deployment named explicitly."""
+    return name in allowed
+
+
+# ---------------------------------------------------------------------------- counting parameters
+
+def load_config(model: str | Path) -> dict:
+    path = Path(model)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise JobError(f"no config.json at {path}: pass a model directory (a directory holding only config.json is enough)")
+    config = json.loads(config_file.read_text())
+    return config.get("text_config", config)  # multimodal wrappers keep the decoder's settings here
+
+
+def count_parameters(c: dict, *, quantize_experts: bool = True) -> dict:
+    """Parameters by kind, from a decoder's config (Llama/Mistral/Qwen2/Qwen3, Mixtral/Qwen-MoE, Qwen3-Next).
+
+    `quantized` counts what is stored in 4-bit: the decoder's nn.Linear layers (bitsandbytes replaces
+    them) and, when `quantize_experts`, the fused MoE expert tensors (which the stock transformers
+    path leaves in 16-bit because they are not nn.Linear). Embeddings, lm_head, norms, routers and
+    convolutions stay in 16-bit.
+    """
+    h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    head_dim = c.get("head_dim") or h // heads
+    experts = c.get("num_experts") or c.get("num_local_experts") or 0
+    moe_inter = c.get("moe_intermediate_size") or c.get("intermediate_size")
+    shared_inter = c.get("shared_expert_intermediate_size") or 0
+    sparse_step, mlp_only = c.get("decoder_sparse_step", 1) or 1, set(c.get("mlp_only_layers") or [])
+    model_type = c.get("model_type", "")
+
+    linear = expert = other = 0
+    lora_shapes: list[tuple[int, int]] = []  # (in, out) of each nn.Linear LoRA can target
+    for i in range(layers):
+        kind = _layer_type(c, i)
+        if kind == "linear_attention":
+            kd, vd = c["linear_num_key_heads"] * c["linear_key_head_dim"], c["linear_num_value_heads"] * c["linear_value_head_dim"]
+            shapes = [(h, 2 * kd + 2 * vd), (h, 2 * c["linear_num_value_heads"]), (vd, h)]
+            other += (2 * kd + vd) * c["linear_conv_kernel_dim"] + 2 * c["linear_num_value_heads"] + c["linear_value_head_dim"]
+        else:
+            q_out = heads * head_dim * (2 if model_type == "qwen3_next" else 1)  # Qwen3-Next gates attention with q
+            shapes = [(h, q_out), (h, kv * head_dim), (h, kv * head_dim), (heads * head_dim, h)]
+            if model_type in ("qwen3", "qwen3_moe", "qwen3_next"):
+                other += 2 * head_dim  # q_norm, k_norm
+            if model_type in ("qwen2", "qwen2_moe") or c.get("attention_bias"):
+                other += heads * head_dim + 2 * kv * head_dim  # q, k, v biases
+        if experts and i not in mlp_only and (i + 1) % sparse_step == 0:
+            expert += experts * 3 * h * moe_inter
+            other += experts * h  # router
+            if shared_inter:
+                shapes += [(h, shared_inter), (h, shared_inter), (shared_inter, h), (h, 1)]
+        else:
+            inter = c["intermediate_size"]
+            shapes += [(h, inter), (h, inter), (inter, h)]
+        linear += sum(a * b for a, b in shapes)
+        lora_shapes += shapes
+        other += 2 * h  # input and post-attention norms
+    embeddings = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
+    other += embeddings + h  # final norm
+    quantized = linear + (expert if quantize_experts else 0)
+    total = linear + expert + other
+    return {"total": total, "quantized": quantized, "linear": linear, "experts": expert, "other": other,
+            "embeddings": embeddings, "lora_shapes": lora_shapes, "vocab": vocab, "hidden": h, "layers": layers,
+            "heads": heads, "intermediate": c.get("intermediate_size") or moe_inter}
+
+
+def _layer_type(c: dict, i: int) -> str:
+    if c.get("layer_types"):
+        return c["layer_types"][i]
+    if c.get("model_type") == "qwen3_next":
+        return "full_attention" if (i + 1) % c.get("full_attention_interval", 4) == 0 else "linear_attention"
+    return "full_attention"
+
+
+# ---------------------------------------------------------------------------- memory of a job
+
+@dataclass
+class MemoryEstimate:
+    required_gb: float
+    weights_gb: float
+    lora_gb: float
+    activations_gb: float
+    logits_gb: float
+    overhead_gb: float
+    fits: bool
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    quantized_fraction: float
+    total_parameters: int
+    gpu_memory_gb: float | None
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _job_memory_gb(p: dict, micro: int, seq: int, lora_rank: int, checkpointing: bool, compute_bytes: int) -> dict:
+    weights = (p["quantized"] * NF4_BYTES + (p["total"] - p["quantized"]) * compute_bytes) / GB
+    lora_params = sum(lora_rank * (a + b) for a, b in p["lora_shapes"])
+    lora = lora_params * (4 + 4 + 2) / GB  # fp32 weights + fp32 grads + two 8-bit Adam states
+    tokens = micro * seq
+    h, inter = p["hidden"], p["intermediate"]
+    # One decoder layer's live activations during its backward (recomputed under checkpointing):
+    # ~34·h + 4·inter values per token in 16-bit (Korthikanti et al. 2022), plus the seq x seq
+    # attention scores of an sdpa call with an explicit (packing) mask.
+    per_layer = tokens * (34 * h + 4 * inter) * compute_bytes + micro * p["heads"] * seq * seq * compute_bytes
+    stored = tokens * h * compute_bytes * p["layers"] if checkpointing else per_layer * p["layers"]
+    activations = (stored + per_layer) / GB
+    logits = tokens * p["vocab"] * (compute_bytes + 4 + 4) / GB  # logits, fp32 copy for the loss, its gradient
+    return {"weights": weights, "lora": lora, "activations": activations, "logits": logits}
+
+
+def estimate_job_memory(config: dict, *, max_seq_length: int = 2048, batch_size: int = 4, lora_rank: int = 16,
+                        gpu_memory_gb: float | None = None, gradient_checkpointing: bool = True,
+                        compute_bytes: int = 2, quantize_experts: bool = True) -> MemoryEstimate:
+    """Memory of a QLoRA job from config.json alone. With `gpu_memory_gb`, the largest micro-batch
+    (up to `batch_size`) that fits is chosen, and gradient accumulation keeps the effective batch."""
+    p = count_parameters(config, quantize_experts=quantize_experts)
+    micro = batch_size
+    while True:
+        parts = _job_memory_gb(p, micro, max_seq_length, lora_rank, gradient_checkpointing, compute_bytes)
+        required = sum(parts.values()) + CUDA_OVERHEAD_GB
+        if gpu_memory_gb is None or required <= gpu_memory_gb or micro == 1:
+            break
+        micro = max(1, micro // 2)
+    fits = gpu_memory_gb is None or required <= gpu_memory_gb
+    return MemoryEstimate(
+        required_gb=required, weights_gb=parts["weights"], lora_gb=parts["lora"], activations_gb=parts["activations"],
+        logits_gb=parts["logits"], overhead_gb=CUDA_OVERHEAD_GB, fits=fits, micro_batch_size=micro,
+        gradient_accumulation_steps=math.ceil(batch_size / micro), quantized_fraction=p["quantized"] / p["total"],
+        total_parameters=p["total"], gpu_memory_gb=gpu_memory_gb,
+    )
+
+
+def does_not_fit_message(name: str, estimate: MemoryEstimate, max_seq_length: int) -> str:
+    return (f"{name} needs ~{estimate.required_gb:.0f} GB with this setup (weights {estimate.weights_gb:.0f} GB in 4-bit, "
+            f"activations and logits {estimate.activations_gb + estimate.logits_gb:.1f} GB at micro-batch 1 x "
+            f"{max_seq_length} tokens), the GPU has {estimate.gpu_memory_gb:.0f} GB free. Use a GPU with more memory, "
+            "a smaller model, or a shorter max_seq_length")
+
+
+# ---------------------------------------------------------------------------- 4-bit MoE experts
+
+def _linear4bit(weight, compute_dtype):
+    """A bitsandbytes NF4 layer holding `weight` (out x in), quantized on the weight's device."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
+                              compress_statistics=True, quant_type="nf4", quant_storage=compute_dtype, device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype).cpu(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, quant_storage=compute_dtype)
+    return layer.to(weight.device)
+
+
+def _quantized_experts_class():
+    import torch
+    from torch import nn
+
+    class QuantizedExperts(nn.Module):
+        """Fused MoE experts (3D `gate_up_proj` / `down_proj` tensors) as one 4-bit layer pair per expert.
+
+        transformers keeps fused experts as plain parameters, which bitsandbytes does not quantize;
+        for Qwen3-Next-80B they are 97% of the weights. Same routing and maths as the fused module.
+        """
+
+        def __init__(self, fused, compute_dtype):
+            super().__init__()
+            self.num_experts, self.act_fn = fused.num_experts, fused.act_fn
+            self.gate_up = nn.ModuleList(_linear4bit(fused.gate_up_proj[e], compute_dtype) for e in range(self.num_experts))
+            self.down = nn.ModuleList(_linear4bit(fused.down_proj[e], compute_dtype) for e in range(self.num_experts))
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            final = torch.zeros_like(hidden_states)
+            for expert in torch.unique(top_k_index).tolist():
+                if expert >= self.num_experts:
+                    continue
+                token_idx, slot = torch.where(top_k_index == expert)
+                gate, up = self.gate_up[expert](hidden_states[token_idx]).chunk(2, dim=-1)
+                out = self.down[expert](self.act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
+                final.index_add_(0, token_idx, out.to(final.dtype))
+            return final
+
+    return QuantizedExperts
+
+
+def quantize_moe_experts(model, compute_dtype) -> int:
+    """Swap every fused-experts module of `model` for 4-bit per-expert layers; returns how many were swapped."""
+    import torch
+
+    cls, swapped = _quantized_experts_class(), 0
+    for name, module in list(model.named_modules()):
+        fused = getattr(module, "gate_up_proj", None)
+        if isinstance(fused, torch.nn.Parameter) and fused.dim() == 3 and hasattr(module, "down_proj"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, cls(module, compute_dtype))
+            swapped += 1
+    return swapped
