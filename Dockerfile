@@ -8,8 +8,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/runpod-volume/huggingface \
     JOBS_DIR=/runpod-volume/lora-jobs \
-    MODEL_CACHE_DIR=/runpod-volume/models \
-    TOKENIZERS_PARALLELISM=false
+    MODEL_CACHE_DIR=/runpod-volume/models
 
 WORKDIR /app
 

@@ -50,6 +50,8 @@ def resolve_base_model(name: str, cache_dirs: list[Path], *, allow_download: boo
     """A local directory holding `name` (with config.json), or JobError naming every place searched."""
     if allowed and name not in allowed:
         raise JobError(f"base model {name!r} is not on this worker's allow-list ({', '.join(allowed)}); pick one of those")
+    if name.startswith(TINY_PREFIX):
+        return _tiny_model(name, cache_dirs)
     searched = model_search_paths(name, cache_dirs)
     for path in searched:
         if (path / "config.json").is_file():
@@ -73,6 +75,33 @@ def resolve_base_model(name: str, cache_dirs: list[Path], *, allow_download: boo
         f"Cached models: {', '.join(cached_models(cache_dirs)) or 'none'}. Pick a cached model in hyperparameters.base_model, "
         "put the model in the model cache directory, or set ALLOW_MODEL_DOWNLOAD=true"
     )
+
+
+TINY_PREFIX = "tiny-random/"
+
+
+def _tiny_model(name: str, cache_dirs: list[Path]) -> Path:
+    """`tiny-random/<arch>`: the random-weight test model of tiny_model.py, built once into the cache.
+
+    For smoke tests of a deployed image (RunPod Hub tests, `docker run`) where no real model is cached.
+    """
+    from tiny_model import ARCHITECTURES, build_tiny_model
+
+    arch = name.removeprefix(TINY_PREFIX)
+    if arch not in ARCHITECTURES:
+        raise JobError(f"unknown tiny model {name!r}; use one of {', '.join(TINY_PREFIX + a for a in ARCHITECTURES)}")
+    if not cache_dirs:
+        raise JobError("no model cache directory to build the tiny model in: set MODEL_CACHE_DIR")
+    path = cache_dirs[0] / name
+    if not (path / "config.json").is_file():
+        import os
+        import shutil
+
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_model(arch, tmp)
+        os.replace(tmp, path)
+    return path
 
 
 def trust_remote_code_for(name: str, allowed: list[str]) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 # The runpod SDK logs every job's input and output at DEBUG, its default level: that would put signed
 # dataset URLs and presigned download links in the worker's log. INFO unless the deployment says otherwise.
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizers thread pool
 
 import runpod  # noqa: E402
 

@@ -54,6 +54,14 @@ def select_precision():
     return "cpu", torch.float32
 
 
+def select_attention(device: str) -> str:
+    """flash-attention 2 where it is installed on a GPU (packed examples are separated by position_ids,
+    its varlen path); sdpa otherwise (packed examples are separated by a block-diagonal 4D mask)."""
+    import importlib.util
+
+    return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def quantization_config(compute_dtype):
     """NF4 with double quantization: the QLoRA recipe."""
     from transformers import BitsAndBytesConfig
@@ -98,7 +106,8 @@ def load_tokenizer(base_model: Path, trust_remote_code: bool = False):
     return tokenizer, template_source, eot_text
 
 
-def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype, trust_remote_code: bool = False):
+def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype, trust_remote_code: bool = False,
+               attention: str = "sdpa"):
     """The base model in 4-bit (fused MoE experts too) with trainable LoRA layers on top.
 
     k-bit preparation is done here rather than with PEFT's `prepare_model_for_kbit_training`, which
@@ -111,7 +120,7 @@ def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype
 
     model = AutoModelForCausalLM.from_pretrained(
         base_model, quantization_config=quantization_config(compute_dtype), dtype=compute_dtype,
-        attn_implementation="sdpa", device_map={"": 0} if device == "cuda" else None, trust_remote_code=trust_remote_code,
+        attn_implementation=attention, device_map={"": 0} if device == "cuda" else None, trust_remote_code=trust_remote_code,
     )
     experts = quantize_moe_experts(model, compute_dtype)
     if experts:
@@ -166,11 +175,14 @@ class TrainResult:
     model: Any  # the PEFT model, still in memory (tests inspect it; the handler drops it)
     tokenizer: Any
 
-def _loss_sum(model, batch, device):
-    """Sum of the cross-entropy over the trained tokens of one micro-batch (fp32 logits)."""
+def _loss_sum(model, batch, device, use_mask: bool = True):
+    """Sum of the cross-entropy over the trained tokens of one micro-batch (fp32 logits).
+
+    `use_mask=False` (flash-attention 2) leaves the separation of packed examples to position_ids."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+    mask = batch["attention_mask"].to(device) if use_mask else None
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
                    position_ids=batch["position_ids"].to(device)).logits
     labels = batch["labels"].to(device)
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
@@ -180,7 +192,7 @@ def _trained_in(batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str) -> float | None:
+def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str, use_mask: bool = True) -> float | None:
     import torch
 
     if not sequences:
@@ -190,7 +202,7 @@ def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str) 
     with torch.no_grad():
         for i in range(0, len(sequences), micro_batch_size):
             batch = collate(sequences[i:i + micro_batch_size], pad_id)
-            total += float(_loss_sum(model, batch, device))
+            total += float(_loss_sum(model, batch, device, use_mask))
             count += _trained_in(batch)
     model.train()
     return total / max(count, 1)
@@ -266,7 +278,9 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     progress({"stage": "loading_model"})
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = load_model(base_path, hp, device, compute_dtype, trust_remote_code)
+    attention = select_attention(device)
+    use_mask = attention != "flash_attention_2"
+    model = load_model(base_path, hp, device, compute_dtype, trust_remote_code, attention)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # 8-bit AdamW states; paged (spills to host memory under pressure) where CUDA is there to page from.
@@ -293,10 +307,16 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
             batches = [collate(step_seqs[i:i + micro], pad_id) for i in range(0, len(step_seqs), micro)]
             n_trained = sum(_trained_in(b) for b in batches)
             loss_total = 0.0
-            for batch in batches:
-                loss = _loss_sum(model, batch, device) / n_trained
-                loss.backward()
-                loss_total += float(loss.detach())
+            try:
+                for batch in batches:
+                    loss = _loss_sum(model, batch, device, use_mask) / n_trained
+                    loss.backward()
+                    loss_total += float(loss.detach())
+            except torch.OutOfMemoryError:
+                raise JobError(
+                    f"the GPU ran out of memory at step {step + 1} with micro-batch {micro} x up to {hp.max_seq_length} "
+                    "tokens; reduce hyperparameters.micro_batch_size (or batch_size), max_seq_length or lora_rank, and resubmit"
+                ) from None
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -315,12 +335,12 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                      loss_total, lr, grad_norm, record["tokens_per_second"])
             progress({"stage": "training", "percent": 100.0 * step / total_steps, "total_steps": total_steps, **record})
         if val_seqs:
-            val_loss = evaluate(model, val_seqs, micro, pad_id, device)
+            val_loss = evaluate(model, val_seqs, micro, pad_id, device, use_mask)
             history[-1]["validation_loss"] = val_loss
             progress({"stage": "training", "percent": 100.0 * step / total_steps, "step": step, "epoch": epoch,
                       "validation_loss": val_loss, "total_steps": total_steps})
     train_seconds = time.monotonic() - loaded_at
-    validation_loss = evaluate(model, val_seqs, micro, pad_id, device) if val_seqs else None
+    validation_loss = evaluate(model, val_seqs, micro, pad_id, device, use_mask) if val_seqs else None
 
     # -- save
     progress({"stage": "saving"})
@@ -332,14 +352,14 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "token_efficiency": real_tokens / max(computed_tokens, 1),
         "wall_seconds": time.monotonic() - started, "load_seconds": loaded_at - started, "train_seconds": train_seconds,
         "tokens_per_second": real_tokens / max(train_seconds, 1e-9),
-        "peak_memory_gb": _peak_memory_gb(device), "device": device, "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "peak_memory_gb": _peak_memory_gb(device), "device": device, "attention": attention, "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "length_report": length_report, "memory_estimate": estimate.to_dict(),
     }
     config = {
         "base_model": str(base_model), "base_model_path": str(base_path), "hyperparameters": hp.model_dump(mode="json"),
         "effective": {"lora_alpha": hp.effective_lora_alpha, "micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
                       "warmup_steps": warmup, "total_steps": total_steps, "optimizer": f"bitsandbytes.{optimizer_class.__name__}",
-                      "scheduler": "cosine", "quantization": "nf4 + double quantization", "attention": "sdpa",
+                      "scheduler": "cosine", "quantization": "nf4 + double quantization", "attention": attention,
                       "chat_template_source": template_source, "end_of_turn": eot_text,
                       "kbit_preparation": "frozen base in compute dtype, LoRA fp32, non-reentrant checkpointing"},
         "seed": hp.seed, "versions": _library_versions(), "device": device,
