@@ -17,7 +17,7 @@ COPY requirements.txt .
 RUN python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '2.13.0' else 'base image torch ' + torch.__version__ + ' != 2.13.0')" \
  && pip install -r requirements.txt
 
-COPY handler.py job.py storage.py dataset_loader.py chat_labels.py base_models.py train_lora.py tiny_model.py ./
+COPY handler.py job.py storage.py dataset_loader.py chat_labels.py base_models.py checkpoints.py train_lora.py tiny_model.py ./
 COPY data/ data/
 
 CMD ["python", "-u", "handler.py"]

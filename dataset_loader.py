@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator
 FORMATS = ("brightrun", "openai", "sharegpt", "alpaca", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
 MAX_DECOMPRESSED_BYTES = 4 * 1024**3
+MAX_LINE_BYTES = 64 * 1024**2  # one conversation; far beyond any context window
 MAX_QUOTED_PROBLEMS = 5
 
 
@@ -104,7 +105,22 @@ def _parse_json(text: str) -> Any:
     return _DECODER.decode(text)
 
 
-def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPRESSED_BYTES) -> Iterator[tuple[int, Any]]:
+def _lines(stream, max_line_bytes: int) -> Iterator[bytes | None]:
+    """Lines split on b"\n"; None for a line longer than `max_line_bytes` (its bytes are skipped, never held)."""
+    while True:
+        line = stream.readline(max_line_bytes + 1)
+        if not line:
+            return
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = stream.readline(1 << 20)
+            yield None
+            continue
+        yield line
+
+
+def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPRESSED_BYTES,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed JSON) per non-blank line; problems for lines that are not JSON.
 
     Lines are split on b"\\n" only (U+2028 inside a string is text). A file whose first
@@ -115,7 +131,7 @@ def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPR
         head = buffered.peek(4096)[:4096]
         if head.startswith(b"\xef\xbb\xbf"):
             report.warnings.append("the file starts with a UTF-8 byte order mark; it was ignored")
-        lines: Iterable[bytes] = buffered
+        lines = buffered
         if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             data = buffered.read()
             items = _parse_array(data)
@@ -124,7 +140,12 @@ def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPR
                 yield from enumerate(items, start=1)
                 return
             lines = io.BytesIO(data)  # not one array: JSON Lines whose first line happens to be an array
-        for number, raw in enumerate(lines, start=1):
+        for number, raw in enumerate(_lines(lines, max_line_bytes), start=1):
+            if raw is None:
+                report.invalid += 1
+                report.problems.append({"line": number, "message": f"line {number}: the line is longer than "
+                                        f"{max_line_bytes} bytes; split this conversation or shorten it"})
+                continue
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
@@ -375,7 +396,8 @@ def _meta_header(record: dict, number: int, report: Report) -> dict:
 
 
 def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1, check: bool = True,
-                 max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES) -> tuple[list[dict], Report]:
+                 max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:
     """Read `path` and return (canonical conversations, report).
 
     Raises DatasetError when the file cannot be read, or (with `check`) when it is unusable: nothing
@@ -391,7 +413,7 @@ def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1, check: 
     seen: set[tuple] = set()
     meta: dict = {}
     brightrun_lines = 0
-    for number, record in iter_records(path, report, max_decompressed_bytes):
+    for number, record in iter_records(path, report, max_decompressed_bytes, max_line_bytes):
         if isinstance(record, dict) and "_meta" in record and detect_format(record) is None:
             meta = _meta_header(record, number, report)
             continue

@@ -10,8 +10,11 @@ them in order, reports progress, and turns failures into `{"error": "<stage>: <w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import time
 import traceback
 from contextlib import contextmanager
@@ -26,7 +29,7 @@ import runpod  # noqa: E402
 
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
 from job import JOB_ID_RULE, JobError, WorkerSettings, is_safe_job_id, parse_job_input, redact_text, redact_url  # noqa: E402
-from storage import download_dataset, post_callback, upload_files  # noqa: E402
+from storage import JobLock, download_dataset, post_callback, upload_files  # noqa: E402
 from base_models import resolve_base_model, trust_remote_code_for  # noqa: E402
 
 log = logging.getLogger("worker")
@@ -57,10 +60,12 @@ class ProgressReporter:
 
     def __init__(self, job: dict, enabled: bool, interval_s: float = 10.0):
         self.job, self.enabled, self.interval_s = job, enabled, interval_s
+        self.on_event = lambda: None  # e.g. the job lock's heartbeat
         self.stage, self.last_sent = None, 0.0
         self.payload = {"progress": 0.0, "current_epoch": 0, "current_step": 0, "stage": None, "metrics": {}}
 
     def __call__(self, event: dict) -> None:
+        self.on_event()
         stage = event.get("stage", self.stage)
         start, end = STAGE_START.get(stage, 0), STAGE_START["saving"]
         training = stage == "training" and "percent" in event
@@ -116,10 +121,23 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
                                        allowed=settings.allowed_base_models)
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
+    lock = JobLock(job_dir / "job.lock")
+    lock.acquire()
+    progress.on_event = lock.heartbeat
     file_log = _job_log(job_dir)
     seconds: dict[str, float] = {}
     started = time.monotonic()
     try:
+        stored = job_dir / "result.json"
+        if spec.retrain:
+            stored.unlink(missing_ok=True)
+            shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
+        elif stored.is_file():
+            result = json.loads(stored.read_text())
+            result["warnings"] = result.get("warnings", []) + [
+                f"job {job_id} had already completed: this is its stored result (send retrain: true to train again)"]
+            log.info("job %s already completed; returning its stored result", job_id)
+            return result
         log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path, redact_url(spec.dataset_url))
         with _stage("downloading", progress), _timed(seconds, "download"):
             download = download_dataset(
@@ -137,9 +155,12 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         import train_lora  # torch, transformers and bitsandbytes load here, on the first job
 
         adapter_dir = job_dir / "adapter"
+        fingerprint = hashlib.sha256(json.dumps([hp.model_dump(mode="json"), download.sha256, str(base_path)],
+                                                sort_keys=True).encode()).hexdigest()
         with _stage("training"), _timed(seconds, "training"):
             metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress,
-                                       trust_remote_code=trust_remote_code_for(base_model, settings.remote_code_models)).metrics
+                                       trust_remote_code=trust_remote_code_for(base_model, settings.remote_code_models),
+                                       checkpoint_dir=job_dir / "checkpoints", fingerprint=fingerprint).metrics
         warnings += _gpu_warnings(spec.gpu_config)
         files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
         if settings.s3_configured:
@@ -149,7 +170,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             model_files = {p.name: p.resolve().as_uri() for p in files}
             warnings.append(f"no S3 storage is configured (S3_ENDPOINT_URL, S3_BUCKET): the adapter's files stay on the volume at {adapter_dir}")
         seconds["job"] = time.monotonic() - started
-        return {
+        result = {
             "model_files": model_files,
             "model_metadata": {
                 "base_model": base_model, "base_model_path": str(base_path),
@@ -165,14 +186,24 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             "metrics": metrics,
             "adapter_path": str(adapter_dir),
             "dataset_report": report.to_dict(),
-            "warnings": warnings + report.warnings,
+            "warnings": warnings + report.warnings + metrics["checkpoint_warnings"],
         }
+        _write_json_atomically(stored, result)
+        shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # the adapter is complete: checkpoints are spent
+        return result
     except Exception:
         log.error("job %s failed in %s:\n%s", job_id, progress.stage, redact_text(traceback.format_exc()))
         raise
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
+        lock.release()
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 @contextmanager

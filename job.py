@@ -49,11 +49,17 @@ def redact_url(url: str) -> str:
 
 
 _URL_IN_TEXT = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+)")
+_QUERY_VALUE = re.compile(r"([?&][A-Za-z0-9_.~-]+=)[^\s&'\"<>)]+")
 
 
 def redact_text(text: str) -> str:
-    """Redact every URL found in free text (exception messages, log lines)."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(1)), text)
+    """Redact every URL found in free text (exception messages, log lines), and any query-string value
+    left over (libraries quote a request's path and query without its host).
+
+    >>> redact_text("GET /cb?sig=s3cr3t failed")
+    'GET /cb?sig=<redacted> failed'
+    """
+    return _QUERY_VALUE.sub(r"\1<redacted>", _URL_IN_TEXT.sub(lambda m: redact_url(m.group(1)), text))
 
 
 class _Section(BaseModel):
@@ -83,6 +89,8 @@ class Hyperparameters(_Section):
     val_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Fraction of conversations held out for validation_loss")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (less memory, ~30% more compute)")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for shuffling, the split and LoRA init")
+    checkpoint_steps: int = Field(50, ge=1, le=1_000_000, description="Write a resumable checkpoint every this many steps")
+    checkpoint_minutes: float = Field(10.0, gt=0, le=1440, description="... and at least every this many minutes")
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -126,6 +134,7 @@ class JobInput(_Section):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings")
     gpu_config: GpuConfig | None = Field(None, description="GPUs requested by the app")
     callback_url: str | None = Field(None, description="Optional URL for one best-effort POST of the final status")
+    retrain: bool = Field(False, description="Train again even if this job_id already completed (its stored result is returned otherwise)")
     max_invalid_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Fail when more than this fraction of the dataset's non-blank lines is invalid")
 
     @field_validator("job_id")

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 from runpod.serverless.utils import rp_ssrf
 
-from job import JobError, WorkerSettings, redact_url
+from job import JobError, WorkerSettings, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -208,5 +208,76 @@ def post_callback(url: str, payload: dict, timeout: float = 10.0) -> bool:
         log.info("callback %s answered HTTP %d", shown, response.status_code)
         return response.ok
     except Exception as exc:  # noqa: BLE001 - the callback must never fail a job
-        log.warning("callback to %s failed: %s", shown, str(exc).replace(url, shown))
+        reason = "could not connect" if isinstance(exc, requests.ConnectionError) else redact_text(str(exc))
+        log.warning("callback to %s failed: %s: %s", shown, type(exc).__name__, reason)
         return False
+
+
+class JobLock:
+    """One worker per job directory, also across workers sharing a network volume.
+
+    The lock file holds the host, pid and start time of its owner, and its mtime is a heartbeat
+    (refreshed with `heartbeat()`). A lock is stale, and taken over, when its owner is a process of
+    this host that no longer exists, or when its heartbeat is older than `stale_after_s`.
+    """
+
+    def __init__(self, path: Path, stale_after_s: float = 600.0):
+        self.path, self.stale_after_s, self.held = Path(path), stale_after_s, False
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _is_stale(self, owner: dict) -> bool:
+        import socket
+
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        if age > self.stale_after_s:
+            return True
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+            try:
+                os.kill(owner["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return not owner and age > 5  # unreadable and not being written right now
+
+    def acquire(self) -> None:
+        import socket
+
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if self._is_stale(owner):
+                    log.warning("taking over the stale lock of %s (%s)", self.path.parent.name, owner or "unreadable")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.get("started", 0)))
+                raise JobError(f"job {self.path.parent.name} is already running on another worker (pid {owner.get('pid')} "
+                               f"on {owner.get('host')}, since {since}); wait for it to finish, or submit with another "
+                               "job_id") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
+            self.held = True
+            return
+        raise JobError(f"could not take the lock of job {self.path.parent.name}; retry in a minute")
+
+    def heartbeat(self) -> None:
+        if self.held:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self.held and self._owner().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False

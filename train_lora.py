@@ -24,6 +24,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any, Callable
 
 from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_text, end_of_turn_token,
                          ensure_chat_template, pack_examples, tokenize_conversation, trained_runs)
+from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from base_models import (does_not_fit_message, estimate_job_memory, load_config, quantize_moe_experts,
                          resolve_base_model)
 from dataset_loader import DatasetError, load_dataset
@@ -232,8 +234,13 @@ def _peak_memory_gb(device: str) -> float:
 
 def train(conversations: list[dict], base_model: str | Path, output_dir: str | Path, hp: Hyperparameters,
           on_progress: ProgressFn | None = None, cache_dirs: list[Path] | None = None,
-          trust_remote_code: bool = False) -> TrainResult:
-    """Train a LoRA adapter on canonical conversations and write it to `output_dir`."""
+          trust_remote_code: bool = False, checkpoint_dir: str | Path | None = None, fingerprint: str = "") -> TrainResult:
+    """Train a LoRA adapter on canonical conversations and write it to `output_dir`.
+
+    With `checkpoint_dir`, checkpoints are written there every `hp.checkpoint_steps` steps, every
+    `hp.checkpoint_minutes` minutes and on SIGTERM, and training resumes from the newest valid one
+    whose `fingerprint` (of the settings, data and base model) matches.
+    """
     import bitsandbytes as bnb
     import torch
     from transformers import get_cosine_schedule_with_warmup
@@ -289,56 +296,105 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     loaded_at = time.monotonic()
 
-    # -- train
+    # -- train (resuming from the newest valid checkpoint of this job, if any)
     history: list[dict] = []
     real_tokens = computed_tokens = trained_tokens = 0
-    step, epoch = 0, 0
+    step, epoch, next_start = 0, 0, 0
     generator = random.Random(hp.seed)
-    progress({"stage": "training", "percent": 0.0, "step": 0, "total_steps": total_steps, "epoch": 0})
-    while step < total_steps:
-        epoch += 1
-        order = list(range(len(train_seqs)))
-        generator.shuffle(order)
-        for start in range(0, len(order), hp.batch_size):
-            if step >= total_steps:
+    epoch_state = generator.getstate()
+    resumed_from, warnings = None, []
+    if checkpoint_dir is not None:
+        state, warnings = load_latest_checkpoint(Path(checkpoint_dir), fingerprint)
+        if state is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, state["lora"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            random.setstate(state["rng_python"])
+            torch.set_rng_state(state["rng_torch"])
+            if device == "cuda" and state.get("rng_cuda"):
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+            step, epoch, next_start, epoch_state = state["step"], state["epoch"], state["next_start"], state["epoch_rng"]
+            history, (real_tokens, computed_tokens, trained_tokens) = state["history"], state["tokens"]
+            resumed_from = step
+            log.info("resumed from the checkpoint of step %d (epoch %d)", step, epoch)
+
+    def checkpoint_state() -> dict:
+        from peft import get_peft_model_state_dict
+
+        return {"fingerprint": fingerprint, "step": step, "epoch": epoch, "next_start": next_start, "epoch_rng": epoch_state,
+                "lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng_python": random.getstate(), "rng_torch": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if device == "cuda" else [],
+                "history": history, "tokens": (real_tokens, computed_tokens, trained_tokens)}
+
+    last_checkpoint = time.monotonic()
+    progress({"stage": "training", "percent": 100.0 * step / total_steps, "step": step, "total_steps": total_steps, "epoch": epoch})
+    with stop_on_sigterm() as (stop, previous_handler):
+        while step < total_steps:
+            if next_start == 0:  # a new epoch: remember the shuffle state it starts from
+                epoch += 1
+                epoch_state = generator.getstate()
+            generator.setstate(epoch_state)
+            order = list(range(len(train_seqs)))
+            generator.shuffle(order)
+            for start in range(next_start, len(order), hp.batch_size):
+                if step >= total_steps:
+                    break
+                t0 = time.monotonic()
+                step_seqs = [train_seqs[i] for i in order[start:start + hp.batch_size]]
+                batches = [collate(step_seqs[i:i + micro], pad_id) for i in range(0, len(step_seqs), micro)]
+                n_trained = sum(_trained_in(b) for b in batches)
+                loss_total = 0.0
+                try:
+                    for batch in batches:
+                        loss = _loss_sum(model, batch, device, use_mask) / n_trained
+                        loss.backward()
+                        loss_total += float(loss.detach())
+                except torch.OutOfMemoryError:
+                    raise JobError(
+                        f"the GPU ran out of memory at step {step + 1} with micro-batch {micro} x up to {hp.max_seq_length} "
+                        "tokens; reduce hyperparameters.micro_batch_size (or batch_size), max_seq_length or lora_rank, and "
+                        "resubmit" + (" (it resumes from the last checkpoint)" if checkpoint_dir else "")
+                    ) from None
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                next_start = start + hp.batch_size if start + hp.batch_size < len(order) else 0
+                step_real = sum(b["real_tokens"] for b in batches)
+                real_tokens += step_real
+                computed_tokens += sum(b["computed_tokens"] for b in batches)
+                trained_tokens += n_trained
+                record = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": lr, "grad_norm": grad_norm,
+                          "tokens_per_second": step_real / max(time.monotonic() - t0, 1e-9), "trained_tokens": n_trained,
+                          "gpu_utilization": _gpu_utilization(device)}
+                if next_start == 0 and val_seqs:
+                    record["validation_loss"] = evaluate(model, val_seqs, micro, pad_id, device, use_mask)
+                history.append(record)
+                log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", step, total_steps, epoch,
+                         loss_total, lr, grad_norm, record["tokens_per_second"])
+                progress({"stage": "training", "percent": 100.0 * step / total_steps, "total_steps": total_steps, **record})
+                due = (step % hp.checkpoint_steps == 0 or time.monotonic() - last_checkpoint >= 60 * hp.checkpoint_minutes)
+                if checkpoint_dir is not None and (stop or (due and step < total_steps)):
+                    save_checkpoint(Path(checkpoint_dir), step, checkpoint_state())
+                    last_checkpoint = time.monotonic()
+                if stop:
+                    break
+                if next_start == 0:
+                    break
+            if stop:
                 break
-            t0 = time.monotonic()
-            step_seqs = [train_seqs[i] for i in order[start:start + hp.batch_size]]
-            batches = [collate(step_seqs[i:i + micro], pad_id) for i in range(0, len(step_seqs), micro)]
-            n_trained = sum(_trained_in(b) for b in batches)
-            loss_total = 0.0
-            try:
-                for batch in batches:
-                    loss = _loss_sum(model, batch, device, use_mask) / n_trained
-                    loss.backward()
-                    loss_total += float(loss.detach())
-            except torch.OutOfMemoryError:
-                raise JobError(
-                    f"the GPU ran out of memory at step {step + 1} with micro-batch {micro} x up to {hp.max_seq_length} "
-                    "tokens; reduce hyperparameters.micro_batch_size (or batch_size), max_seq_length or lora_rank, and resubmit"
-                ) from None
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_real = sum(b["real_tokens"] for b in batches)
-            real_tokens += step_real
-            computed_tokens += sum(b["computed_tokens"] for b in batches)
-            trained_tokens += n_trained
-            record = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": lr, "grad_norm": grad_norm,
-                      "tokens_per_second": step_real / max(time.monotonic() - t0, 1e-9), "trained_tokens": n_trained,
-                      "gpu_utilization": _gpu_utilization(device)}
-            history.append(record)
-            log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", step, total_steps, epoch,
-                     loss_total, lr, grad_norm, record["tokens_per_second"])
-            progress({"stage": "training", "percent": 100.0 * step / total_steps, "total_steps": total_steps, **record})
-        if val_seqs:
-            val_loss = evaluate(model, val_seqs, micro, pad_id, device, use_mask)
-            history[-1]["validation_loss"] = val_loss
-            progress({"stage": "training", "percent": 100.0 * step / total_steps, "step": step, "epoch": epoch,
-                      "validation_loss": val_loss, "total_steps": total_steps})
+    if stop:
+        # The checkpoint is on disk: hand SIGTERM on to whoever handled it before (the SDK, or the default: exit).
+        if previous_handler not in (signal.SIG_IGN, None):
+            signal.raise_signal(signal.SIGTERM)
+        raise JobError(f"the worker was asked to stop (SIGTERM) at step {step} of {total_steps}; "
+                       + ("a checkpoint was saved: resubmit the same job to resume" if checkpoint_dir else "resubmit the job"))
     train_seconds = time.monotonic() - loaded_at
     validation_loss = evaluate(model, val_seqs, micro, pad_id, device, use_mask) if val_seqs else None
 
@@ -354,6 +410,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "tokens_per_second": real_tokens / max(train_seconds, 1e-9),
         "peak_memory_gb": _peak_memory_gb(device), "device": device, "attention": attention, "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "length_report": length_report, "memory_estimate": estimate.to_dict(),
+        "resumed_from_step": resumed_from, "checkpoint_warnings": warnings,
     }
     config = {
         "base_model": str(base_model), "base_model_path": str(base_path), "hyperparameters": hp.model_dump(mode="json"),
@@ -514,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--dataset", required=True)
     p_train.add_argument("--base-model", required=True)
     p_train.add_argument("--output", required=True)
+    p_train.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here, and resume from them")
     _add_hyperparameter_flags(p_train)
     p_prev = sub.add_parser("preview", help="show exactly which tokens would be trained")
     p_prev.add_argument("--dataset", required=True)
@@ -551,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in vars(args).items() if k in Hyperparameters.model_fields and v is not None}
         hp = Hyperparameters(**overrides)
         conversations, report = load_dataset(args.dataset)
-        result = train(conversations, args.base_model, args.output, hp)
+        fingerprint = json.dumps([hp.model_dump(mode="json"), str(args.dataset), str(args.base_model)], sort_keys=True)
+        result = train(conversations, args.base_model, args.output, hp, checkpoint_dir=args.checkpoint_dir,
+                       fingerprint=fingerprint)
         print(json.dumps(result.metrics, indent=2))
         return 0
     except (JobError, DatasetError, SkipExample) as exc:

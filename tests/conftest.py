@@ -80,10 +80,11 @@ def running_worker(tmp: Path, **env):
             except requests.ConnectionError:
                 assert time.monotonic() < deadline, f"worker did not start:\n{log_path.read_text()}"
                 time.sleep(0.3)
-        yield SimpleNamespace(url=url, jobs=tmp / "jobs", log=log_path)
+        yield SimpleNamespace(url=url, jobs=tmp / "jobs", log=log_path, proc=proc)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def runsync(worker, job_input: dict) -> dict:
@@ -123,3 +124,22 @@ class Recorder:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+S3_KEYS = {"S3_ACCESS_KEY_ID": "AKIAEXAMPLEKEY123", "S3_SECRET_ACCESS_KEY": "s3-secret-value-9b8a7"}
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 API server (moto in server mode) on loopback with a bucket `lora-models`: (endpoint, client)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=S3_KEYS["S3_ACCESS_KEY_ID"], aws_secret_access_key=S3_KEYS["S3_SECRET_ACCESS_KEY"])
+    client.create_bucket(Bucket="lora-models")
+    yield endpoint, client
+    server.stop()

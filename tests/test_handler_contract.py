@@ -4,16 +4,13 @@ runs the handler, datasets come from a signed-URL server, the adapter goes to an
 
 import json
 
-import boto3
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
 
-from conftest import SAMPLE, Recorder, free_port, running_worker, runsync
+from conftest import S3_KEYS, SAMPLE, Recorder, running_worker, runsync
 
 APP_STAGES = {"downloading", "loading_data", "loading_model", "training", "saving", "uploading"}
 APP_METRICS = {"training_loss", "validation_loss", "learning_rate", "throughput", "gpu_utilization", "gradient_norm"}
-S3_KEYS = {"S3_ACCESS_KEY_ID": "AKIAEXAMPLEKEY123", "S3_SECRET_ACCESS_KEY": "s3-secret-value-9b8a7"}
 CALLBACK_SECRET = "cb-secret-51c2"
 
 SHAPE_A = {"hyperparameters": {"learning_rate": 1e-3, "batch_size": 2, "epochs": 1, "rank": 8, "alpha": 16, "dropout": 0.05},
@@ -21,18 +18,6 @@ SHAPE_A = {"hyperparameters": {"learning_rate": 1e-3, "batch_size": 2, "epochs":
 SHAPE_B = {"hyperparameters": {"learning_rate": 1e-3, "batch_size": 2, "num_epochs": 1, "lora_rank": 8, "lora_alpha": 16,
                                "lora_dropout": 0.05, "warmup_steps": 1, "weight_decay": 0.01},
            "gpu_config": {"gpu_type": "NVIDIA A100 80GB", "num_gpus": 2, "gpu_memory_gb": 80, "cost_per_gpu_hour": 1.89}}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=S3_KEYS["S3_ACCESS_KEY_ID"], aws_secret_access_key=S3_KEYS["S3_SECRET_ACCESS_KEY"])
-    client.create_bucket(Bucket="lora-models")
-    yield endpoint, client
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,118 @@
+"""Training checkpoints that survive a worker disappearing, and a stop request that writes one.
+
+A checkpoint is a directory `checkpoint-<step>/state.pt` holding everything needed to continue
+exactly where training stopped: the LoRA weights, the optimizer and scheduler states, every RNG
+state, the data position (epoch, the shuffle state at that epoch's start, the next batch), the
+loss history and the token counters, plus a fingerprint of the job (settings, dataset, base model).
+It is written to `<name>.tmp` and renamed into place, so a crash mid-write leaves the previous one;
+the last two are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from job import JobError
+
+log = logging.getLogger(__name__)
+KEEP = 2
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, newest first."""
+    found = [p for p in directory.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+
+
+def save_checkpoint(directory: Path, step: int, state: dict) -> Path:
+    """Write `state` as checkpoint-<step> atomically and keep the newest KEEP checkpoints."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"checkpoint-{step}"
+    tmp = directory / f"checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = _checkpoints(directory)
+        kept = f"checkpoint {previous[0].name} is intact" if previous else "no earlier checkpoint exists"
+        raise JobError(f"could not write the checkpoint of step {step} ({exc.strerror or exc}): free space on the "
+                       f"volume and resubmit the job to resume; {kept}") from None
+    for old in _checkpoints(directory)[KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint %s written", final)
+    return final
+
+
+def load_latest_checkpoint(directory: Path, fingerprint: str) -> tuple[dict | None, list[str]]:
+    """The newest checkpoint of this job that loads, and warnings about any set aside.
+
+    A checkpoint that fails to load, or belongs to different settings or data, is renamed
+    `<name>.bad` (kept for inspection, never used again) and the next older one is tried.
+    """
+    import torch
+
+    warnings: list[str] = []
+    if not directory.is_dir():
+        return None, warnings
+    for path in _checkpoints(directory):
+        reason = None
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            if state.get("fingerprint") != fingerprint:
+                reason = "it was written for different settings, data or base model"
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is set aside the same way
+            reason = f"it could not be read ({type(exc).__name__})"
+        if reason is None:
+            return state, warnings
+        shutil.rmtree(path.with_name(path.name + ".bad"), ignore_errors=True)
+        os.replace(path, path.with_name(path.name + ".bad"))
+        warnings.append(f"checkpoint {path.name} was set aside because {reason}")
+        log.warning(warnings[-1])
+    return None, warnings
+
+
+class StopRequested:
+    """Set by SIGTERM while training; the trainer checks it after each step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+@contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into a flag for the duration of training (main thread only); the previous handler
+    is restored afterwards and returned with the flag, so the caller can hand the signal on."""
+    flag = StopRequested()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag, None
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def request_stop(signum, frame):
+        flag.signal = signum
+        log.warning("SIGTERM received: stopping after this step with a checkpoint")
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield flag, previous
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,195 @@
+"""Jobs that survive: exact resume from checkpoints, crashes, SIGTERM, kill -9, a full disk,
+corrupt checkpoints, the job lock, and a completed job that is not trained twice."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from checkpoints import load_latest_checkpoint
+from conftest import ROOT, SAMPLE, running_worker, runsync
+from dataset_loader import load_dataset
+from job import Hyperparameters, JobError
+from storage import JobLock
+from train_lora import train
+
+HP = dict(max_steps=6, batch_size=2, max_seq_length=384, lora_rank=4, checkpoint_steps=2, warmup_steps=1)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step):
+    def on_progress(event):
+        if event.get("step") == step and "loss" in event:
+            raise Crash(f"simulated crash after step {step}")
+    return on_progress
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    return load_dataset(SAMPLE)[0][:16]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(conversations, tiny_qwen2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return train(conversations, tiny_qwen2, out / "adapter", Hyperparameters(**HP)).metrics, out
+
+
+def losses(adapter_dir):
+    return [json.loads(l)["loss"] for l in (adapter_dir / "training_log.jsonl").read_text().splitlines()]
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_exactly_like_an_uninterrupted_one(
+        conversations, tiny_qwen2, tmp_path, uninterrupted):
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(Crash):
+        train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP), on_progress=crash_at(5),
+              checkpoint_dir=checkpoints, fingerprint="job-1")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]  # the last two
+    metrics = train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP),
+                    checkpoint_dir=checkpoints, fingerprint="job-1").metrics
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 6
+    assert losses(tmp_path / "adapter") == pytest.approx(losses(uninterrupted[1] / "adapter"), abs=1e-6)
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_the_previous_one_is_used(conversations, tiny_qwen2, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(Crash):
+        train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP), on_progress=crash_at(5),
+              checkpoint_dir=checkpoints, fingerprint="job-2")
+    state = checkpoints / "checkpoint-4" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])  # truncated mid-write by a dying disk
+    metrics = train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP),
+                    checkpoint_dir=checkpoints, fingerprint="job-2").metrics
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 6
+    assert len(metrics["checkpoint_warnings"]) == 1
+    assert metrics["checkpoint_warnings"][0].startswith("checkpoint checkpoint-4 was set aside because it could not be read")
+    assert (checkpoints / "checkpoint-4.bad").is_dir()
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
+    from checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path, 3, {"fingerprint": "old-settings", "step": 3})
+    state, warnings = load_latest_checkpoint(tmp_path, "new-settings")
+    assert state is None and "different settings" in warnings[0]
+
+
+def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous_one(
+        conversations, tiny_qwen2, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):  # the disk is outside the code under test
+        calls.append(1)
+        if len(calls) > 1:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(JobError, match=r"could not write the checkpoint of step 4 \(No space left on device\).*"
+                                       r"checkpoint checkpoint-2 is intact"):
+        train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP),
+              checkpoint_dir=tmp_path / "checkpoints", fingerprint="job-3")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
+    state, warnings = load_latest_checkpoint(tmp_path / "checkpoints", "job-3")
+    assert state["step"] == 2 and warnings == []
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_sigterm_during_training_writes_a_checkpoint_then_exits(tiny_qwen2, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    proc = subprocess.Popen(
+        [sys.executable, "train_lora.py", "train", "--dataset", str(SAMPLE), "--base-model", str(tiny_qwen2),
+         "--output", str(tmp_path / "adapter"), "--checkpoint-dir", str(checkpoints), "--max-steps", "500",
+         "--max-seq-length", "384", "--lora-rank", "4", "--checkpoint-steps", "100000", "--epochs", "20"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # wait until training is under way
+        if " step 2/" in line:
+            break
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGTERM)
+    proc.stderr.read()
+    assert proc.wait(timeout=60) == -signal.SIGTERM  # the default SIGTERM action, after the checkpoint
+    written = [p.name for p in checkpoints.iterdir()]
+    assert len(written) == 1 and int(written[0].split("-")[1]) >= 2
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_live_lock_refuses_a_second_worker_and_a_dead_owners_lock_is_taken_over(tmp_path):
+    lock = tmp_path / "job.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+    with pytest.raises(JobError, match=f"already running on another worker \\(pid {os.getpid()}"):
+        JobLock(lock).acquire()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": time.time()}))
+    taken = JobLock(lock)
+    taken.acquire()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    taken.release()
+    assert not lock.exists()
+
+
+def test_a_lock_whose_heartbeat_stopped_is_stale(tmp_path):
+    lock = tmp_path / "job.lock"
+    lock.write_text(json.dumps({"host": "another-worker", "pid": 1, "started": 0}))
+    with pytest.raises(JobError, match="already running"):
+        JobLock(lock, stale_after_s=600).acquire()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    JobLock(lock, stale_after_s=600).acquire()
+
+
+def test_kill_9_mid_training_then_the_same_job_resumes_and_completes(storage, tiny_qwen2, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train_lora import quantization_config
+
+    job = {"job_id": "kill-9", "dataset_url": storage.url(SAMPLE.name, storage.good),
+           "hyperparameters": {"base_model": str(tiny_qwen2), "max_steps": 40, "batch_size": 1, "max_seq_length": 384,
+                               "lora_rank": 4, "checkpoint_steps": 3}}
+    (tmp_path / "first").mkdir()
+    with running_worker(tmp_path / "first") as worker:
+        # The SDK's local server runs a job inside the request that asks for it: send it from a thread.
+        def submit():
+            try:
+                requests.post(f"{worker.url}/runsync", json={"input": job}, timeout=300)
+            except requests.ConnectionError:
+                pass  # the worker is killed mid-job: no answer is the point
+
+        threading.Thread(target=submit, daemon=True).start()
+        checkpoints = worker.jobs / "kill-9" / "checkpoints"
+        deadline = time.monotonic() + 180
+        while not any(p.name.startswith("checkpoint-") and p.name[11:].isdigit() for p in checkpoints.glob("*")):
+            assert time.monotonic() < deadline, worker.log.read_text()[-3000:]
+            time.sleep(0.2)
+        worker.proc.kill()  # SIGKILL: no handler runs, the lock file stays behind
+        worker.proc.wait()
+    assert (tmp_path / "first" / "jobs" / "kill-9" / "job.lock").exists()
+    (tmp_path / "second").mkdir()
+    os.symlink(tmp_path / "first" / "jobs", tmp_path / "second" / "jobs")  # the same volume, a new worker
+    with running_worker(tmp_path / "second") as worker:
+        result = runsync(worker, job)
+        assert result["status"] == "COMPLETED", result
+        metrics = result["output"]["metrics"]
+        assert metrics["resumed_from_step"] > 0 and metrics["steps"] == 40
+        again = runsync(worker, job)  # a completed job is not trained twice
+        assert again["status"] == "COMPLETED" and again["output"]["metrics"] == metrics
+        assert any("already completed" in w for w in again["output"]["warnings"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2, quantization_config=quantization_config(torch.float32),
+                                                dtype=torch.float32)
+    PeftModel.from_pretrained(base, result["output"]["adapter_path"])  # the final adapter loads
