@@ -19,5 +19,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+bench: $(STAMP)
+	$(PY) bench/bench_handler.py --json bench/results/handler-$$(date +%F).json
+	$(PY) bench/bench_loader.py --mb 100 --json bench/results/loader-$$(date +%F).json
+	$(PY) bench/bench_train.py --mode cpu
+	@$(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" && $(PY) bench/bench_train.py --mode gpu \
+		|| echo "no CUDA GPU here: GPU mode skipped (GPU figures: not yet measured)"
+
 clean:
 	rm -rf .cache .pytest_cache

@@ -371,7 +371,8 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                 computed_tokens += sum(b["computed_tokens"] for b in batches)
                 trained_tokens += n_trained
                 record = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": lr, "grad_norm": grad_norm,
-                          "tokens_per_second": step_real / max(time.monotonic() - t0, 1e-9), "trained_tokens": n_trained,
+                          "tokens_per_second": step_real / max(time.monotonic() - t0, 1e-9), "real_tokens": step_real,
+                          "trained_tokens": n_trained,
                           "gpu_utilization": _gpu_utilization(device)}
                 if next_start == 0 and val_seqs:
                     record["validation_loss"] = evaluate(model, val_seqs, micro, pad_id, device, use_mask)

@@ -93,7 +93,11 @@ def test_padding_is_never_trained_nor_attended(tiny_qwen2):
     batch = collate([[example], [short]], tokenizer.pad_token_id)
     pad = len(example.input_ids) - len(short.input_ids)
     assert pad > 0 and (batch["labels"][1, -pad:] == IGNORE).all()
-    assert not batch["attention_mask"][1, 0, :, -pad:][: -pad].any()  # no real token attends to padding
+    assert batch["attention_mask"].shape == (2, len(example.input_ids))  # one example per row: a padding mask
+    assert batch["attention_mask"][1, -pad:].sum() == 0 and batch["attention_mask"][1, :-pad].all()
+    packed = collate([[example, short], [short]], tokenizer.pad_token_id)["attention_mask"]
+    n = len(example.input_ids)
+    assert packed.shape[1] == 1 and not packed[0, 0, n:, :n].any()  # packed: the second example cannot see the first
     assert batch["real_tokens"] == len(example.input_ids) + len(short.input_ids)
 
 

@@ -1,0 +1,266 @@
+"""Training throughput: what users pay for, measured for our trainer and a plain HF baseline in one run.
+
+    python bench/bench_train.py --mode cpu            # tiny model, bundled sample (minutes, anywhere)
+    python bench/bench_train.py --mode gpu            # Qwen2.5-7B and Mistral-7B built from their configs
+                                                      # with random weights (no download); needs CUDA
+
+Configurations, each on the same conversations (cpu mode: one whole epoch each; gpu mode: the same
+number of optimizer steps):
+- `packed`: our trainer (`train_lora.train`), conversations packed into max_seq_length sequences;
+- `padded`: our trainer with packing off: one conversation per sequence, padded to the longest of
+  its micro-batch;
+- `hf_trainer`: the usual QLoRA stack, for reference: transformers `Trainer` + PEFT + bitsandbytes,
+  padding to the longest in the batch, no packing (same model, LoRA, optimizer, precision, steps).
+
+Per configuration: time from job start to the first optimizer step, real tokens per second
+(padding excluded) over the steady steps, token efficiency (real / computed tokens), peak memory
+(GPU: `max_memory_allocated`; CPU: process RSS high-water mark, which only grows across the run),
+and on GPU the MFU: 6·N FLOPs per real token with recomputation (4·N without) over a bf16 matmul peak
+measured in the same run. Needs beyond torch/transformers/peft: bitsandbytes (and runpod, imported by
+the worker's modules). Writes bench/results/<mode>-<date>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dataset_loader import load_dataset  # noqa: E402
+from job import Hyperparameters  # noqa: E402
+
+SAMPLE = ROOT / "data" / "brightrun-eq12-demo.jsonl"
+CONFIGS = ROOT / "data" / "model-configs"
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version()}
+    from importlib.metadata import version
+    for lib in ("torch", "transformers", "peft", "bitsandbytes"):
+        info[lib] = version(lib)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        try:
+            import subprocess
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True).stdout.strip()
+        except OSError:
+            info["driver"] = None
+    return info
+
+
+def conversations(copies: int) -> list[dict]:
+    """The bundled sample's conversations (real BrightRun length distribution: long system prompt,
+    several turns), repeated `copies` times with a marker so that none is a duplicate."""
+    base = load_dataset(SAMPLE)[0]
+    out = []
+    for c in range(copies):
+        for conv in base:
+            messages = [dict(m) for m in conv["messages"]]
+            messages[-1]["content"] += f" ({c})"
+            out.append({"messages": messages})
+    random.Random(0).shuffle(out)
+    return out
+
+
+def run_ours(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict:
+    from train_lora import train
+
+    timer_start = time.monotonic()
+    stamps: list[float] = []
+    result = train(convs, model_dir, out_dir, hp, on_progress=lambda e: stamps.append(time.monotonic())
+                   if e.get("stage") == "training" and "loss" in e else None)
+    m = result.metrics
+    history = [json.loads(l) for l in (out_dir / "training_log.jsonl").read_text().splitlines()]
+    del result
+    return {"first_step_seconds": stamps[0] - timer_start, "tokens_per_second": _steady_tokens_per_second(stamps, history),
+            "token_efficiency": m["token_efficiency"], "peak_memory_gb": m["peak_memory_gb"], "steps": m["steps"],
+            "real_tokens": m["tokens"]}
+
+
+def _steady_tokens_per_second(stamps: list[float], history: list[dict]) -> float:
+    """Real tokens per second from the end of step 1 to the end of the last step (warm-up excluded)."""
+    if len(stamps) < 2:
+        return float("nan")
+    return sum(r["real_tokens"] for r in history[1:]) / (stamps[-1] - stamps[0])
+
+
+def run_hf_trainer(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict:
+    """The usual QLoRA stack: Trainer + PEFT + bitsandbytes, pad to longest, no packing."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from chat_labels import IGNORE
+    from train_lora import (label_conversations, load_tokenizer, lora_config, lora_targets, quantization_config,
+                            select_precision)
+
+    started = time.monotonic()
+    tokenizer, _, eot = load_tokenizer(Path(model_dir))
+    examples, _ = label_conversations(tokenizer, convs, hp.max_seq_length, eot)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device, dtype = select_precision()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(dtype), dtype=dtype,
+                                                 attn_implementation="sdpa", device_map={"": 0} if device == "cuda" else None)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hp.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lora_config(hp, lora_targets(model, hp.lora_target_modules)))
+    counted = {"real": 0, "computed": 0}
+
+    def collate(batch):
+        length = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), length), pad_id)
+        labels = torch.full((len(batch), length), IGNORE)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        counted["real"] += int(mask.sum())
+        counted["computed"] += mask.numel()
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    stamps: list[float] = []
+    tokens_at: list[int] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.monotonic())
+            tokens_at.append(counted["real"])
+
+    micro = hp.effective_micro_batch_size
+    args = TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=micro, gradient_accumulation_steps=math.ceil(hp.batch_size / micro),
+        max_steps=hp.max_steps or -1, num_train_epochs=hp.epochs, learning_rate=hp.learning_rate, lr_scheduler_type="cosine", warmup_steps=hp.warmup_steps or 0,
+        optim="paged_adamw_8bit" if device == "cuda" else "adamw_bnb_8bit", bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16, logging_steps=10**9, save_strategy="no", report_to=[], seed=hp.seed,
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=device == "cpu",
+    )
+    data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Stamp()]).train()
+    peak = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else _rss_peak_gb()
+    steady = (tokens_at[-1] - tokens_at[0]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return {"first_step_seconds": stamps[0] - started, "tokens_per_second": steady,
+            "token_efficiency": counted["real"] / max(counted["computed"], 1), "peak_memory_gb": peak,
+            "steps": len(stamps), "real_tokens": counted["real"]}
+
+
+def _rss_peak_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def matmul_peak_tflops() -> float | None:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
+
+
+def build_random_model(config_file: Path, tokenizer_dir: Path, out: Path) -> Path:
+    """A real architecture from its config.json with random weights (no download), saved with the
+    tiny model's tokenizer (its ids are valid in the larger vocabulary)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.for_model(**json.loads(config_file.read_text()))
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration")
+    parser.add_argument("--max-seq-length", type=int, default=None)
+    parser.add_argument("--configs", nargs="+", default=["qwen2.5-7b", "mistral-7b-v0.1"], help="gpu mode: configs to build")
+    parser.add_argument("--skip-hf-trainer", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from tiny_model import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    tiny = build_tiny_model("qwen2", work / "tiny-qwen2")
+    if args.mode == "gpu" and not torch.cuda.is_available():
+        print("gpu mode needs CUDA; no GPU here. GPU figures: not yet measured.")
+        return 2
+    steps = args.steps or (None if args.mode == "cpu" else 30)  # cpu: one whole epoch, so every config sees the same data
+    seq = args.max_seq_length or 2048
+    convs = conversations(copies=2 if args.mode == "cpu" else 8)
+    models = {"tiny-qwen2": tiny} if args.mode == "cpu" else {}
+    for name in ([] if args.mode == "cpu" else args.configs):
+        models[name] = build_random_model(CONFIGS / f"{name}.json", tiny, work / name)
+
+    results = {"mode": args.mode, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "steps": steps,
+               "max_seq_length": seq, "conversations": len(convs), "bf16_matmul_peak_tflops": matmul_peak_tflops(),
+               "models": {}}
+    for name, path in models.items():
+        hp = dict(max_steps=steps, epochs=1 if steps is None else 20, batch_size=4 if args.mode == "cpu" else 8, max_seq_length=seq,
+                  lora_rank=16, warmup_steps=1, gradient_checkpointing=args.mode == "gpu")
+        # A one-step warm-up pays the imports, kernel initialisation and the first read of the weights
+        # from disk (its time to first step is the cold start); the measured runs below are warm.
+        cold = run_ours(convs, path, Hyperparameters(**{**hp, "max_steps": 2, "epochs": 20}), work / f"{name}-warmup")
+        row = {"packed": run_ours(convs, path, Hyperparameters(**hp, packing=True), work / f"{name}-packed"),
+               "padded": run_ours(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-padded")}
+        if not args.skip_hf_trainer:
+            row["hf_trainer"] = run_hf_trainer(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-hf")
+        if results["bf16_matmul_peak_tflops"]:
+            from base_models import count_parameters, load_config
+            n = count_parameters(load_config(path))["total"]
+            for r in row.values():
+                r["mfu"] = 6 * n * r["tokens_per_second"] / (results["bf16_matmul_peak_tflops"] * 1e12)
+        results["models"][name] = row
+        results.setdefault("cold_first_step_seconds", {})[name] = cold["first_step_seconds"]
+    flat = results["models"][next(iter(models))]
+    results.update({
+        "token_efficiency_packed": flat["packed"]["token_efficiency"], "token_efficiency_padded": flat["padded"]["token_efficiency"],
+        "tokens_per_second_packed": flat["packed"]["tokens_per_second"], "tokens_per_second_padded": flat["padded"]["tokens_per_second"],
+        "packed_over_padded": flat["packed"]["tokens_per_second"] / flat["padded"]["tokens_per_second"],
+    })
+    out = ROOT / "bench" / "results" / f"{args.mode}-{results['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+
+    print(f"{'model':<18}{'config':<12}{'first step s':>13}{'real tok/s':>12}{'efficiency':>11}{'peak GB':>9}{'MFU':>7}")
+    for name, row in results["models"].items():
+        for config, r in row.items():
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+            print(f"{name:<18}{config:<12}{r['first_step_seconds']:>13.1f}{r['tokens_per_second']:>12.0f}"
+                  f"{r['token_efficiency']:>11.2f}{r['peak_memory_gb']:>9.2f}{mfu:>7}")
+    print(f"packed / padded real tokens per second: {results['packed_over_padded']:.2f}x   -> {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
