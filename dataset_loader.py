@@ -204,6 +204,14 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__.replace("str", "string").replace("dict", "object").replace("list", "array")
 
 
+def _system_message(record: dict, key: str) -> list[dict]:
+    """The optional system prompt under `key`, as a list of zero or one message."""
+    system = record.get(key)
+    if system is not None and not isinstance(system, str):
+        raise LineProblem(f"`{key}` must be a string, got {_kind(system)}")
+    return [{"role": "system", "content": system}] if system and system.strip() else []
+
+
 def normalize_brightrun(record: dict) -> list[dict]:
     """A BrightRun pair → messages. Only `target_response` is trained; the history is context.
 
@@ -214,12 +222,7 @@ def normalize_brightrun(record: dict) -> list[dict]:
         raise LineProblem("`target_response` is empty: nothing to train on", kind="skipped")
     if not isinstance(target, str):
         raise LineProblem(f"`target_response` must be a string, got {_kind(target)}")
-    messages = []
-    system = record.get("system_prompt")
-    if system is not None and not isinstance(system, str):
-        raise LineProblem(f"`system_prompt` must be a string, got {_kind(system)}")
-    if system and system.strip():
-        messages.append({"role": "system", "content": system})
+    messages = _system_message(record, "system_prompt")
     history = record.get("conversation_history") or []
     if not isinstance(history, list):
         raise LineProblem(f"`conversation_history` must be an array, got {_kind(history)}")
@@ -294,9 +297,7 @@ def normalize_sharegpt(record: dict) -> list[dict]:
     raw = record["conversations"]
     if not isinstance(raw, list) or not raw:
         raise LineProblem(f"`conversations` must be a non-empty array, got {_kind(raw)}")
-    messages = []
-    if isinstance(record.get("system"), str) and record["system"].strip():
-        messages.append({"role": "system", "content": record["system"]})
+    messages = _system_message(record, "system")
     for i, turn in enumerate(raw):
         if not isinstance(turn, dict):
             raise LineProblem(f"`conversations[{i}]` must be an object, got {_kind(turn)}")
@@ -310,12 +311,7 @@ def normalize_sharegpt(record: dict) -> list[dict]:
 
 
 def normalize_alpaca(record: dict) -> list[dict]:
-    messages = []
-    system = record.get("system")
-    if system is not None and not isinstance(system, str):
-        raise LineProblem(f"`system` must be a string, got {_kind(system)}")
-    if system and system.strip():
-        messages.append({"role": "system", "content": system})
+    messages = _system_message(record, "system")
     history = record.get("history") or []
     if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
         raise LineProblem("`history` must be an array of [instruction, response] string pairs")
