@@ -1,6 +1,9 @@
 # `make demo` and `make test` set everything up themselves: a virtualenv at .venv with the pinned
 # requirements (torch 2.13.0 CPU build here; the Docker image brings its own CUDA build of it).
 PYTHON ?= python3
+# Where torch comes from. Empty: the default index (this project's machines carry a local CPU wheel of
+# 2.13.0). Elsewhere, TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu avoids a multi-GB CUDA build.
+TORCH_INDEX_URL ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -9,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
