@@ -399,8 +399,10 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     train_seconds = time.monotonic() - loaded_at
     validation_loss = evaluate(model, val_seqs, micro, pad_id, device, use_mask) if val_seqs else None
 
-    # -- save
+    # -- save (the final state is checkpointed first: a failed save is resumed without training again)
     progress({"stage": "saving"})
+    if checkpoint_dir is not None and resumed_from != step:
+        save_checkpoint(Path(checkpoint_dir), step, checkpoint_state())
     metrics = {
         "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
         "validation_loss": validation_loss, "steps": step, "epochs": epoch,
@@ -440,10 +442,22 @@ def _library_versions() -> dict:
 
 def save_adapter(model, tokenizer, eot_text: str, output_dir: Path, config: dict, metrics: dict, history: list[dict]) -> None:
     """Write everything into `<output>.tmp`, then rename it to `output_dir`: never a half-written adapter."""
-    from transformers import GenerationConfig
-
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_adapter(model, tokenizer, eot_text, tmp, config, metrics, history)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise JobError(f"could not save the adapter ({exc.strerror or exc}): free space on the volume and resubmit "
+                       "the job; it resumes from its final checkpoint without training again") from None
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+
+
+def _write_adapter(model, tokenizer, eot_text: str, tmp: Path, config: dict, metrics: dict, history: list[dict]) -> None:
+    from transformers import GenerationConfig
+
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     # Inference must stop where training taught the model to stop: the end-of-turn token.
@@ -458,9 +472,6 @@ def save_adapter(model, tokenizer, eot_text: str, output_dir: Path, config: dict
         for record in history:
             f.write(json.dumps(record) + "\n")
     plot_losses(history, tmp / "loss_curve.png")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

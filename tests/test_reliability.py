@@ -193,3 +193,22 @@ def test_kill_9_mid_training_then_the_same_job_resumes_and_completes(storage, ti
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen2, quantization_config=quantization_config(torch.float32),
                                                 dtype=torch.float32)
     PeftModel.from_pretrained(base, result["output"]["adapter_path"])  # the final adapter loads
+
+
+def test_a_full_disk_while_saving_the_adapter_is_clear_and_resumes_without_training_again(
+        conversations, tiny_qwen2, tmp_path, monkeypatch):
+    import peft.peft_model
+
+    def disk_full(*args, **kwargs):  # the disk is outside the code under test
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    hp, checkpoints = Hyperparameters(**HP), tmp_path / "checkpoints"
+    with pytest.raises(JobError, match=r"could not save the adapter \(No space left on device\): free space"):
+        train(conversations, tiny_qwen2, tmp_path / "adapter", hp, checkpoint_dir=checkpoints, fingerprint="job-4")
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "adapter.tmp").exists()
+    monkeypatch.undo()
+    steps = []
+    metrics = train(conversations, tiny_qwen2, tmp_path / "adapter", hp, checkpoint_dir=checkpoints, fingerprint="job-4",
+                    on_progress=lambda e: steps.append(e) if "loss" in e else None).metrics
+    assert metrics["resumed_from_step"] == 6 and steps == [] and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
