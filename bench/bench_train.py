@@ -188,11 +188,13 @@ def build_random_model(config_file: Path, tokenizer_dir: Path, out: Path) -> Pat
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.for_model(**json.loads(config_file.read_text()))
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(out)
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
 
@@ -204,6 +206,8 @@ def main() -> int:
     parser.add_argument("--max-seq-length", type=int, default=None)
     parser.add_argument("--configs", nargs="+", default=["qwen2.5-7b", "mistral-7b-v0.1"], help="gpu mode: configs to build")
     parser.add_argument("--skip-hf-trainer", action="store_true")
+    parser.add_argument("--allow-cpu", action="store_true", help="run the gpu mode's flow on the CPU (to check it, not to measure)")
+    parser.add_argument("--output", default=None, help="results file (default bench/results/<mode>-<date>.json)")
     args = parser.parse_args()
 
     import torch
@@ -212,15 +216,16 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     tiny = build_tiny_model("qwen2", work / "tiny-qwen2")
-    if args.mode == "gpu" and not torch.cuda.is_available():
+    if args.mode == "gpu" and not torch.cuda.is_available() and not args.allow_cpu:
         print("gpu mode needs CUDA; no GPU here. GPU figures: not yet measured.")
         return 2
     steps = args.steps or (None if args.mode == "cpu" else 30)  # cpu: one whole epoch, so every config sees the same data
     seq = args.max_seq_length or 2048
-    convs = conversations(copies=2 if args.mode == "cpu" else 8)
+    convs = conversations(copies=2 if args.mode == "cpu" or args.allow_cpu else 8)
     models = {"tiny-qwen2": tiny} if args.mode == "cpu" else {}
     for name in ([] if args.mode == "cpu" else args.configs):
-        models[name] = build_random_model(CONFIGS / f"{name}.json", tiny, work / name)
+        config_file = Path(name) if name.endswith(".json") else CONFIGS / f"{name}.json"
+        models[config_file.stem] = build_random_model(config_file, tiny, work / config_file.stem)
 
     results = {"mode": args.mode, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "steps": steps,
                "max_seq_length": seq, "conversations": len(convs), "bf16_matmul_peak_tflops": matmul_peak_tflops(),
@@ -248,7 +253,7 @@ def main() -> int:
         "tokens_per_second_packed": flat["packed"]["tokens_per_second"], "tokens_per_second_padded": flat["padded"]["tokens_per_second"],
         "packed_over_padded": flat["packed"]["tokens_per_second"] / flat["padded"]["tokens_per_second"],
     })
-    out = ROOT / "bench" / "results" / f"{args.mode}-{results['date']}.json"
+    out = Path(args.output) if args.output else ROOT / "bench" / "results" / f"{args.mode}-{results['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
 
@@ -258,7 +263,7 @@ def main() -> int:
             mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
             print(f"{name:<18}{config:<12}{r['first_step_seconds']:>13.1f}{r['tokens_per_second']:>12.0f}"
                   f"{r['token_efficiency']:>11.2f}{r['peak_memory_gb']:>9.2f}{mfu:>7}")
-    print(f"packed / padded real tokens per second: {results['packed_over_padded']:.2f}x   -> {out.relative_to(ROOT)}")
+    print(f"packed / padded real tokens per second: {results['packed_over_padded']:.2f}x   -> {out}")
     return 0
 
 

@@ -19,3 +19,21 @@ def test_packed_padded_and_hf_trainer_configurations_run_on_the_same_data(tiny_q
     for r in (packed, padded, baseline):
         assert r["steps"] == 3 and r["tokens_per_second"] > 0 and 0 < r["token_efficiency"] <= 1
     assert packed["token_efficiency"] > padded["token_efficiency"]  # packing removes padding
+
+
+def test_the_gpu_mode_flow_runs_on_a_model_built_from_a_config(tiny_qwen2, tmp_path):
+    """The gpu mode's own steps (a model built from config.json with random weights, saved, trained in
+    each configuration, results written) checked on the CPU; nothing here is a GPU figure."""
+    import json
+    import subprocess
+
+    config = tmp_path / "tiny-config.json"
+    config.write_text((tiny_qwen2 / "config.json").read_text())
+    out = tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, "bench/bench_train.py", "--mode", "gpu", "--allow-cpu", "--configs", str(config),
+                          "--steps", "2", "--max-seq-length", "512", "--output", str(out)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["models"]["tiny-config"]) == {"packed", "padded", "hf_trainer"}
+    assert result["bf16_matmul_peak_tflops"] is None and 0 < result["token_efficiency_packed"] <= 1
