@@ -2,16 +2,18 @@
 
 The recipe reads top to bottom:
     setup  - find the base model, load the tokenizer and its chat template, label and pack the data,
-             load the base in 4-bit, add LoRA
-    train  - AdamW (paged 8-bit, bitsandbytes), cosine schedule with warmup, gradient accumulation
-             and clipping; loss = mean over trained tokens of the optimizer step
+             check the job fits the GPU (from config.json), load the base in 4-bit, add LoRA
+    train  - AdamW (8-bit, paged on GPU), cosine schedule with warmup, gradient accumulation and
+             clipping; loss = mean over the trained tokens of the optimizer step; resumable
+             checkpoints every N steps / M minutes / on SIGTERM
     save   - adapter, tokenizer + template, generation config, training_config.json, metrics.json,
-             the per-step log; written to a temporary directory and renamed into place
+             the per-step log and loss chart; written to a temporary directory and renamed into place
 
 The CPU path is the same QLoRA path the GPU runs (bitsandbytes 4-bit layers run on CPU), in fp32.
 
-    python train_lora.py train   --dataset FILE --base-model DIR --output DIR [--epochs N ...]
-    python train_lora.py preview --dataset FILE --base-model DIR [--max-seq-length N] [--limit K] [--json]
+    python train_lora.py train    --dataset FILE --base-model DIR --output DIR [--epochs N ...]
+    python train_lora.py preview  --dataset FILE --base-model DIR [--max-seq-length N] [--limit K] [--json]
+    python train_lora.py estimate --base-model DIR_OR_ID [--max-seq-length N] [--batch-size B] [--gpu-memory-gb G] [--json]
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from typing import Any, Callable
 
 from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_text, end_of_turn_token,
                          ensure_chat_template, pack_examples, tokenize_conversation, trained_runs)
-from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from base_models import (does_not_fit_message, estimate_job_memory, load_config, quantize_moe_experts,
                          resolve_base_model)
+from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from dataset_loader import DatasetError, load_dataset
 from job import Hyperparameters, JobError
 
