@@ -115,10 +115,6 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         raise JobError(f"invalid job input: job id {job_id!r} {JOB_ID_RULE}")
     hp = spec.hyperparameters
     base_model = hp.base_model or settings.default_base_model
-    with _stage("loading_model"):  # fail in seconds, before any download, when the model is not there
-        base_path = resolve_base_model(base_model, [settings.model_cache_dir, Path("/workspace/models")],
-                                       allow_download=settings.allow_model_download, hf_token=settings.hf_token,
-                                       allowed=settings.allowed_base_models)
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     lock = JobLock(job_dir / "job.lock")
@@ -138,6 +134,10 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
                 f"job {job_id} had already completed: this is its stored result (send retrain: true to train again)"]
             log.info("job %s already completed; returning its stored result", job_id)
             return result
+        with _stage("loading_model"):  # fail in seconds, before any download, when the model is not there
+            base_path = resolve_base_model(base_model, [settings.model_cache_dir, Path("/workspace/models")],
+                                           allow_download=settings.allow_model_download, hf_token=settings.hf_token,
+                                           allowed=settings.allowed_base_models)
         log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path, redact_url(spec.dataset_url))
         with _stage("downloading", progress), _timed(seconds, "download"):
             download = download_dataset(

@@ -78,3 +78,11 @@ def test_invalid_input_lists_every_problem(worker):
     assert result["status"] == "FAILED"
     assert result["error"] == ("invalid job input: dataset_url='ftp://x/y': must be an http(s) URL; "
                                "hyperparameters.learning_rate=0.5 is above 0.001; gpu_config.count is missing")
+
+
+def test_a_missing_base_model_fails_before_anything_is_downloaded(worker, storage):
+    result = runsync(worker, {"job_id": "e2e-no-model", "dataset_url": storage.url(SAMPLE.name, storage.good),
+                              "hyperparameters": {"base_model": "someone/not-cached-7B"}})
+    assert result["status"] == "FAILED"
+    assert result["error"].startswith("loading_model: base model 'someone/not-cached-7B' was not found; searched ")
+    assert "ALLOW_MODEL_DOWNLOAD" in result["error"] and storage.hits[SAMPLE.name] == 0
