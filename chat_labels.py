@@ -211,14 +211,15 @@ def pack_examples(examples: list[Example], max_seq_length: int) -> list[list[Exa
     return bins
 
 
-def collate(sequences: list[list[Example]], pad_token_id: int):
+def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cpu"):
     """Tensors for one micro-batch of (packed) sequences.
 
     Returns input_ids and labels (B, L), position_ids restarting at 0 for each example, and an
     attention mask: when a row holds several examples, a boolean 4D mask (B, 1, L, L) that is causal
     within each example and blocks attention across examples (position_ids alone do not isolate
     packed examples under sdpa or eager); with one example per row, the plain (B, L) padding mask.
-    Padding is never trained.
+    Padding is never trained. The (B, L) tensors are filled on the CPU and moved to `device`; the
+    L x L mask is built there (on a GPU: no 8 x 2048 x 2048 mask crossing the bus every step).
     """
     import torch
 
@@ -239,15 +240,16 @@ def collate(sequences: list[list[Example]], pad_token_id: int):
             position_ids[row, offset:offset + n] = torch.arange(n)
             segment[row, offset:offset + n] = index
             offset += n
+    input_ids, labels, position_ids, segment = (t.to(device) for t in (input_ids, labels, position_ids, segment))
     real = segment >= 0
     if all(len(seq) == 1 for seq in sequences):
         # One example per row: a plain padding mask lets attention use its fast causal kernels.
         mask = real.long()
     else:
-        causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
         same = segment[:, :, None] == segment[:, None, :]
         mask = same & causal & real[:, :, None]
-        mask |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves: no all-masked row
+        mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding rows attend to themselves
         mask = mask[:, None]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
             "attention_mask": mask, "real_tokens": int(real.sum()), "computed_tokens": batch * length}

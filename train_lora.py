@@ -205,7 +205,7 @@ def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str, 
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(sequences), micro_batch_size):
-            batch = collate(sequences[i:i + micro_batch_size], pad_id)
+            batch = collate(sequences[i:i + micro_batch_size], pad_id, device)
             total += float(_loss_sum(model, batch, device, use_mask))
             count += _trained_in(batch)
     model.train()
@@ -347,7 +347,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                     break
                 t0 = time.monotonic()
                 step_seqs = [train_seqs[i] for i in order[start:start + hp.batch_size]]
-                batches = [collate(step_seqs[i:i + micro], pad_id) for i in range(0, len(step_seqs), micro)]
+                batches = [collate(step_seqs[i:i + micro], pad_id, device) for i in range(0, len(step_seqs), micro)]
                 n_trained = sum(_trained_in(b) for b in batches)
                 loss_total = 0.0
                 try:
