@@ -37,10 +37,12 @@ def main() -> int:
         storage.tokens.add(token)
         job = {"input": {
             "job_id": "demo",
+            "retrain": True,  # run it again each time, rather than return the stored result of the last demo
             "dataset_url": storage.url("brightrun-eq12-demo.jsonl", token),
             # shape B of the app's payload (num_epochs, lora_rank, gpu_config.num_gpus)
             "hyperparameters": {"base_model": str(MODEL_DIR), "learning_rate": 1e-3, "batch_size": 4, "num_epochs": 2,
-                                "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "max_seq_length": 1024},
+                                "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "max_seq_length": 1024,
+                                "val_fraction": 0.1},
             "gpu_config": {"gpu_type": "NVIDIA A100 80GB", "num_gpus": 1},
         }}
         env = os.environ | {"JOBS_DIR": str(JOBS_DIR), "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
@@ -58,7 +60,9 @@ def main() -> int:
     print(f"examples:        {metrics['examples']} (packed into {metrics['sequences']} sequences, "
           f"token efficiency {metrics['token_efficiency']:.2f})")
     print(f"steps / epochs:  {metrics['steps']} / {metrics['epochs']}")
-    print(f"train loss:      {metrics['train_loss_first']:.4f} -> {metrics['train_loss_last']:.4f}")
+    print(f"train loss:      {metrics['train_loss_first']:.4f} -> {metrics['train_loss_last']:.4f}; "
+          f"validation loss {metrics['validation_loss']:.4f} on {metrics['validation_examples']} held-out conversations")
+    print(f"loss chart:      {adapter / 'loss_curve.png'}")
     print(f"throughput:      {metrics['tokens_per_second']:.0f} tokens/s on {metrics['device']} ({metrics['compute_dtype']})")
     print(f"demo wall time:  {time.monotonic() - started:.1f} s")
     return 0
