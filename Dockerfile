@@ -1,6 +1,7 @@
 # RunPod serverless worker: QLoRA fine-tuning of chat adapters.
 # The base image supplies CUDA and torch 2.13.0 (the version requirements.txt pins; its CUDA build,
-# 2.13.0+cu128, satisfies ==2.13.0, so pip keeps it). Nothing is downloaded at run time but the dataset.
+# 2.13.0+cu128, satisfies ==2.13.0, so pip keeps it). At run time only the dataset is downloaded (and a base
+# model, only where ALLOW_MODEL_DOWNLOAD=true); models are read from the network volume.
 FROM pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
