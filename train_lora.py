@@ -179,17 +179,38 @@ class TrainResult:
     model: Any  # the PEFT model, still in memory (tests inspect it; the handler drops it)
     tokenizer: Any
 
-def _loss_sum(model, batch, device, use_mask: bool = True):
-    """Sum of the cross-entropy over the trained tokens of one micro-batch (fp32 logits).
+LOSS_CHUNK_TOKENS = 4096
 
-    `use_mask=False` (flash-attention 2) leaves the separation of packed examples to position_ids."""
+
+def _chunk_cross_entropy(lm_head, hidden, targets):
     import torch.nn.functional as F
 
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def _loss_sum(model, batch, device, use_mask: bool = True):
+    """Sum of the cross-entropy over the trained tokens of one micro-batch.
+
+    The output layer runs only on the positions that predict a trained token, LOSS_CHUNK_TOKENS at a
+    time, each chunk recomputed in backward: the full (batch x length x vocabulary) logits, and their
+    fp32 copy and gradient, never exist. With Qwen's 152k vocabulary those are the largest activation.
+    `use_mask=False` (flash-attention 2) leaves the separation of packed examples to position_ids.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     mask = batch["attention_mask"].to(device) if use_mask else None
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                   position_ids=batch["position_ids"].to(device)).logits
-    labels = batch["labels"].to(device)
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+    hidden = causal_lm.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                                  position_ids=batch["position_ids"].to(device)).last_hidden_state
+    labels = batch["labels"].to(device)[:, 1:]
+    keep = labels != IGNORE
+    hidden, targets = hidden[:, :-1][keep], labels[keep]
+    lm_head = causal_lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=hidden.dtype).float()
+    for start in range(0, targets.numel(), LOSS_CHUNK_TOKENS):
+        end = start + LOSS_CHUNK_TOKENS
+        total = total + checkpoint(_chunk_cross_entropy, lm_head, hidden[start:end], targets[start:end], use_reentrant=False)
+    return total
 
 
 def _trained_in(batch) -> int:

@@ -134,3 +134,38 @@ def test_the_cli_trains_and_a_cpu_run_is_reproducible(tiny_qwen2, tmp_path):
     train(load_dataset(SAMPLE)[0], tiny_qwen2, tmp_path / "api", hp)
     logs = [[json.loads(l)["loss"] for l in (tmp_path / d / "training_log.jsonl").read_text().splitlines()] for d in ("cli", "api")]
     assert len(logs[0]) == 2 and logs[0] == logs[1]
+
+
+def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwen2, monkeypatch):
+    """The trainer never builds the full logits; its loss and LoRA gradients match the plain computation."""
+    import train_lora
+    from chat_labels import IGNORE, collate, end_of_turn_text, pack_examples, tokenize_conversation
+    from peft import get_peft_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    eot = end_of_turn_text(tokenizer)
+    examples = [tokenize_conversation(tokenizer, c, 512, eot) for c in load_dataset(SAMPLE)[0][:6]]
+    batch = collate(pack_examples(examples, 1024)[:2], tokenizer.pad_token_id)
+    hp = Hyperparameters(lora_rank=4, lora_dropout=0.0)
+    torch.manual_seed(0)
+    model = get_peft_model(load_base(tiny_qwen2), train_lora.lora_config(hp, "all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # a trained-looking adapter, so that gradients reach lora_A too
+
+    def grads():
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    monkeypatch.setattr(train_lora, "LOSS_CHUNK_TOKENS", 100)  # several chunks
+    chunked = train_lora._loss_sum(model, batch, "cpu")
+    chunked.backward()
+    chunked_grads = grads()
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+    full.backward()
+    assert int((batch["labels"][:, 1:] != IGNORE).sum()) > 300
+    assert torch.allclose(chunked, full, rtol=1e-5)
+    for name, grad in grads().items():
+        assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-6), name
