@@ -22,6 +22,7 @@ from job import JobError
 GB = 1024**3
 NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # = 0.5161 bytes per weight
 CUDA_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS workspaces, allocator slack
+LOSS_CHUNK_TOKENS = 4096  # the trainer's output layer runs on at most this many positions at a time
 
 
 # ---------------------------------------------------------------------------- finding the model
@@ -213,7 +214,8 @@ def _job_memory_gb(p: dict, micro: int, seq: int, lora_rank: int, checkpointing:
     per_layer = tokens * (34 * h + 4 * inter) * compute_bytes + micro * p["heads"] * seq * seq * compute_bytes
     stored = tokens * h * compute_bytes * p["layers"] if checkpointing else per_layer * p["layers"]
     activations = (stored + per_layer) / GB
-    logits = tokens * p["vocab"] * (compute_bytes + 4 + 4) / GB  # logits, fp32 copy for the loss, its gradient
+    # Logits of one loss chunk at a time (trained positions only): 16-bit, the fp32 copy, its gradient.
+    logits = min(tokens, LOSS_CHUNK_TOKENS) * p["vocab"] * (compute_bytes + 4 + 4) / GB
     return {"weights": weights, "lora": lora, "activations": activations, "logits": logits}
 
 

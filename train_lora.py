@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_text, end_of_turn_token,
                          ensure_chat_template, pack_examples, tokenize_conversation, trained_runs)
-from base_models import (does_not_fit_message, estimate_job_memory, load_config, quantize_moe_experts,
-                         resolve_base_model)
+from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, load_config,
+                         quantize_moe_experts, resolve_base_model)
 from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from dataset_loader import DatasetError, load_dataset
 from job import Hyperparameters, JobError
@@ -178,9 +178,6 @@ class TrainResult:
     metrics: dict
     model: Any  # the PEFT model, still in memory (tests inspect it; the handler drops it)
     tokenizer: Any
-
-LOSS_CHUNK_TOKENS = 4096
-
 
 def _chunk_cross_entropy(lm_head, hidden, targets):
     import torch.nn.functional as F
