@@ -216,13 +216,21 @@ def post_callback(url: str, payload: dict, timeout: float = 10.0) -> bool:
 class JobLock:
     """One worker per job directory, also across workers sharing a network volume.
 
-    The lock file holds the host, pid and start time of its owner, and its mtime is a heartbeat
-    (refreshed with `heartbeat()`). A lock is stale, and taken over, when its owner is a process of
-    this host that no longer exists, or when its heartbeat is older than `stale_after_s`.
+    The lock file holds its owner's random token, host, pid and start time; its mtime is a heartbeat,
+    refreshed by a background thread while the lock is held (downloads and model loads included). A
+    lock is stale, and taken over, when its heartbeat is older than `stale_after_s`, or when its owner
+    is a process of this host that no longer exists (a pid equal to ours that is not our lock counts:
+    container restarts reuse pids). A takeover renames the stale file away first, so of two workers
+    that both saw it stale only one can win; ownership is checked by token, never by pid.
     """
 
-    def __init__(self, path: Path, stale_after_s: float = 600.0):
-        self.path, self.stale_after_s, self.held = Path(path), stale_after_s, False
+    def __init__(self, path: Path, stale_after_s: float = 600.0, heartbeat_s: float = 30.0):
+        import secrets
+        import threading
+
+        self.path, self.stale_after_s, self.heartbeat_s = Path(path), stale_after_s, heartbeat_s
+        self.token, self.held = secrets.token_hex(16), False
+        self._stop = threading.Event()
 
     def _owner(self) -> dict:
         try:
@@ -240,6 +248,8 @@ class JobLock:
         if age > self.stale_after_s:
             return True
         if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+            if owner["pid"] == os.getpid():
+                return owner.get("token") != self.token
             try:
                 os.kill(owner["pid"], 0)
             except ProcessLookupError:
@@ -250,34 +260,46 @@ class JobLock:
 
     def acquire(self) -> None:
         import socket
+        import threading
 
-        for _ in range(2):
+        for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if self._is_stale(owner):
-                    log.warning("taking over the stale lock of %s (%s)", self.path.parent.name, owner or "unreadable")
-                    self.path.unlink(missing_ok=True)
+                if not self._is_stale(owner):
+                    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.get("started", 0)))
+                    raise JobError(f"job {self.path.parent.name} is already running on another worker (pid "
+                                   f"{owner.get('pid')} on {owner.get('host')}, since {since}); wait for it to finish, "
+                                   "or submit with another job_id") from None
+                aside = self.path.with_name(f"{self.path.name}.stale-{self.token}")
+                try:
+                    os.rename(self.path, aside)  # atomic: of two workers taking over, one rename succeeds
+                except FileNotFoundError:
                     continue
-                since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.get("started", 0)))
-                raise JobError(f"job {self.path.parent.name} is already running on another worker (pid {owner.get('pid')} "
-                               f"on {owner.get('host')}, since {since}); wait for it to finish, or submit with another "
-                               "job_id") from None
+                log.warning("took over the stale lock of job %s (%s)", self.path.parent.name, owner or "unreadable")
+                aside.unlink(missing_ok=True)
+                continue
             with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
+                json.dump({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
             self.held = True
+            threading.Thread(target=self._beat, daemon=True).start()
             return
         raise JobError(f"could not take the lock of job {self.path.parent.name}; retry in a minute")
 
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self.heartbeat()
+
     def heartbeat(self) -> None:
-        if self.held:
+        if self.held and self._owner().get("token") == self.token:
             try:
                 os.utime(self.path)
             except OSError:
                 pass
 
     def release(self) -> None:
-        if self.held and self._owner().get("pid") == os.getpid():
+        self._stop.set()
+        if self.held and self._owner().get("token") == self.token:
             self.path.unlink(missing_ok=True)
         self.held = False

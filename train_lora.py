@@ -58,12 +58,14 @@ def select_precision():
     return "cpu", torch.float32
 
 
-def select_attention(device: str) -> str:
-    """flash-attention 2 where it is installed on a GPU (packed examples are separated by position_ids,
-    its varlen path); sdpa otherwise (packed examples are separated by a block-diagonal 4D mask)."""
+def select_attention(device: str, micro_batch_size: int) -> str:
+    """flash-attention 2 where it is installed on a GPU and micro-batches hold one sequence (transformers
+    5.23 separates packed examples by position_ids, its varlen path, only at batch size 1); sdpa
+    otherwise (packed examples are separated by a block-diagonal 4D mask)."""
     import importlib.util
 
-    return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    fa2 = device == "cuda" and micro_batch_size == 1 and importlib.util.find_spec("flash_attn")
+    return "flash_attention_2" if fa2 else "sdpa"
 
 
 def quantization_config(compute_dtype):
@@ -284,9 +286,11 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     # -- setup: does it fit? (config.json only: fail in seconds, before any weight is read)
     device, compute_dtype = select_precision()
     free_gb = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None
+    # quantize_experts=False: fused MoE experts are loaded in 16-bit before they are swapped to 4-bit,
+    # so that is the peak a GPU must hold until they are quantized while loading (not implemented yet).
     estimate = estimate_job_memory(load_config(base_path), max_seq_length=hp.max_seq_length,
                                    batch_size=hp.effective_micro_batch_size, lora_rank=hp.lora_rank, gpu_memory_gb=free_gb,
-                                   gradient_checkpointing=hp.gradient_checkpointing,
+                                   gradient_checkpointing=hp.gradient_checkpointing, quantize_experts=False,
                                    compute_bytes=torch.tensor([], dtype=compute_dtype).element_size())
     if not estimate.fits:
         raise JobError(does_not_fit_message(Path(str(base_model)).name, estimate, hp.max_seq_length))
@@ -305,7 +309,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     progress({"stage": "loading_model"})
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    attention = select_attention(device)
+    attention = select_attention(device, micro)
     use_mask = attention != "flash_attention_2"
     model = load_model(base_path, hp, device, compute_dtype, trust_remote_code, attention)
     model.train()
@@ -338,6 +342,9 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
             step, epoch, next_start, epoch_state = state["step"], state["epoch"], state["next_start"], state["epoch_rng"]
             history, (real_tokens, computed_tokens, trained_tokens) = state["history"], state["tokens"]
             resumed_from = step
+            if next_start == 0:  # saved at an epoch's end: the shuffle state moves on from that epoch's start
+                generator.setstate(epoch_state)
+                generator.shuffle(list(range(len(train_seqs))))
             log.info("resumed from the checkpoint of step %d (epoch %d)", step, epoch)
 
     def checkpoint_state() -> dict:

@@ -132,9 +132,14 @@ def test_sigterm_during_training_writes_a_checkpoint_then_exits(tiny_qwen2, tmp_
 
 def test_a_live_lock_refuses_a_second_worker_and_a_dead_owners_lock_is_taken_over(tmp_path):
     lock = tmp_path / "job.lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
-    with pytest.raises(JobError, match=f"already running on another worker \\(pid {os.getpid()}"):
-        JobLock(lock).acquire()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock.write_text(json.dumps({"token": "x", "host": socket.gethostname(), "pid": live.pid, "started": time.time()}))
+    try:
+        with pytest.raises(JobError, match=f"already running on another worker \\(pid {live.pid}"):
+            JobLock(lock).acquire()
+    finally:
+        live.kill()
+        live.wait()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": time.time()}))
     taken = JobLock(lock)
@@ -212,3 +217,28 @@ def test_a_full_disk_while_saving_the_adapter_is_clear_and_resumes_without_train
     metrics = train(conversations, tiny_qwen2, tmp_path / "adapter", hp, checkpoint_dir=checkpoints, fingerprint="job-4",
                     on_progress=lambda e: steps.append(e) if "loss" in e else None).metrics
     assert metrics["resumed_from_step"] == 6 and steps == [] and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_checkpoint_at_the_end_of_an_epoch_resumes_with_the_next_epochs_order(conversations, tiny_qwen2, tmp_path):
+    hp = dict(HP, packing=False, max_steps=8, epochs=2, batch_size=4, checkpoint_steps=4)
+    whole = train(conversations, tiny_qwen2, tmp_path / "whole", Hyperparameters(**hp)).metrics
+    with pytest.raises(Crash):  # 16 conversations / batch 4: step 4 ends epoch 1
+        train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**hp), on_progress=crash_at(5),
+              checkpoint_dir=tmp_path / "checkpoints", fingerprint="job-5")
+    resumed = train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**hp),
+                    checkpoint_dir=tmp_path / "checkpoints", fingerprint="job-5").metrics
+    assert resumed["resumed_from_step"] == 4 and whole["steps"] == resumed["steps"] == 8
+    assert losses(tmp_path / "adapter") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
+
+
+def test_a_restarted_container_reusing_our_pid_is_not_mistaken_for_a_live_owner(tmp_path):
+    lock = tmp_path / "job.lock"
+    lock.write_text(json.dumps({"token": "an-earlier-life", "host": socket.gethostname(), "pid": os.getpid(), "started": 0}))
+    taken = JobLock(lock)
+    taken.acquire()  # same pid, not our token: the previous container's lock
+    other = JobLock(lock)
+    other.held = True  # a worker that lost its lock to us must not delete ours
+    other.release()
+    assert json.loads(lock.read_text())["token"] == taken.token
+    taken.release()
+    assert not lock.exists()
