@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from job import JobError
+from job import JobError, redact_text
 
 GB = 1024**3
 NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # = 0.5161 bytes per weight
@@ -65,11 +66,13 @@ def resolve_base_model(name: str, cache_dirs: list[Path], *, allow_download: boo
         pass
     if allow_download and cache_dirs and "/" in name and not Path(name).is_absolute():
         target = cache_dirs[0] / name
+        partial = target.with_name(target.name + ".download")  # renamed into place only when complete
         try:
-            snapshot_download(name, local_dir=target, token=hf_token)
+            snapshot_download(name, local_dir=partial, token=hf_token)
         except Exception as exc:  # noqa: BLE001
-            raise JobError(f"base model {name!r} could not be downloaded: {type(exc).__name__}: {exc}. "
+            raise JobError(f"base model {name!r} could not be downloaded: {type(exc).__name__}: {redact_text(str(exc))}. "
                            "Check the name and HF_TOKEN, or put the model in the model cache directory") from None
+        os.replace(partial, target)
         return target
     raise JobError(
         f"base model {name!r} was not found; searched {', '.join(str(p) for p in searched)} and the Hugging Face cache. "

@@ -70,9 +70,15 @@ def ensure_chat_template(tokenizer) -> str:
 
 
 def render(tokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
+    """The chat template's text; a conversation the template refuses (raise_exception) is skipped."""
+    from jinja2 import TemplateError
+
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        raise SkipExample(f"the chat template refuses this conversation: {exc}") from None
 
 
 def end_of_turn_text(tokenizer) -> str:

@@ -20,6 +20,7 @@ import gzip
 import io
 import json
 import sys
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,6 +160,9 @@ def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPR
                 continue
             try:
                 yield number, _parse_json(text)
+            except RecursionError:
+                report.invalid += 1
+                report.problems.append({"line": number, "message": f"line {number}: nested too deeply to read"})
             except ValueError as exc:
                 report.invalid += 1
                 report.problems.append({"line": number, "message": f"line {number}: not valid JSON: {exc}"})
@@ -405,6 +409,14 @@ def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1, check: 
     if path.stat().st_size == 0:
         raise DatasetError("the dataset file is empty (0 bytes): export the dataset again and resubmit")
     report = Report()
+    try:
+        return _load(path, report, max_invalid_fraction, check, max_decompressed_bytes, max_line_bytes)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DatasetError(f"the gzip file is corrupt or truncated ({exc}): export and upload it again") from None
+
+
+def _load(path: Path, report: Report, max_invalid_fraction: float, check: bool, max_decompressed_bytes: int,
+          max_line_bytes: int) -> tuple[list[dict], Report]:
     conversations: list[dict] = []
     seen: set[tuple] = set()
     meta: dict = {}

@@ -29,7 +29,7 @@ import runpod  # noqa: E402
 
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
 from job import JOB_ID_RULE, JobError, WorkerSettings, is_safe_job_id, parse_job_input, redact_text, redact_url  # noqa: E402
-from storage import JobLock, download_dataset, post_callback, upload_files  # noqa: E402
+from storage import JobLock, download_dataset, post_callback, presigned_urls, upload_files  # noqa: E402
 from base_models import resolve_base_model, trust_remote_code_for  # noqa: E402
 
 log = logging.getLogger("worker")
@@ -118,22 +118,23 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     lock = JobLock(job_dir / "job.lock")
-    lock.acquire()
+    with _stage("starting"):
+        lock.acquire()
     progress.on_event = lock.heartbeat
     file_log = _job_log(job_dir)
     seconds: dict[str, float] = {}
     started = time.monotonic()
     try:
         stored = job_dir / "result.json"
+        # What makes two submissions the same job: the settings and the dataset's location (a new
+        # signed URL for the same file is the same dataset), not the signature, callback or GPU request.
+        input_fingerprint = hashlib.sha256(json.dumps(
+            [hp.model_dump(mode="json"), base_model, redact_url(spec.dataset_url)], sort_keys=True).encode()).hexdigest()
         if spec.retrain:
             stored.unlink(missing_ok=True)
             shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
         elif stored.is_file():
-            result = json.loads(stored.read_text())
-            result["warnings"] = result.get("warnings", []) + [
-                f"job {job_id} had already completed: this is its stored result (send retrain: true to train again)"]
-            log.info("job %s already completed; returning its stored result", job_id)
-            return result
+            return _stored_result(stored, job_id, input_fingerprint, settings)
         with _stage("loading_model"):  # fail in seconds, before any download, when the model is not there
             base_path = resolve_base_model(base_model, [settings.model_cache_dir, Path("/workspace/models")],
                                            allow_download=settings.allow_model_download, hf_token=settings.hf_token,
@@ -188,7 +189,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             "dataset_report": report.to_dict(),
             "warnings": warnings + report.warnings + metrics["checkpoint_warnings"],
         }
-        _write_json_atomically(stored, result)
+        _write_json_atomically(stored, {"input_fingerprint": input_fingerprint, "result": result})
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # the adapter is complete: checkpoints are spent
         return result
     except Exception:
@@ -198,6 +199,21 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         logging.getLogger().removeHandler(file_log)
         file_log.close()
         lock.release()
+
+
+def _stored_result(stored: Path, job_id: str, input_fingerprint: str, settings: WorkerSettings) -> dict:
+    """The result of this job's earlier, completed run, with fresh download links."""
+    saved = json.loads(stored.read_text())
+    if saved.get("input_fingerprint") != input_fingerprint:
+        raise JobError(f"job {job_id} already completed with other settings or another dataset: send retrain: true to "
+                       "train it again with these, or use a new job_id", stage="starting")
+    result = saved["result"]
+    if settings.s3_configured and all(u.startswith(("http://", "https://")) for u in result["model_files"].values()):
+        result["model_files"] = presigned_urls(list(result["model_files"]), job_id, settings)
+    result["warnings"] = result.get("warnings", []) + [
+        f"job {job_id} had already completed: this is its stored result (send retrain: true to train again)"]
+    log.info("job %s already completed; returning its stored result", job_id)
+    return result
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:

@@ -70,7 +70,9 @@ def _status_error(status: int, body: str, shown: str) -> JobError:
 def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float) -> tuple[int, str]:
     shown = redact_url(url)
     try:
-        response = rp_ssrf.safe_get(url, stream=True, timeout=timeout, max_bytes=max_bytes)
+        # identity: the byte count must be the one Content-Length announces (a gzip file stays gzip)
+        response = rp_ssrf.safe_get(url, stream=True, timeout=timeout, max_bytes=max_bytes,
+                                    headers={"Accept-Encoding": "identity"})
     except rp_ssrf.SSRFError as exc:
         message = str(exc).replace(url, shown)
         if "size cap" in message:
@@ -102,7 +104,8 @@ def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float) -> tupl
             raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES") from None
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout):
             raise _Retryable(f"connection to {shown} dropped after {received} bytes") from None
-    if declared is not None and declared.isdigit() and int(declared) != received:
+    encoded = response.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
+    if declared is not None and declared.isdigit() and not encoded and int(declared) != received:
         raise _Retryable(f"received {received} of the {declared} bytes announced by {shown}")
     if received == 0:
         raise JobError(f"dataset at {shown} is empty (0 bytes): check the export in the app and resubmit")
@@ -170,30 +173,47 @@ def upload_files(files: list[Path], job_id: str, settings: WorkerSettings) -> di
     Any S3-compatible endpoint works (RunPod's network-volume S3 API, Supabase Storage's S3
     endpoint, AWS). Nothing is deleted here: the local files stay until the caller decides.
     """
-    import boto3
-    from botocore.config import Config
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = boto3.client(
-        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=settings.s3_secret_access_key,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                      retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120),
-    )
+    client = _s3_client(settings)
     urls = {}
     for path in files:
-        key = f"{settings.s3_prefix.strip('/')}/{job_id}/{path.name}".lstrip("/")
+        key = _s3_key(settings, job_id, path.name)
         try:
             client.upload_file(str(path), settings.s3_bucket, key)
-            urls[path.name] = client.generate_presigned_url(
-                "get_object", Params={"Bucket": settings.s3_bucket, "Key": key}, ExpiresIn=settings.presigned_url_expiry_s)
-        except (BotoCoreError, ClientError, OSError) as exc:
+            urls.update(presigned_urls([path.name], job_id, settings, client))
+        except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
             raise JobError(
                 f"could not upload {path.name} to bucket {settings.s3_bucket!r} at {redact_url(settings.s3_endpoint_url)}: "
                 f"{type(exc).__name__}: {exc}. The adapter is kept on the volume; check the S3_* settings and resubmit"
             ) from None
         log.info("uploaded %s (%d bytes) to s3://%s/%s", path.name, path.stat().st_size, settings.s3_bucket, key)
     return urls
+
+
+def _s3_client(settings: WorkerSettings):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=settings.s3_secret_access_key,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                      retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120),
+    )
+
+
+def _s3_key(settings: WorkerSettings, job_id: str, name: str) -> str:
+    return f"{settings.s3_prefix.strip('/')}/{job_id}/{name}".lstrip("/")
+
+
+def presigned_urls(names: list[str], job_id: str, settings: WorkerSettings, client=None) -> dict[str, str]:
+    """Fresh presigned GET URLs for files already uploaded under `<prefix>/<job_id>/` (signing is local)."""
+    client = client or _s3_client(settings)
+    return {name: client.generate_presigned_url("get_object", ExpiresIn=settings.presigned_url_expiry_s,
+                                                Params={"Bucket": settings.s3_bucket, "Key": _s3_key(settings, job_id, name)})
+            for name in names}
 
 
 def post_callback(url: str, payload: dict, timeout: float = 10.0) -> bool:
@@ -203,8 +223,10 @@ def post_callback(url: str, payload: dict, timeout: float = 10.0) -> bool:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("callback_url must be an http(s) URL")
-        rp_ssrf.resolve_and_validate(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        response = requests.post(url, json=payload, timeout=timeout, allow_redirects=False)
+        ips = rp_ssrf.resolve_and_validate(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        # Dial the address that was checked (as the SDK's safe_get does): no DNS rebinding in between.
+        with rp_ssrf._build_pinned_session(ips[0]) as session:
+            response = session.post(url, json=payload, timeout=timeout, allow_redirects=False)
         log.info("callback %s answered HTTP %d", shown, response.status_code)
         return response.ok
     except Exception as exc:  # noqa: BLE001 - the callback must never fail a job

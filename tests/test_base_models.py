@@ -79,7 +79,8 @@ def test_a_tiny_qwen3_next_trains_a_step_in_4_bit_with_lora_off_the_routed_exper
     # PEFT 0.21 remaps gate_proj/up_proj/down_proj of Qwen-MoE model types onto the fused expert tensors, so the
     # shared expert's projections are not adapted (its gate is); see README "Qwen3-Next".
     assert any("shared_expert_gate" in n for n in lora)
-    assert result.metrics["memory_estimate"]["quantized_fraction"] > 0.5
+    # the fit check counts the load peak, when the fused experts are still 16-bit
+    assert result.metrics["memory_estimate"]["quantized_fraction"] < 0.5
 
 
 def test_the_estimate_says_the_stock_path_cannot_fit_qwen3_next_80b_and_the_4bit_experts_can(tmp_path):
@@ -96,7 +97,7 @@ def test_the_estimate_says_the_stock_path_cannot_fit_qwen3_next_80b_and_the_4bit
 def test_a_smaller_micro_batch_keeps_the_requested_effective_batch():
     config = json.loads((CONFIGS / "qwen2.5-7b.json").read_text())
     roomy = estimate_job_memory(config, batch_size=8, gpu_memory_gb=80)
-    tight = estimate_job_memory(config, batch_size=8, gpu_memory_gb=24)
+    tight = estimate_job_memory(config, batch_size=8, gpu_memory_gb=16)
     assert (roomy.micro_batch_size, roomy.gradient_accumulation_steps) == (8, 1)
     assert tight.fits and tight.micro_batch_size < 8 and tight.micro_batch_size * tight.gradient_accumulation_steps == 8
 

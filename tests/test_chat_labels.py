@@ -145,3 +145,13 @@ def test_a_real_sentencepiece_vocabulary_merges_the_leading_space_into_the_train
     first_trained = next(i for i, l in enumerate(example.labels) if l != IGNORE)
     assert tokenizer.convert_ids_to_tokens(example.input_ids[first_trained]) == "▁Then"
     assert tokenizer.convert_ids_to_tokens(example.input_ids[first_trained - 1]) == "]"  # ... [/INST] is the prompt
+
+
+def test_a_conversation_the_template_refuses_is_skipped_with_the_reason(tiny_mistral):
+    from chat_labels import SkipExample
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_mistral)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(SkipExample, match="the chat template refuses this conversation: System role not supported"):
+        tokenize_conversation(tokenizer, CONVERSATION, 2048, "</s>")

@@ -258,3 +258,14 @@ def test_canonical_output_loads_back_to_the_same_conversations(tmp_path, convers
     write_jsonl(first, tmp_path / "out.jsonl")
     again, report = load_dataset(tmp_path / "out.jsonl", check=False)
     assert again == first and report.merged_messages == 0 and report.invalid == 0
+
+
+def test_a_truncated_gzip_and_absurd_nesting_are_named_not_crashes(tmp_path):
+    whole = gzip.compress((json.dumps(chat(("user", "q"), ("assistant", "a"))) + "\n").encode() * 200)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DatasetError, match="the gzip file is corrupt or truncated"):
+        load_dataset(cut)
+    deep = write(tmp_path, [chat(("user", "q"), ("assistant", "a")), "[" * 100_000], "deep.jsonl")
+    _, report = load_dataset(deep, check=False)
+    assert report.problems == [{"line": 2, "message": "line 2: nested too deeply to read"}]

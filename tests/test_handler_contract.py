@@ -74,6 +74,12 @@ def test_a_job_reports_progress_and_returns_files_the_app_can_download(shape, wo
     assert meta["dataset"]["examples"] == 44 and meta["seconds"]["upload"] >= 0 and meta["final_loss"] > 0
     assert not any("unknown input key" in w for w in output["warnings"])  # both shapes are fully understood
 
+    # the same job again: its stored result, with freshly signed links that still download the same bytes
+    again = runsync(worker, {**job, "callback_url": None})
+    assert again["status"] == "COMPLETED" and any("already completed" in w for w in again["output"]["warnings"])
+    url = again["output"]["model_files"]["adapter_config.json"]
+    assert requests.get(url, timeout=30).content == local["adapter_config.json"]
+
     # the callback got the final status once
     callbacks = [body for path, body in recorder.posts if path.startswith("/callback") and body.get("id") == result["id"]]
     assert len(callbacks) == 1 and callbacks[0]["status"] == "COMPLETED"

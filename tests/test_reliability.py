@@ -195,6 +195,10 @@ def test_kill_9_mid_training_then_the_same_job_resumes_and_completes(storage, ti
         again = runsync(worker, job)  # a completed job is not trained twice
         assert again["status"] == "COMPLETED" and again["output"]["metrics"] == metrics
         assert any("already completed" in w for w in again["output"]["warnings"])
+        other = runsync(worker, {**job, "hyperparameters": {**job["hyperparameters"], "lora_rank": 8}})
+        assert other["status"] == "FAILED"
+        assert other["error"] == ("starting: job kill-9 already completed with other settings or another dataset: "
+                                  "send retrain: true to train it again with these, or use a new job_id")
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen2, quantization_config=quantization_config(torch.float32),
                                                 dtype=torch.float32)
     PeftModel.from_pretrained(base, result["output"]["adapter_path"])  # the final adapter loads

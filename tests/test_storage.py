@@ -92,3 +92,40 @@ def test_a_server_slower_than_the_timeout_is_named(storage, tmp_path, private_ok
         fetch(storage.url(SAMPLE.name, storage.good), tmp_path, timeout=0.5)
     assert storage.hits[SAMPLE.name] == 3 and storage.good not in str(exc.value)
     assert not (tmp_path / "out" / "dataset.download").exists()
+
+
+def test_a_server_that_gzips_the_body_anyway_still_delivers_the_file(tmp_path, private_ok):
+    import gzip as gz
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    data = SAMPLE.read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # ignores Accept-Encoding: identity, as some CDNs do
+            body = gz.compress(data)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    got = fetch(f"http://127.0.0.1:{server.server_address[1]}/d.jsonl", tmp_path)
+    assert got.path.read_bytes() == data
+    server.shutdown()
+
+
+def test_an_upload_to_a_missing_bucket_says_what_to_check(tmp_path, s3):
+    from job import WorkerSettings
+    from storage import upload_files
+    from conftest import S3_KEYS
+
+    settings = WorkerSettings.from_env({"S3_ENDPOINT_URL": s3[0], "S3_BUCKET": "no-such-bucket", **S3_KEYS})
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(JobError, match="could not upload adapter_config.json to bucket 'no-such-bucket'.*check the S3_"):
+        upload_files([tmp_path / "adapter_config.json"], "job-x", settings)
