@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,10 +121,13 @@ def _copy_local_file(url: str, dest: Path, max_bytes: int) -> Download:
     if size > max_bytes:
         raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES")
     part = dest.with_name(dest.name + ".part")
-    shutil.copyfile(source, part)
-    digest = hashlib.sha256(part.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(part, "wb") as out:
+        for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):  # streamed: never the whole file in memory
+            out.write(chunk)
+            digest.update(chunk)
     os.replace(part, dest)
-    return Download(dest, size, digest, 1)
+    return Download(dest, size, digest.hexdigest(), 1)
 
 
 def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 60.0, retries: int = 4,
