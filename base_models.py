@@ -1,4 +1,4 @@
-"""Base models: where a job's model is, whether it fits the GPU, and 4-bit for fused MoE experts.
+"""Base models: where a job's model is, whether it fits the GPU, and MoE experts loaded in 4-bit.
 
 Lookup order for a name like `Qwen/Qwen2.5-7B-Instruct` (or a path): the path itself; each model
 cache directory as `<dir>/<org>/<name>` and `<dir>/<name>`; RunPod's cached-models location (as the
@@ -44,7 +44,8 @@ def model_search_paths(name: str, cache_dirs: list[Path]) -> list[Path]:
 
 def cached_models(cache_dirs: list[Path]) -> list[str]:
     return [str(cfg.parent.relative_to(d)) for d in cache_dirs if d.is_dir()
-            for cfg in sorted(d.glob("*/config.json")) + sorted(d.glob("*/*/config.json"))]
+            for cfg in sorted(d.glob("*/config.json")) + sorted(d.glob("*/*/config.json"))
+            if not cfg.relative_to(d).parts[0].startswith(".")]  # .quantized/: the worker's 4-bit copies
 
 
 def resolve_base_model(name: str, cache_dirs: list[Path], *, allow_download: bool = False,
@@ -128,9 +129,9 @@ def count_parameters(c: dict, *, quantize_experts: bool = True) -> dict:
     """Parameters by kind, from a decoder's config (Llama/Mistral/Qwen2/Qwen3, Mixtral/Qwen-MoE, Qwen3-Next).
 
     `quantized` counts what is stored in 4-bit: the decoder's nn.Linear layers (bitsandbytes replaces
-    them) and, when `quantize_experts`, the fused MoE expert tensors (which the stock transformers
-    path leaves in 16-bit because they are not nn.Linear). Embeddings, lm_head, norms, routers and
-    convolutions stay in 16-bit.
+    them) and, when `quantize_experts`, the MoE expert weights (which the stock transformers 5 path
+    fuses into 3D tensors and leaves in 16-bit; see `per_expert_model_class`). Embeddings, lm_head,
+    norms, routers and convolutions stay in 16-bit.
     """
     h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
@@ -251,60 +252,100 @@ def does_not_fit_message(name: str, estimate: MemoryEstimate, max_seq_length: in
             "a smaller model, or a shorter max_seq_length")
 
 
-# ---------------------------------------------------------------------------- 4-bit MoE experts
+# ---------------------------------------------------------------------------- MoE experts in 4-bit
 
-def _linear4bit(weight, compute_dtype):
-    """A bitsandbytes NF4 layer holding `weight` (out x in), quantized on the weight's device."""
-    import bitsandbytes as bnb
+def expert_projection_names(model_type: str) -> tuple[str, str, str] | None:
+    """How checkpoints of `model_type` name each routed expert's gate, up and down projections
+    (`mlp.experts.<e>.gate_proj.weight`, ...), read from transformers' own conversion mapping, which
+    fuses them into 3D tensors on load; None when the model has no such experts or they are stored
+    another way (renamed or already fused on disk)."""
+    import re
 
-    out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
-                              compress_statistics=True, quant_type="nf4", quant_storage=compute_dtype, device="meta")
-    layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype).cpu(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True, quant_storage=compute_dtype)
-    return layer.to(weight.device)
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    mapping = get_checkpoint_conversion_mapping(model_type) or []
+    if not mapping or not all(isinstance(t, WeightConverter) for t in mapping):
+        return None
+    names: dict[str, list[str]] = {}
+    for converter in mapping:
+        leaves = [re.fullmatch(r"mlp\.experts\.\*\.(\w+)\.weight", s) for s in converter._original_source_patterns]
+        if all(leaves) and converter._original_target_patterns in (["mlp.experts.gate_up_proj"], ["mlp.experts.down_proj"]):
+            names[converter._original_target_patterns[0]] = [m.group(1) for m in leaves]
+    gate_up, down = names.get("mlp.experts.gate_up_proj", []), names.get("mlp.experts.down_proj", [])
+    return (gate_up[0], gate_up[1], down[0]) if len(gate_up) == 2 and len(down) == 1 else None
 
 
-def _quantized_experts_class():
+def experts_in_4bit(config: dict) -> bool:
+    """Whether the worker loads this model's routed experts in 4-bit (see `per_expert_model_class`)."""
+    has_experts = bool(config.get("num_experts") or config.get("num_local_experts"))
+    return has_experts and expert_projection_names(config.get("model_type", "")) is not None
+
+
+def _per_expert_module_class():
     import torch
     from torch import nn
 
-    class QuantizedExperts(nn.Module):
-        """Fused MoE experts (3D `gate_up_proj` / `down_proj` tensors) as one 4-bit layer pair per expert.
+    class PerExpertMoE(nn.Module):
+        """Routed experts as one gate/up/down nn.Linear each, named as checkpoints store them
+        (`mlp.experts.<e>.gate_proj.weight`). transformers 5 fuses them into 3D parameters, which
+        bitsandbytes does not quantize (77B of Qwen3-Next-80B's 80B); as nn.Linear they are loaded one
+        tensor at a time and quantized as they arrive, like every other linear layer. Same routing and
+        maths as the fused module (gate and up are the two halves of its `gate_up_proj`)."""
 
-        transformers keeps fused experts as plain parameters, which bitsandbytes does not quantize;
-        for Qwen3-Next-80B they are 97% of the weights. Same routing and maths as the fused module.
-        """
-
-        def __init__(self, fused, compute_dtype):
+        def __init__(self, fused, names: tuple[str, str, str]):
             super().__init__()
-            self.num_experts, self.act_fn = fused.num_experts, fused.act_fn
-            self.gate_up = nn.ModuleList(_linear4bit(fused.gate_up_proj[e], compute_dtype) for e in range(self.num_experts))
-            self.down = nn.ModuleList(_linear4bit(fused.down_proj[e], compute_dtype) for e in range(self.num_experts))
+            num_experts, two_inter, hidden = fused.gate_up_proj.shape
+            self.num_experts, self.names, self.act_fn = num_experts, names, fused.act_fn
+            for e in range(num_experts):  # children "0", "1", ...: the checkpoint's key names
+                expert = nn.Module()
+                for name, (n_in, n_out) in zip(names, [(hidden, two_inter // 2)] * 2 + [(two_inter // 2, hidden)]):
+                    setattr(expert, name, nn.Linear(n_in, n_out, bias=False, device=fused.gate_up_proj.device,
+                                                    dtype=fused.gate_up_proj.dtype))
+                self.add_module(str(e), expert)
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
+            gate_name, up_name, down_name = self.names
             final = torch.zeros_like(hidden_states)
-            for expert in torch.unique(top_k_index).tolist():
-                if expert >= self.num_experts:
+            for e in torch.unique(top_k_index).tolist():
+                if e >= self.num_experts:
                     continue
-                token_idx, slot = torch.where(top_k_index == expert)
-                gate, up = self.gate_up[expert](hidden_states[token_idx]).chunk(2, dim=-1)
-                out = self.down[expert](self.act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
-                final.index_add_(0, token_idx, out.to(final.dtype))
+                token_idx, slot = torch.where(top_k_index == e)
+                x, expert = hidden_states[token_idx], self.get_submodule(str(e))
+                out = getattr(expert, down_name)(self.act_fn(getattr(expert, gate_name)(x)) * getattr(expert, up_name)(x))
+                final.index_add_(0, token_idx, (out * top_k_weights[token_idx, slot, None]).to(final.dtype))
             return final
 
-    return QuantizedExperts
+    return PerExpertMoE
 
 
-def quantize_moe_experts(model, compute_dtype) -> int:
-    """Swap every fused-experts module of `model` for 4-bit per-expert layers; returns how many were swapped."""
+def per_expert_model_class(model_class, names: tuple[str, str, str]):
+    """`model_class`, built with `PerExpertMoE` in place of every fused-experts module.
+
+    from_pretrained then finds each checkpoint key (`...mlp.experts.7.up_proj.weight`) in the model
+    as it is, loads it without fusing and quantizes it on arrival: the GPU never holds the experts in
+    16-bit, which is what lets Qwen3-Next-80B load on one 80 GB GPU (~42 GB in 4-bit instead of ~151 GB).
+    """
     import torch
 
-    cls, swapped = _quantized_experts_class(), 0
-    for name, module in list(model.named_modules()):
-        fused = getattr(module, "gate_up_proj", None)
-        if isinstance(fused, torch.nn.Parameter) and fused.dim() == 3 and hasattr(module, "down_proj"):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, cls(module, compute_dtype))
-            swapped += 1
-    return swapped
+    from transformers import PreTrainedModel
+
+    per_expert = _per_expert_module_class()
+
+    class PerExpertModel(model_class):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            # transformers looks its checkpoint conversions (here: fusing the experts) up for each
+            # PreTrainedModel inside, and skips them for custom code: this class is custom, and its
+            # inner model is marked so too, so every key, 4-bit quantization state included, loads as named.
+            for module in self.modules():
+                if module is not self and isinstance(module, PreTrainedModel):
+                    module.__class__ = type(type(module).__name__, (type(module),), {"__module__": __name__})
+            for name, module in list(self.named_modules()):
+                fused = getattr(module, "gate_up_proj", None)
+                if isinstance(fused, torch.nn.Parameter) and fused.dim() == 3 and hasattr(module, "down_proj"):
+                    parent, _, child = name.rpartition(".")
+                    setattr(self.get_submodule(parent), child, per_expert(module, names))
+
+    PerExpertModel.__name__ = PerExpertModel.__qualname__ = model_class.__name__
+    return PerExpertModel

@@ -161,7 +161,8 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         with _stage("training"), _timed(seconds, "training"):
             metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress,
                                        trust_remote_code=trust_remote_code_for(base_model, settings.remote_code_models),
-                                       checkpoint_dir=job_dir / "checkpoints", fingerprint=fingerprint).metrics
+                                       checkpoint_dir=job_dir / "checkpoints", fingerprint=fingerprint,
+                                       quantized_cache=settings.quantized_cache).metrics
         warnings += _gpu_warnings(spec.gpu_config)
         files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
         if settings.s3_configured:

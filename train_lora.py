@@ -29,14 +29,15 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_text, end_of_turn_token,
                          ensure_chat_template, pack_examples, tokenize_conversation, trained_runs)
-from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, load_config,
-                         quantize_moe_experts, resolve_base_model)
+from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, experts_in_4bit,
+                         expert_projection_names, load_config, per_expert_model_class, resolve_base_model)
 from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from dataset_loader import DatasetError, load_dataset
 from job import Hyperparameters, JobError
@@ -85,18 +86,38 @@ def lora_config(hp: Hyperparameters, target_modules: list[str] | str):
 
 
 def lora_targets(model, requested: str | list[str]) -> list[str] | str:
-    """`all-linear`: the names of every linear layer of the decoder, without lm_head and without the
-    routed MoE experts (hundreds of small adapters per layer, each seen by few tokens); attention,
-    linear-attention and shared-expert layers are adapted. A list is used as given."""
+    """`all-linear`: every linear layer of the decoder, without lm_head and without the routed MoE
+    experts (hundreds of small adapters per layer, each seen by few tokens); attention,
+    linear-attention and shared-expert layers are adapted. Names are module-name suffixes, as PEFT
+    matches them; a name routed experts share (`gate_proj`) is qualified by its parent
+    (`shared_expert.gate_proj`) so it cannot match them. A list is used as given."""
     if requested != "all-linear":
         return requested
     import bitsandbytes as bnb
     import torch
 
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and ".experts." not in name
-             and name != "lm_head" and not name.endswith(".lm_head")}
+    linear = [name for name, module in model.named_modules()
+              if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and name.rsplit(".", 1)[-1] != "lm_head"]
+    routed = {name.rsplit(".", 1)[-1] for name in linear if ".experts." in name}
+    names = {".".join(name.split(".")[-2:]) if name.rsplit(".", 1)[-1] in routed else name.rsplit(".", 1)[-1]
+             for name in linear if ".experts." not in name}
     return sorted(names)
+
+
+@contextmanager
+def lora_targets_as_named():
+    """PEFT 0.21 rewrites LoRA targets ending in gate_proj/up_proj/down_proj of Qwen-MoE model types
+    into the fused 3D expert tensors of transformers 5 (for adapters trained on transformers 4), the
+    shared expert's too (huggingface/peft#3711). Our experts are per-expert 4-bit layers LoRA does not
+    touch, so while adapters are attached or loaded here the targets are used as named."""
+    from peft.utils import transformers_weight_conversion as conversion
+
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
 
 
 def load_tokenizer(base_model: Path, trust_remote_code: bool = False):
@@ -112,25 +133,77 @@ def load_tokenizer(base_model: Path, trust_remote_code: bool = False):
     return tokenizer, template_source, eot_text
 
 
+def causal_lm_class(base_model: Path, trust_remote_code: bool = False):
+    """The model class to load: transformers' own, or for fused-MoE models (Qwen3-Next, Qwen3-MoE, ...)
+    the same class with per-expert layers that bitsandbytes quantizes while loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    names = expert_projection_names(config.model_type)
+    if names is None or trust_remote_code or type(config) not in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    return per_expert_model_class(AutoModelForCausalLM._model_mapping[type(config)], names)
+
+
+def quantized_copy_dir(base_model: Path, compute_dtype, root: Path) -> Path:
+    """Where the 4-bit copy of `base_model` for `compute_dtype` lives under `root`, named by a hash of
+    what makes it valid (the model's files, sizes and times, the dtype, the bitsandbytes and
+    transformers versions that wrote it): a changed model or library never loads a stale copy."""
+    import hashlib
+    from importlib.metadata import version
+
+    files = sorted(p for p in base_model.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+    key = json.dumps([[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]
+                     + [str(compute_dtype), version("bitsandbytes"), version("transformers")])
+    return root / f"{base_model.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_code: bool = False,
+                    attention: str = "sdpa", quantized_cache: Path | None = None):
+    """The frozen base in 4-bit, and where it came from.
+
+    With `quantized_cache`, the first job saves the quantized model there once (`<name>-<hash>/`,
+    written aside and renamed into place), and later jobs load that copy: a quarter of the bytes to
+    read from the volume and no quantization. Any trouble with the copy falls back to quantizing.
+    """
+    model_class = causal_lm_class(base_model, trust_remote_code)
+    common = dict(dtype=compute_dtype, attn_implementation=attention, device_map={"": 0} if device == "cuda" else None,
+                  trust_remote_code=trust_remote_code)
+    copy = quantized_copy_dir(base_model, compute_dtype, quantized_cache) if quantized_cache and not trust_remote_code else None
+    if copy is not None and (copy / "config.json").is_file():
+        try:
+            return model_class.from_pretrained(copy, **common), "4-bit copy"
+        except Exception as exc:  # noqa: BLE001 - an unreadable copy is set aside, and the model quantized again
+            log.warning("the 4-bit copy %s could not be loaded (%s: %s); quantizing the base model again",
+                        copy, type(exc).__name__, exc)
+            shutil.rmtree(copy, ignore_errors=True)
+    model = model_class.from_pretrained(base_model, quantization_config=quantization_config(compute_dtype), **common)
+    if copy is not None:
+        tmp = copy.with_name(f"{copy.name}.tmp-{os.getpid()}")
+        try:
+            model.save_pretrained(tmp, save_original_format=False, max_shard_size="5GB")
+            os.replace(tmp, copy)
+            log.info("kept a 4-bit copy of the base model at %s for later jobs", copy)
+        except OSError as exc:  # a full or read-only volume costs later jobs the quantization, not this job
+            log.warning("could not keep a 4-bit copy of the base model at %s (%s)", copy, exc.strerror or exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model, "quantized while loading"
+
+
 def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype, trust_remote_code: bool = False,
-               attention: str = "sdpa"):
-    """The base model in 4-bit (fused MoE experts too) with trainable LoRA layers on top.
+               attention: str = "sdpa", quantized_cache: Path | None = None):
+    """The base model in 4-bit (MoE experts too) with trainable LoRA layers on top; and where the
+    4-bit weights came from.
 
     k-bit preparation is done here rather than with PEFT's `prepare_model_for_kbit_training`, which
-    casts every non-4-bit weight (embeddings, lm_head, norms, MoE experts) to fp32: 4.4 GB more for
-    Qwen2.5-7B's embeddings alone. The frozen weights stay in the compute dtype; LoRA weights are fp32.
+    casts every non-4-bit weight (embeddings, lm_head, norms) to fp32: 4.4 GB more for Qwen2.5-7B's
+    embeddings alone. The frozen weights stay in the compute dtype; LoRA weights are fp32.
     """
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        base_model, quantization_config=quantization_config(compute_dtype), dtype=compute_dtype,
-        attn_implementation=attention, device_map={"": 0} if device == "cuda" else None, trust_remote_code=trust_remote_code,
-    )
-    experts = quantize_moe_experts(model, compute_dtype)
-    if experts:
-        log.info("quantized the fused experts of %d MoE layers to 4-bit", experts)
+    model, source = load_base_model(base_model, device, compute_dtype, trust_remote_code, attention, quantized_cache)
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
@@ -138,7 +211,8 @@ def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(hp.seed)  # LoRA A matrices are initialised randomly
-    return get_peft_model(model, lora_config(hp, lora_targets(model, hp.lora_target_modules)))
+    with lora_targets_as_named():
+        return get_peft_model(model, lora_config(hp, lora_targets(model, hp.lora_target_modules))), source
 
 
 def label_conversations(tokenizer, conversations: list[dict], max_seq_length: int, eot_text: str):
@@ -256,12 +330,14 @@ def _peak_memory_gb(device: str) -> float:
 
 def train(conversations: list[dict], base_model: str | Path, output_dir: str | Path, hp: Hyperparameters,
           on_progress: ProgressFn | None = None, cache_dirs: list[Path] | None = None,
-          trust_remote_code: bool = False, checkpoint_dir: str | Path | None = None, fingerprint: str = "") -> TrainResult:
+          trust_remote_code: bool = False, checkpoint_dir: str | Path | None = None, fingerprint: str = "",
+          quantized_cache: Path | None = None) -> TrainResult:
     """Train a LoRA adapter on canonical conversations and write it to `output_dir`.
 
     With `checkpoint_dir`, checkpoints are written there every `hp.checkpoint_steps` steps, every
     `hp.checkpoint_minutes` minutes and on SIGTERM, and training resumes from the newest valid one
-    whose `fingerprint` (of the settings, data and base model) matches.
+    whose `fingerprint` (of the settings, data and base model) matches. With `quantized_cache`, the
+    4-bit base is kept there for later jobs (see `load_base_model`).
     """
     import bitsandbytes as bnb
     import torch
@@ -286,11 +362,11 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     # -- setup: does it fit? (config.json only: fail in seconds, before any weight is read)
     device, compute_dtype = select_precision()
     free_gb = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None
-    # quantize_experts=False: fused MoE experts are loaded in 16-bit before they are swapped to 4-bit,
-    # so that is the peak a GPU must hold until they are quantized while loading (not implemented yet).
-    estimate = estimate_job_memory(load_config(base_path), max_seq_length=hp.max_seq_length,
+    config = load_config(base_path)
+    estimate = estimate_job_memory(config, max_seq_length=hp.max_seq_length,
                                    batch_size=hp.effective_micro_batch_size, lora_rank=hp.lora_rank, gpu_memory_gb=free_gb,
-                                   gradient_checkpointing=hp.gradient_checkpointing, quantize_experts=False,
+                                   gradient_checkpointing=hp.gradient_checkpointing,
+                                   quantize_experts=experts_in_4bit(config) and not trust_remote_code,
                                    compute_bytes=torch.tensor([], dtype=compute_dtype).element_size())
     if not estimate.fits:
         raise JobError(does_not_fit_message(Path(str(base_model)).name, estimate, hp.max_seq_length))
@@ -311,7 +387,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         torch.cuda.reset_peak_memory_stats()
     attention = select_attention(device, micro)
     use_mask = attention != "flash_attention_2"
-    model = load_model(base_path, hp, device, compute_dtype, trust_remote_code, attention)
+    model, base_weights = load_model(base_path, hp, device, compute_dtype, trust_remote_code, attention, quantized_cache)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # 8-bit AdamW states; paged (spills to host memory under pressure) where CUDA is there to page from.
@@ -436,7 +512,8 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "examples": len(train_examples), "validation_examples": len(val_examples), "sequences": len(train_seqs),
         "tokens": real_tokens, "trained_tokens": trained_tokens,
         "token_efficiency": real_tokens / max(computed_tokens, 1),
-        "wall_seconds": time.monotonic() - started, "load_seconds": loaded_at - started, "train_seconds": train_seconds,
+        "wall_seconds": time.monotonic() - started, "load_seconds": loaded_at - started, "base_weights": base_weights,
+        "train_seconds": train_seconds,
         "tokens_per_second": real_tokens / max(train_seconds, 1e-9),
         "peak_memory_gb": _peak_memory_gb(device), "device": device, "attention": attention, "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "length_report": length_report, "memory_estimate": estimate.to_dict(),
@@ -584,10 +661,10 @@ def _estimate_command(args) -> int:
     config = load_config(path)
     common = dict(max_seq_length=args.max_seq_length, batch_size=args.batch_size, lora_rank=args.lora_rank,
                   gpu_memory_gb=args.gpu_memory_gb)
-    estimate = estimate_job_memory(config, **common)
+    estimate = estimate_job_memory(config, quantize_experts=experts_in_4bit(config), **common)
     result = estimate.to_dict()
     stock = estimate_job_memory(config, quantize_experts=False, **common)
-    if stock.weights_gb != estimate.weights_gb:  # fused MoE experts: what the stock transformers path would need
+    if stock.weights_gb != estimate.weights_gb:  # MoE experts: what the stock transformers path (16-bit experts) would need
         result["stock_path"] = {k: v for k, v in stock.to_dict().items() if k in ("required_gb", "weights_gb", "fits", "quantized_fraction")}
     if args.json:
         print(json.dumps(result))

@@ -1,4 +1,4 @@
-"""Base models: lookup, the memory estimate from config.json, and 4-bit fused MoE experts."""
+"""Base models: lookup, the memory estimate from config.json, and MoE experts quantized while loading."""
 
 import json
 import math
@@ -10,13 +10,13 @@ import torch
 from bitsandbytes.nn import Params4bit
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from base_models import (count_parameters, does_not_fit_message, estimate_job_memory, quantize_moe_experts,
-                         resolve_base_model, trust_remote_code_for)
+from base_models import (count_parameters, does_not_fit_message, estimate_job_memory, expert_projection_names,
+                         experts_in_4bit, resolve_base_model, trust_remote_code_for)
 from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
 from tiny_model import build_tiny_model
-from train_lora import quantization_config, train
+from train_lora import causal_lm_class, lora_targets_as_named, quantization_config, train
 
 CONFIGS = ROOT / "data" / "model-configs"
 
@@ -39,48 +39,61 @@ def four_bit_weights(model) -> int:
     return sum(p.numel() * p.element_size() * 2 for p in model.parameters() if isinstance(p, Params4bit))
 
 
-def test_fused_experts_stay_16_bit_in_the_stock_path_and_are_4_bit_after_the_swap(tiny_qwen3_next):
+def test_fused_experts_stay_16_bit_in_the_stock_path_and_load_in_4_bit_per_expert(tiny_qwen3_next):
     config = json.loads((tiny_qwen3_next / "config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_next, quantization_config=quantization_config(torch.float32),
-                                                 dtype=torch.float32)
-    assert four_bit_weights(model) == count_parameters(config, quantize_experts=False)["quantized"]
-    assert quantize_moe_experts(model, torch.float32) == 4
     counts = count_parameters(config)
+    stock = AutoModelForCausalLM.from_pretrained(tiny_qwen3_next, quantization_config=quantization_config(torch.float32),
+                                                 dtype=torch.float32)
+    assert four_bit_weights(stock) == count_parameters(config, quantize_experts=False)["quantized"]
+    assert any(n.endswith("experts.gate_up_proj") for n, _ in stock.named_parameters())
+
+    model = causal_lm_class(tiny_qwen3_next).from_pretrained(
+        tiny_qwen3_next, quantization_config=quantization_config(torch.float32), dtype=torch.float32)
     assert four_bit_weights(model) == counts["quantized"] and counts["experts"] > 0
-    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n, _ in model.named_parameters())
+    # every expert weight arrived as its own tensor and is 4-bit: there was never a fused 16-bit copy to hold
+    experts = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    assert len(experts) == 4 * config["num_experts"] * 3 and all(isinstance(p, Params4bit) for p in experts.values())
+    assert experts_in_4bit(config) and not experts_in_4bit(json.loads((CONFIGS / "qwen2.5-7b.json").read_text()))
 
 
-def test_quantized_experts_compute_what_the_fused_module_computes_with_the_same_weights(tiny_qwen3_next):
-    import copy
-
-    import bitsandbytes.functional as F
-
-    from base_models import _quantized_experts_class
-
-    fused = AutoModelForCausalLM.from_pretrained(tiny_qwen3_next, dtype=torch.float32).model.layers[0].mlp.experts
-    quantized = _quantized_experts_class()(fused, torch.float32)
-    reference = copy.deepcopy(fused)
+def test_the_per_expert_model_computes_what_the_fused_model_computes(tiny_qwen3_next):
+    fused = AutoModelForCausalLM.from_pretrained(tiny_qwen3_next, dtype=torch.float32).eval()
+    per_expert = causal_lm_class(tiny_qwen3_next).from_pretrained(tiny_qwen3_next, dtype=torch.float32).eval()
+    assert type(per_expert.model.layers[0].mlp.experts).__name__ == "PerExpertMoE"
+    ids = torch.randint(0, fused.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for e in range(fused.num_experts):
-            reference.gate_up_proj[e] = F.dequantize_4bit(quantized.gate_up[e].weight.data, quantized.gate_up[e].weight.quant_state)
-            reference.down_proj[e] = F.dequantize_4bit(quantized.down[e].weight.data, quantized.down[e].weight.quant_state)
-    torch.manual_seed(0)
-    x, index, weights = torch.randn(16, 64), torch.randint(0, 4, (16, 2)), torch.rand(16, 2)
-    assert torch.allclose(quantized(x, index, weights), reference(x, index, weights), atol=1e-5)
+        assert torch.allclose(per_expert(ids).logits, fused(ids).logits, atol=1e-5)
+
+
+def test_expert_names_come_from_transformers_own_checkpoint_mapping():
+    assert expert_projection_names("qwen3_next") == ("gate_proj", "up_proj", "down_proj")
+    assert expert_projection_names("qwen3_moe") == ("gate_proj", "up_proj", "down_proj")
+    assert expert_projection_names("qwen2") is None  # dense: nothing to do
+    assert expert_projection_names("mixtral") is None  # renamed on load (block_sparse_moe): left to the stock path
 
 
 def test_a_tiny_qwen3_next_trains_a_step_in_4_bit_with_lora_off_the_routed_experts(tiny_qwen3_next, tmp_path):
+    from peft import PeftModel
+
     hp = Hyperparameters(max_steps=2, batch_size=2, max_seq_length=768, lora_rank=4, warmup_steps=0)
     result = train(load_dataset(SAMPLE)[0][:4], tiny_qwen3_next, tmp_path / "adapter", hp)
     assert result.metrics["steps"] == 2 and math.isfinite(result.metrics["train_loss_last"])
     lora = [n for n, _ in result.model.named_parameters() if "lora_A" in n]
     assert any("linear_attn" in n for n in lora) and any("self_attn" in n for n in lora)
     assert not any(".experts." in n for n in lora)
-    # PEFT 0.21 remaps gate_proj/up_proj/down_proj of Qwen-MoE model types onto the fused expert tensors, so the
-    # shared expert's projections are not adapted (its gate is); see README "Qwen3-Next".
+    for projection in ("gate_proj", "up_proj", "down_proj"):  # the shared expert is adapted, PEFT's MoE remap aside
+        assert any(f"shared_expert.{projection}" in n for n in lora)
     assert any("shared_expert_gate" in n for n in lora)
-    # the fit check counts the load peak, when the fused experts are still 16-bit
-    assert result.metrics["memory_estimate"]["quantized_fraction"] < 0.5
+    # the fit check counts the experts in 4-bit: they are quantized while loading
+    assert result.metrics["memory_estimate"]["quantized_fraction"] > 0.5
+    # the saved adapter loads back onto the 4-bit base and reproduces the trained model
+    base = causal_lm_class(tiny_qwen3_next).from_pretrained(
+        tiny_qwen3_next, quantization_config=quantization_config(torch.float32), dtype=torch.float32)
+    with lora_targets_as_named():
+        reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model.eval()(ids).logits, atol=1e-5)
 
 
 def test_the_estimate_says_the_stock_path_cannot_fit_qwen3_next_80b_and_the_4bit_experts_can(tmp_path):
@@ -116,3 +129,15 @@ def test_allow_list_download_switch_and_remote_code(tmp_path):
     with pytest.raises(JobError, match="set ALLOW_MODEL_DOWNLOAD=true"):
         resolve_base_model("Qwen/Qwen2.5-7B-Instruct", [tmp_path])
     assert not trust_remote_code_for("some/model", []) and trust_remote_code_for("some/model", ["some/model"])
+
+
+def test_the_4bit_copy_of_a_per_expert_model_keeps_its_experts(tiny_qwen3_next, tmp_path):
+    from train_lora import load_base_model
+
+    quantized, source = load_base_model(tiny_qwen3_next, "cpu", torch.float32, quantized_cache=tmp_path)
+    copied, copy_source = load_base_model(tiny_qwen3_next, "cpu", torch.float32, quantized_cache=tmp_path)
+    assert (source, copy_source) == ("quantized while loading", "4-bit copy")
+    assert four_bit_weights(copied) == count_parameters(json.loads((tiny_qwen3_next / "config.json").read_text()))["quantized"]
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(copied.eval()(ids).logits, quantized.eval()(ids).logits)

@@ -169,3 +169,31 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwe
     assert torch.allclose(chunked, full, rtol=1e-5)
     for name, grad in grads().items():
         assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_a_kept_4bit_copy_loads_the_same_model_on_later_jobs_and_a_broken_one_is_replaced(tiny_qwen2, tmp_path, caplog):
+    conversations = load_dataset(SAMPLE)[0][:6]
+    hp = Hyperparameters(max_steps=2, batch_size=2, max_seq_length=512, lora_rank=4, warmup_steps=0, val_fraction=0)
+    cache = tmp_path / ".quantized"
+    first = train(conversations, tiny_qwen2, tmp_path / "a", hp, quantized_cache=cache)
+    copies = list(cache.iterdir())
+    assert first.metrics["base_weights"] == "quantized while loading" and len(copies) == 1
+    assert json.loads((copies[0] / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    second = train(conversations, tiny_qwen2, tmp_path / "b", hp, quantized_cache=cache)
+    assert second.metrics["base_weights"] == "4-bit copy"
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "training_log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert losses[0] == losses[1]  # the copy is the same 4-bit model, bit for bit
+    # a copy that cannot be read is set aside: this job quantizes again and keeps a new copy
+    (copies[0] / "model.safetensors").write_bytes(b"not a safetensors file")
+    third = train(conversations, tiny_qwen2, tmp_path / "c", hp, quantized_cache=cache)
+    assert third.metrics["base_weights"] == "quantized while loading" and "could not be loaded" in caplog.text
+    assert train(conversations, tiny_qwen2, tmp_path / "d", hp, quantized_cache=cache).metrics["base_weights"] == "4-bit copy"
+
+
+def test_a_volume_that_cannot_hold_the_copy_costs_nothing_but_the_copy(tiny_qwen2, tmp_path, caplog):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    hp = Hyperparameters(max_steps=1, batch_size=2, max_seq_length=512, lora_rank=4, warmup_steps=0, val_fraction=0)
+    result = train(load_dataset(SAMPLE)[0][:4], tiny_qwen2, tmp_path / "adapter", hp, quantized_cache=blocked)
+    assert result.metrics["steps"] == 1 and "could not keep a 4-bit copy" in caplog.text
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
