@@ -246,6 +246,8 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
             position_ids[row, offset:offset + n] = torch.arange(n)
             segment[row, offset:offset + n] = index
             offset += n
+    # counted on the CPU: reading a count back from the GPU would stall the queue of its kernels
+    real_tokens, trained_tokens = int((segment >= 0).sum()), int((labels[:, 1:] != IGNORE).sum())
     input_ids, labels, position_ids, segment = (t.to(device) for t in (input_ids, labels, position_ids, segment))
     real = segment >= 0
     if all(len(seq) == 1 for seq in sequences):
@@ -258,4 +260,5 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
         mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding rows attend to themselves
         mask = mask[:, None]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": mask, "real_tokens": int(real.sum()), "computed_tokens": batch * length}
+            "attention_mask": mask, "real_tokens": real_tokens, "trained_tokens": trained_tokens,
+            "computed_tokens": batch * length}

@@ -287,7 +287,7 @@ def _loss_sum(model, batch, device, use_mask: bool = True):
 
 
 def _trained_in(batch) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return batch["trained_tokens"]
 
 
 def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str, use_mask: bool = True) -> float | None:
@@ -450,18 +450,19 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                 step_seqs = [train_seqs[i] for i in order[start:start + hp.batch_size]]
                 batches = [collate(step_seqs[i:i + micro], pad_id, device) for i in range(0, len(step_seqs), micro)]
                 n_trained = sum(_trained_in(b) for b in batches)
-                loss_total = 0.0
+                loss_total = torch.zeros(())
                 try:
-                    for batch in batches:
+                    for batch in batches:  # no value is read back from the GPU until the step's end
                         loss = _loss_sum(model, batch, device, use_mask) / n_trained
                         loss.backward()
-                        loss_total += float(loss.detach())
+                        loss_total = loss_total.to(loss.device) + loss.detach()
                 except torch.OutOfMemoryError:
                     raise JobError(
                         f"the GPU ran out of memory at step {step + 1} with micro-batch {micro} x up to {hp.max_seq_length} "
                         "tokens; reduce hyperparameters.micro_batch_size (or batch_size), max_seq_length or lora_rank, and "
                         "resubmit" + (" (it resumes from the last checkpoint)" if checkpoint_dir else "")
                     ) from None
+                loss_total = float(loss_total)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()

@@ -99,6 +99,7 @@ def test_padding_is_never_trained_nor_attended(tiny_qwen2):
     n = len(example.input_ids)
     assert packed.shape[1] == 1 and not packed[0, 0, n:, :n].any()  # packed: the second example cannot see the first
     assert batch["real_tokens"] == len(example.input_ids) + len(short.input_ids)
+    assert batch["trained_tokens"] == example.num_trained + short.num_trained == int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 TOOL_TEMPLATE = (
