@@ -10,7 +10,11 @@ page cache, so times are quantization and copying, not volume reads: the bytes e
 reported instead). On a GPU (`--configs data/model-configs/qwen2.5-7b.json ...`) the real
 architectures are built with random weights. Memory: peak allocated CUDA memory on a GPU; on CPU the
 process's anonymous memory (RssAnon: the model, not the mapped files) after loading, after
-returning freed heap memory to the system (malloc_trim), and at its peak sampled every 2 ms.
+returning freed heap memory to the system (malloc_trim), and at its peak sampled every 2 ms. Each
+measuring process runs with glibc's mmap threshold fixed at 128 KiB, so that a freed tensor's
+memory goes back to the system at once and the sampled peak follows the memory really in use
+(with glibc's adaptive threshold, the freed 16-bit expert tensors stay in the heap and the peak
+reads like the stock path's).
 
     .venv/bin/python bench/bench_load.py [--json bench/results/load-cpu-DATE.json]
 """
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 if way == "ours":
                     started = time.perf_counter()
                 run = subprocess.run([sys.executable, __file__, "--_measure", way if way != "copy" else "ours",
-                                      str(model_dir), str(copy_root)], capture_output=True, text=True, cwd=ROOT)
+                                      str(model_dir), str(copy_root)], capture_output=True, text=True, cwd=ROOT,
+                                     env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
                 if run.returncode != 0:
                     raise SystemExit(f"{name} / {way} failed:\n{run.stderr[-3000:]}")
                 row = {"model": name, **json.loads(run.stdout.strip().splitlines()[-1])}
