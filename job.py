@@ -79,7 +79,7 @@ class Hyperparameters(_Section):
     lora_rank: int = Field(16, ge=4, le=128, validation_alias=AliasChoices("lora_rank", "rank"), description="LoRA rank r (alias rank)")
     lora_alpha: float | None = Field(None, gt=0, le=1024, validation_alias=AliasChoices("lora_alpha", "alpha"), description="LoRA alpha (alias alpha); default 2 x rank")
     lora_dropout: float = Field(0.05, ge=0.0, le=0.5, validation_alias=AliasChoices("lora_dropout", "dropout"), description="LoRA dropout (alias dropout)")
-    lora_target_modules: str | list[str] = Field("all-linear", description="`all-linear` (every linear layer of the decoder, not lm_head) or a list of module names")
+    lora_target_modules: str | list[str] = Field("all-linear", description="`all-linear` (every linear layer of the decoder, not lm_head) or a list of module names; routed MoE experts are never adapted")
     max_seq_length: int = Field(2048, ge=64, le=32768, description="Tokens per packed sequence; longer conversations lose their oldest turns first")
     packing: bool = Field(True, description="Pack several conversations into one sequence (isolated by a block-diagonal attention mask)")
     warmup_steps: int | None = Field(None, ge=0, le=100_000, description="Linear warmup steps; default warmup_ratio x total steps")

@@ -77,12 +77,15 @@ def quantization_config(compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
 
 
-def lora_config(hp: Hyperparameters, target_modules: list[str] | str):
-    """LoRA with the job's rank, alpha and dropout on `target_modules`."""
+ROUTED_EXPERTS = r".*\.experts\.\d+\..*"  # module names of per-expert layers (see base_models.PerExpertMoE)
+
+
+def lora_config(hp: Hyperparameters, target_modules: list[str] | str, exclude_modules: str | None = None):
+    """LoRA with the job's rank, alpha and dropout on `target_modules`, none on `exclude_modules`."""
     from peft import LoraConfig
 
     return LoraConfig(r=hp.lora_rank, lora_alpha=hp.effective_lora_alpha, lora_dropout=hp.lora_dropout,
-                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+                      target_modules=target_modules, exclude_modules=exclude_modules, bias="none", task_type="CAUSAL_LM")
 
 
 def lora_targets(model, requested: str | list[str]) -> list[str] | str:
@@ -211,8 +214,13 @@ def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(hp.seed)  # LoRA A matrices are initialised randomly
+    # Routed experts are never adapted, whatever the targets (a listed `gate_proj` would otherwise put
+    # an adapter on each of Qwen3-Next-80B's 24,576 expert gate projections).
+    import re
+
+    experts = ROUTED_EXPERTS if any(re.fullmatch(ROUTED_EXPERTS, name) for name, _ in model.named_modules()) else None
     with lora_targets_as_named():
-        return get_peft_model(model, lora_config(hp, lora_targets(model, hp.lora_target_modules))), source
+        return get_peft_model(model, lora_config(hp, lora_targets(model, hp.lora_target_modules), experts)), source
 
 
 def label_conversations(tokenizer, conversations: list[dict], max_seq_length: int, eot_text: str):

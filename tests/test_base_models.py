@@ -141,3 +141,13 @@ def test_the_4bit_copy_of_a_per_expert_model_keeps_its_experts(tiny_qwen3_next, 
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(copied.eval()(ids).logits, quantized.eval()(ids).logits)
+
+
+def test_listed_targets_never_reach_the_routed_experts(tiny_qwen3_next):
+    from train_lora import load_model
+
+    hp = Hyperparameters(lora_rank=4, lora_target_modules=["gate_proj", "q_proj"])
+    model, _ = load_model(tiny_qwen3_next, hp, "cpu", torch.float32)
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted and not any(".experts." in n for n in adapted)
+    assert sum(n.endswith("shared_expert.gate_proj") for n in adapted) == 4  # one per MoE layer
