@@ -151,3 +151,11 @@ def test_listed_targets_never_reach_the_routed_experts(tiny_qwen3_next):
     adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted and not any(".experts." in n for n in adapted)
     assert sum(n.endswith("shared_expert.gate_proj") for n in adapted) == 4  # one per MoE layer
+
+
+def test_the_kept_4bit_copies_are_not_offered_as_cached_models(tmp_path):
+    for model in ("Qwen/Qwen2.5-7B-Instruct", ".quantized/Qwen2.5-7B-Instruct-0123456789abcdef"):
+        (tmp_path / model).mkdir(parents=True)
+        (tmp_path / model / "config.json").write_text("{}")
+    with pytest.raises(JobError, match=r"Cached models: Qwen/Qwen2.5-7B-Instruct\. Pick"):
+        resolve_base_model("mistralai/Mistral-7B-v0.1", [tmp_path])
