@@ -276,10 +276,20 @@ def expert_projection_names(model_type: str) -> tuple[str, str, str] | None:
     return (gate_up[0], gate_up[1], down[0]) if len(gate_up) == 2 and len(down) == 1 else None
 
 
+# Model types whose fused experts `PerExpertMoE` reproduces exactly (tested: tests/test_base_models.py).
+# Others that transformers fuses the same way differ inside (e.g. LongCat's identity "zero experts",
+# DeepSeek's grouped routing): they stay on the stock path, experts in 16-bit, and are estimated so.
+PER_EXPERT_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "qwen3_next")
+
+
+def per_expert_names(model_type: str) -> tuple[str, str, str] | None:
+    """The expert projection names when the worker loads `model_type`'s experts per expert in 4-bit."""
+    return expert_projection_names(model_type) if model_type in PER_EXPERT_MODEL_TYPES else None
+
+
 def experts_in_4bit(config: dict) -> bool:
     """Whether the worker loads this model's routed experts in 4-bit (see `per_expert_model_class`)."""
-    has_experts = bool(config.get("num_experts") or config.get("num_local_experts"))
-    return has_experts and expert_projection_names(config.get("model_type", "")) is not None
+    return per_expert_names(config.get("model_type", "")) is not None
 
 
 def _per_expert_module_class():

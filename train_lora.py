@@ -36,8 +36,8 @@ from typing import Any, Callable
 
 from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_text, end_of_turn_token,
                          ensure_chat_template, pack_examples, tokenize_conversation, trained_runs)
-from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, experts_in_4bit,
-                         expert_projection_names, load_config, per_expert_model_class, resolve_base_model)
+from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, experts_in_4bit, load_config,
+                         per_expert_model_class, per_expert_names, resolve_base_model)
 from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from dataset_loader import DatasetError, load_dataset
 from job import Hyperparameters, JobError
@@ -142,55 +142,105 @@ def causal_lm_class(base_model: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    names = expert_projection_names(config.model_type)
+    names = per_expert_names(config.model_type)
     if names is None or trust_remote_code or type(config) not in AutoModelForCausalLM._model_mapping:
         return AutoModelForCausalLM
     return per_expert_model_class(AutoModelForCausalLM._model_mapping[type(config)], names)
 
 
-def quantized_copy_dir(base_model: Path, compute_dtype, root: Path) -> Path:
-    """Where the 4-bit copy of `base_model` for `compute_dtype` lives under `root`, named by a hash of
-    what makes it valid (the model's files, sizes and times, the dtype, the bitsandbytes and
-    transformers versions that wrote it): a changed model or library never loads a stale copy."""
+COPY_FORMAT = 1  # bump when what the worker writes as a 4-bit copy changes
+
+
+def quantized_copy_dir(base_model: Path, compute_dtype, root: Path, model_class) -> Path:
+    """Where the 4-bit copy of `base_model` lives under `root`, named by a hash of everything that
+    decides its bytes: the model's files (names, sizes, times), the model class (per-expert or
+    stock), the quantization settings and compute dtype, and the torch, bitsandbytes and
+    transformers versions. A changed model, setting or library never loads a stale copy."""
     import hashlib
     from importlib.metadata import version
 
     files = sorted(p for p in base_model.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
     key = json.dumps([[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]
-                     + [str(compute_dtype), version("bitsandbytes"), version("transformers")])
+                     + [COPY_FORMAT, f"{model_class.__module__}.{model_class.__qualname__}",
+                        quantization_config(compute_dtype).to_json_string(),
+                        *(version(m) for m in ("torch", "bitsandbytes", "transformers"))])
     return root / f"{base_model.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _set_aside(path: Path) -> None:
+    """Rename `path` out of the way (atomic: no reader sees half of it go), then delete it."""
+    import uuid
+
+    aside = path.with_name(f"{path.name}.bad-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _keep_quantized_copy(model, copy: Path) -> None:
+    """Save `model` as `copy`: written into a directory of its own, renamed into place when complete.
+    Best effort: any failure (a full or read-only volume, another worker first) is logged, not raised."""
+    import tempfile
+
+    tmp = None
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        for stale in copy.parent.glob(f"{copy.name}.tmp-*"):  # left by a worker killed while writing
+            if time.time() - stale.stat().st_mtime > 24 * 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=copy.parent, prefix=f"{copy.name}.tmp-"))
+        model.save_pretrained(tmp, save_original_format=False, max_shard_size="5GB")
+        if copy.exists() and not (copy / "config.json").is_file():
+            _set_aside(copy)  # an incomplete leftover would block the rename forever
+        os.replace(tmp, copy)
+        log.info("kept a 4-bit copy of the base model at %s for later jobs", copy)
+    except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as SafetensorError, not OSError
+        if copy.is_dir() and (copy / "config.json").is_file():
+            log.info("another worker kept the 4-bit copy at %s first", copy)
+        else:
+            log.warning("could not keep a 4-bit copy of the base model at %s (%s: %s); later jobs quantize it again",
+                        copy, type(exc).__name__, exc)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_code: bool = False,
                     attention: str = "sdpa", quantized_cache: Path | None = None):
     """The frozen base in 4-bit, and where it came from.
 
-    With `quantized_cache`, the first job saves the quantized model there once (`<name>-<hash>/`,
-    written aside and renamed into place), and later jobs load that copy: a quarter of the bytes to
-    read from the volume and no quantization. Any trouble with the copy falls back to quantizing.
+    With `quantized_cache`, the first job saves the quantized model there once (`<name>-<hash>/`),
+    and later jobs load that copy: a quarter of the bytes to read from the volume and no
+    quantization. A copy that does not load, or loads with a key missing or left over, is set aside
+    and the model quantized again.
     """
+    import torch
+
     model_class = causal_lm_class(base_model, trust_remote_code)
     common = dict(dtype=compute_dtype, attn_implementation=attention, device_map={"": 0} if device == "cuda" else None,
                   trust_remote_code=trust_remote_code)
-    copy = quantized_copy_dir(base_model, compute_dtype, quantized_cache) if quantized_cache and not trust_remote_code else None
+    copy = None
+    if quantized_cache is not None and not trust_remote_code:
+        copy = quantized_copy_dir(base_model, compute_dtype, quantized_cache, model_class)
     if copy is not None and (copy / "config.json").is_file():
         try:
-            return model_class.from_pretrained(copy, **common), "4-bit copy"
-        except Exception as exc:  # noqa: BLE001 - an unreadable copy is set aside, and the model quantized again
-            log.warning("the 4-bit copy %s could not be loaded (%s: %s); quantizing the base model again",
-                        copy, type(exc).__name__, exc)
-            shutil.rmtree(copy, ignore_errors=True)
+            model, info = model_class.from_pretrained(copy, output_loading_info=True, **common)
+            wrong = {k: sorted(v)[:3] for k, v in info.items() if k.endswith("_keys") and v}
+            if not wrong:
+                return model, "4-bit copy"
+            del model
+            reason = f"keys that do not match the model: {wrong}"
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever makes a copy unreadable, quantizing again is the cure
+            reason = f"{type(exc).__name__}: {exc}"
+        log.warning("the 4-bit copy %s could not be used (%s); quantizing the base model again", copy, reason)
+        _set_aside(copy)
     model = model_class.from_pretrained(base_model, quantization_config=quantization_config(compute_dtype), **common)
     if copy is not None:
-        tmp = copy.with_name(f"{copy.name}.tmp-{os.getpid()}")
-        try:
-            model.save_pretrained(tmp, save_original_format=False, max_shard_size="5GB")
-            os.replace(tmp, copy)
-            log.info("kept a 4-bit copy of the base model at %s for later jobs", copy)
-        except OSError as exc:  # a full or read-only volume costs later jobs the quantization, not this job
-            log.warning("could not keep a 4-bit copy of the base model at %s (%s)", copy, exc.strerror or exc)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _keep_quantized_copy(model, copy)
     return model, "quantized while loading"
 
 
@@ -555,13 +605,15 @@ def _library_versions() -> dict:
 
 def save_adapter(model, tokenizer, eot_text: str, output_dir: Path, config: dict, metrics: dict, history: list[dict]) -> None:
     """Write everything into `<output>.tmp`, then rename it to `output_dir`: never a half-written adapter."""
+    from safetensors import SafetensorError
+
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_adapter(model, tokenizer, eot_text, tmp, config, metrics, history)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise JobError(f"could not save the adapter ({exc.strerror or exc}): free space on the volume and resubmit "
+        raise JobError(f"could not save the adapter ({getattr(exc, 'strerror', None) or exc}): free space on the volume and resubmit "
                        "the job; it resumes from its final checkpoint without training again") from None
     if output_dir.exists():
         shutil.rmtree(output_dir)

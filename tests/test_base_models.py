@@ -11,7 +11,7 @@ from bitsandbytes.nn import Params4bit
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from base_models import (count_parameters, does_not_fit_message, estimate_job_memory, expert_projection_names,
-                         experts_in_4bit, resolve_base_model, trust_remote_code_for)
+                         experts_in_4bit, per_expert_names, resolve_base_model, trust_remote_code_for)
 from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
@@ -56,9 +56,26 @@ def test_fused_experts_stay_16_bit_in_the_stock_path_and_load_in_4_bit_per_exper
     assert experts_in_4bit(config) and not experts_in_4bit(json.loads((CONFIGS / "qwen2.5-7b.json").read_text()))
 
 
-def test_the_per_expert_model_computes_what_the_fused_model_computes(tiny_qwen3_next):
-    fused = AutoModelForCausalLM.from_pretrained(tiny_qwen3_next, dtype=torch.float32).eval()
-    per_expert = causal_lm_class(tiny_qwen3_next).from_pretrained(tiny_qwen3_next, dtype=torch.float32).eval()
+TINY_MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                intermediate_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+
+
+@pytest.fixture(params=["qwen3_next", "qwen3_moe", "qwen2_moe"])
+def tiny_moe(request, tiny_qwen3_next, tmp_path):
+    if request.param == "qwen3_next":
+        return tiny_qwen3_next
+    extra = {"shared_expert_intermediate_size": 64} if request.param == "qwen2_moe" else {}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(request.param, **TINY_MOE, **extra))
+    for p in model.parameters():  # from_config leaves some tensors (routers) at zero: random weights all through
+        torch.nn.init.normal_(p, std=0.1)
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_the_per_expert_model_computes_what_the_fused_model_computes(tiny_moe):
+    fused = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
+    per_expert = causal_lm_class(tiny_moe).from_pretrained(tiny_moe, dtype=torch.float32).eval()
     assert type(per_expert.model.layers[0].mlp.experts).__name__ == "PerExpertMoE"
     ids = torch.randint(0, fused.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -70,6 +87,10 @@ def test_expert_names_come_from_transformers_own_checkpoint_mapping():
     assert expert_projection_names("qwen3_moe") == ("gate_proj", "up_proj", "down_proj")
     assert expert_projection_names("qwen2") is None  # dense: nothing to do
     assert expert_projection_names("mixtral") is None  # renamed on load (block_sparse_moe): left to the stock path
+    # fused the same way, but their expert modules differ inside: the stock path, and the estimate says 16-bit
+    for model_type in ("longcat_flash", "deepseek_v3"):
+        assert expert_projection_names(model_type) is not None and per_expert_names(model_type) is None
+        assert not experts_in_4bit({"model_type": model_type, "n_routed_experts": 8})
 
 
 def test_a_tiny_qwen3_next_trains_a_step_in_4_bit_with_lora_off_the_routed_experts(tiny_qwen3_next, tmp_path):

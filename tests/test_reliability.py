@@ -204,16 +204,20 @@ def test_kill_9_mid_training_then_the_same_job_resumes_and_completes(storage, ti
     PeftModel.from_pretrained(base, result["output"]["adapter_path"])  # the final adapter loads
 
 
+@pytest.mark.parametrize("error", ["OSError", "SafetensorError"])  # safetensors' writer raises the second
 def test_a_full_disk_while_saving_the_adapter_is_clear_and_resumes_without_training_again(
-        conversations, tiny_qwen2, tmp_path, monkeypatch):
+        conversations, tiny_qwen2, tmp_path, monkeypatch, error):
     import peft.peft_model
+    from safetensors import SafetensorError
 
     def disk_full(*args, **kwargs):  # the disk is outside the code under test
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if error == "OSError":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
     hp, checkpoints = Hyperparameters(**HP), tmp_path / "checkpoints"
-    with pytest.raises(JobError, match=r"could not save the adapter \(No space left on device\): free space"):
+    with pytest.raises(JobError, match=r"could not save the adapter \((.*: )?No space left on device( \(os error 28\))?\): free"):
         train(conversations, tiny_qwen2, tmp_path / "adapter", hp, checkpoint_dir=checkpoints, fingerprint="job-4")
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "adapter.tmp").exists()
     monkeypatch.undo()
@@ -246,3 +250,57 @@ def test_a_restarted_container_reusing_our_pid_is_not_mistaken_for_a_live_owner(
     assert json.loads(lock.read_text())["token"] == taken.token
     taken.release()
     assert not lock.exists()
+
+
+def test_a_4bit_copy_the_volume_cannot_hold_leaves_nothing_behind_and_the_job_goes_on(tiny_qwen2, tmp_path, caplog):
+    import resource
+    import signal
+
+    from train_lora import load_base_model
+
+    # A real write failure: files may not grow past 64 KiB (EFBIG), so safetensors' writer fails as on a full disk.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        model, source = load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path / ".quantized")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert source == "quantized while loading" and "could not keep a 4-bit copy" in caplog.text
+    assert list((tmp_path / ".quantized").iterdir()) == []  # no partial copy, no temporary directory
+    assert load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path / ".quantized")[1] == "quantized while loading"
+    assert load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path / ".quantized")[1] == "4-bit copy"
+
+
+def test_a_copy_whose_weights_do_not_match_the_model_is_set_aside(tiny_qwen2, tmp_path, caplog):
+    from train_lora import causal_lm_class, load_base_model, quantized_copy_dir
+
+    copy = quantized_copy_dir(tiny_qwen2, torch.float32, tmp_path, causal_lm_class(tiny_qwen2))
+    load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)
+    # a copy whose weights do not fit the model (here: one layer's weights missing) is set aside
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(copy / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".layers.1.mlp." not in k}, copy / "model.safetensors", metadata={"format": "pt"})
+    model, source = load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)
+    assert source == "quantized while loading" and "keys that do not match the model" in caplog.text
+    assert load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)[1] == "4-bit copy"
+
+
+def test_two_workers_writing_one_copy_and_a_killed_writers_leftovers(tiny_qwen2, tmp_path, caplog):
+    import logging
+
+    from train_lora import _keep_quantized_copy, load_base_model
+
+    model, _ = load_base_model(tiny_qwen2, "cpu", torch.float32)
+    copy = tmp_path / "tiny-qwen2-0123456789abcdef"
+    old, recent = tmp_path / f"{copy.name}.tmp-killed", tmp_path / f"{copy.name}.tmp-writing"
+    for leftover in (old, recent):
+        leftover.mkdir()
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    with caplog.at_level(logging.INFO):
+        _keep_quantized_copy(model, copy)  # the first worker's rename wins
+        _keep_quantized_copy(model, copy)  # the second finds the copy in place
+    assert (copy / "config.json").is_file() and "another worker kept the 4-bit copy" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([copy.name, recent.name])  # a day-old leftover is gone
