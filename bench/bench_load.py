@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["way"] = way
                 if way == "ours":
                     row["with_saving_the_copy_seconds"] = round(time.perf_counter() - started, 2)
-                row["bytes_read_mb"] = round(_dir_bytes(next(copy_root.iterdir()) if way == "copy" else model_dir) / 1e6)
+                row["bytes_read_mb"] = round(_dir_bytes(next(copy_root.iterdir()) if way == "copy" else model_dir) / 1e6, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'model':30} {'way':6} {'4-bit':>6} {'load s':>7} {'read MB':>8} {'anon after MB':>14} {'after trim MB':>14} {'anon peak MB':>13}"
           + (f" {'peak GPU GB':>12}" if torch.cuda.is_available() else ""))
     for r in rows:
-        print(f"{r['model']:30} {r['way']:6} {r['fraction_in_4bit']:6.1%} {r['load_seconds']:7.2f} {r['bytes_read_mb']:8d} {r['anon_after_load_mb']:14d} {r['anon_after_trim_mb']:14d} "
+        print(f"{r['model']:30} {r['way']:6} {r['fraction_in_4bit']:6.1%} {r['load_seconds']:7.2f} {r['bytes_read_mb']:8.1f} {r['anon_after_load_mb']:14d} {r['anon_after_trim_mb']:14d} "
               f"{r['anon_peak_mb']:13d}" + (f" {r['peak_allocated_gb']:12.2f}" if "peak_allocated_gb" in r else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

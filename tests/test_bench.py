@@ -37,3 +37,23 @@ def test_the_gpu_mode_flow_runs_on_a_model_built_from_a_config(tiny_qwen2, tmp_p
     result = json.loads(out.read_text())
     assert set(result["models"]["tiny-config"]) == {"packed", "padded", "hf_trainer"}
     assert result["bf16_matmul_peak_tflops"] is None and 0 < result["token_efficiency_packed"] <= 1
+
+
+def test_the_load_benchmark_compares_stock_ours_and_the_copy(tmp_path):
+    """bench_load.py's flow on a tiny Qwen3-Next config: three ways, each in its own process, and what
+    each holds in 4-bit (memory and times are the benchmark's to report, not asserted here)."""
+    import json
+    import subprocess
+
+    from tiny_model import build_tiny_model
+
+    config = tmp_path / "tiny-moe.json"
+    config.write_text((build_tiny_model("qwen3_next", tmp_path / "model") / "config.json").read_text())
+    out = tmp_path / "load.json"
+    run = subprocess.run([sys.executable, "bench/bench_load.py", "--configs", str(config), "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["way"]: r for r in json.loads(out.read_text())["rows"]}
+    assert [rows[w]["source"] for w in ("stock", "ours", "copy")] == ["stock", "quantized while loading", "4-bit copy"]
+    assert rows["ours"]["fraction_in_4bit"] == rows["copy"]["fraction_in_4bit"] > rows["stock"]["fraction_in_4bit"]
+    assert 0 < rows["copy"]["bytes_read_mb"] < rows["ours"]["bytes_read_mb"]
