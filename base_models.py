@@ -5,9 +5,10 @@ cache directory as `<dir>/<org>/<name>` and `<dir>/<name>`; RunPod's cached-mode
 runpod SDK resolves it); the Hugging Face cache (HF_HOME), offline. A download into the first cache
 directory happens only when the deployment allows it.
 
-The memory estimate needs only `config.json`: it counts the parameters of each kind, which of them
-bitsandbytes really stores in 4-bit, and the LoRA, optimizer and activation memory of the job.
-No weight is read, so a model that cannot fit fails in seconds.
+The memory estimate needs only `config.json`: it builds transformers' architecture for it on the
+meta device, counts the parameters of each kind and which of them bitsandbytes really stores in
+4-bit, and adds the LoRA, optimizer and activation memory of the job. No weight is read, so a model
+that cannot fit fails in seconds.
 """
 
 from __future__ import annotations
@@ -126,63 +127,41 @@ def load_config(model: str | Path) -> dict:
 
 
 def count_parameters(c: dict, *, quantize_experts: bool = True) -> dict:
-    """Parameters by kind, from a decoder's config (Llama/Mistral/Qwen2/Qwen3, Mixtral/Qwen-MoE, Qwen3-Next).
+    """Parameters by kind, counted on transformers' own architecture for config `c`, built on the
+    meta device (no memory, no weights), so that any architecture transformers knows is counted
+    exactly (DeepSeek's `n_routed_experts`, MLA attention, ...).
 
     `quantized` counts what is stored in 4-bit: the decoder's nn.Linear layers (bitsandbytes replaces
-    them) and, when `quantize_experts`, the MoE expert weights (which the stock transformers 5 path
-    fuses into 3D tensors and leaves in 16-bit; see `per_expert_model_class`). Embeddings, lm_head,
-    norms, routers and convolutions stay in 16-bit.
+    them; not the output layer) and, when `quantize_experts`, the MoE experts, which the stock
+    transformers 5 path fuses into 3D tensors and leaves in 16-bit (see `per_expert_model_class`).
+    Embeddings, lm_head, biases, norms, routers and convolutions stay in 16-bit.
     """
-    h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    head_dim = c.get("head_dim") or h // heads
-    experts = c.get("num_experts") or c.get("num_local_experts") or 0
-    moe_inter = c.get("moe_intermediate_size") or c.get("intermediate_size")
-    shared_inter = c.get("shared_expert_intermediate_size") or 0
-    sparse_step, mlp_only = c.get("decoder_sparse_step", 1) or 1, set(c.get("mlp_only_layers") or [])
-    model_type = c.get("model_type", "")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    linear = expert = other = 0
-    lora_shapes: list[tuple[int, int]] = []  # (in, out) of each nn.Linear LoRA can target
-    for i in range(layers):
-        kind = _layer_type(c, i)
-        if kind == "linear_attention":
-            kd, vd = c["linear_num_key_heads"] * c["linear_key_head_dim"], c["linear_num_value_heads"] * c["linear_value_head_dim"]
-            shapes = [(h, 2 * kd + 2 * vd), (h, 2 * c["linear_num_value_heads"]), (vd, h)]
-            other += (2 * kd + vd) * c["linear_conv_kernel_dim"] + 2 * c["linear_num_value_heads"] + c["linear_value_head_dim"]
-        else:
-            q_out = heads * head_dim * (2 if model_type == "qwen3_next" else 1)  # Qwen3-Next gates attention with q
-            shapes = [(h, q_out), (h, kv * head_dim), (h, kv * head_dim), (heads * head_dim, h)]
-            if model_type in ("qwen3", "qwen3_moe", "qwen3_next"):
-                other += 2 * head_dim  # q_norm, k_norm
-            if model_type in ("qwen2", "qwen2_moe") or c.get("attention_bias"):
-                other += heads * head_dim + 2 * kv * head_dim  # q, k, v biases
-        if experts and i not in mlp_only and (i + 1) % sparse_step == 0:
-            expert += experts * 3 * h * moe_inter
-            other += experts * h  # router
-            if shared_inter:
-                shapes += [(h, shared_inter), (h, shared_inter), (shared_inter, h), (h, 1)]
-        else:
-            inter = c["intermediate_size"]
-            shapes += [(h, inter), (h, inter), (inter, h)]
-        linear += sum(a * b for a, b in shapes)
-        lora_shapes += shapes
-        other += 2 * h  # input and post-attention norms
-    embeddings = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
-    other += embeddings + h  # final norm
-    quantized = linear + (expert if quantize_experts else 0)
-    total = linear + expert + other
-    return {"total": total, "quantized": quantized, "linear": linear, "experts": expert, "other": other,
-            "embeddings": embeddings, "lora_shapes": lora_shapes, "vocab": vocab, "hidden": h, "layers": layers,
-            "heads": heads, "intermediate": c.get("intermediate_size") or moe_inter}
-
-
-def _layer_type(c: dict, i: int) -> str:
-    if c.get("layer_types"):
-        return c["layer_types"][i]
-    if c.get("model_type") == "qwen3_next":
-        return "full_attention" if (i + 1) % c.get("full_attention_interval", 4) == 0 else "linear_attention"
-    return "full_attention"
+    try:
+        config = AutoConfig.for_model(**c)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (KeyError, ValueError) as exc:
+        raise JobError(f"cannot size model type {c.get('model_type')!r} from its config.json ({exc}); "
+                       "the estimate needs an architecture this transformers knows") from None
+    output = model.get_output_embeddings()
+    linear = experts = 0
+    lora_shapes: list[tuple[int, int]] = []  # (in, out) of each linear layer LoRA can target
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not output:
+            linear += module.weight.numel()
+            if ".experts." not in name:
+                lora_shapes.append((module.in_features, module.out_features))
+    experts = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 3 and ".experts." in name)
+    total = sum(p.numel() for p in model.parameters())  # a tied lm_head is counted once
+    h = c["hidden_size"]
+    return {"total": total, "quantized": linear + (experts if quantize_experts else 0), "linear": linear,
+            "experts": experts, "other": total - linear - experts, "lora_shapes": lora_shapes,
+            "embeddings": c["vocab_size"] * h * (1 if c.get("tie_word_embeddings") else 2), "vocab": c["vocab_size"],
+            "hidden": h, "layers": c["num_hidden_layers"], "heads": c["num_attention_heads"],
+            "intermediate": c.get("intermediate_size") or c.get("moe_intermediate_size")}
 
 
 # ---------------------------------------------------------------------------- memory of a job

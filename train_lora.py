@@ -174,9 +174,21 @@ def _set_aside(path: Path) -> None:
     aside = path.with_name(f"{path.name}.bad-{uuid.uuid4().hex[:8]}")
     try:
         os.replace(path, aside)
-    except OSError:
+    except OSError as exc:
+        log.warning("could not set %s aside (%s)", path, exc)
         return
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _sweep(root: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove what killed workers left under `root`: unfinished copies (`*.tmp-*`) and copies being
+    deleted (`*.bad-*`) older than a day (a live writer's directory is younger)."""
+    for leftover in [*root.glob("*.tmp-*"), *root.glob("*.bad-*")]:
+        try:
+            if time.time() - leftover.stat().st_mtime > max_age_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:  # another worker swept it first
+            pass
 
 
 def _keep_quantized_copy(model, copy: Path) -> None:
@@ -187,17 +199,15 @@ def _keep_quantized_copy(model, copy: Path) -> None:
     tmp = None
     try:
         copy.parent.mkdir(parents=True, exist_ok=True)
-        for stale in copy.parent.glob(f"{copy.name}.tmp-*"):  # left by a worker killed while writing
-            if time.time() - stale.stat().st_mtime > 24 * 3600:
-                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=copy.parent, prefix=f"{copy.name}.tmp-"))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the copy from workers running as another user
         model.save_pretrained(tmp, save_original_format=False, max_shard_size="5GB")
         if copy.exists() and not (copy / "config.json").is_file():
             _set_aside(copy)  # an incomplete leftover would block the rename forever
         os.replace(tmp, copy)
         log.info("kept a 4-bit copy of the base model at %s for later jobs", copy)
     except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as SafetensorError, not OSError
-        if copy.is_dir() and (copy / "config.json").is_file():
+        if tmp is not None and (tmp / "config.json").is_file() and (copy / "config.json").is_file():
             log.info("another worker kept the 4-bit copy at %s first", copy)
         else:
             log.warning("could not keep a 4-bit copy of the base model at %s (%s: %s); later jobs quantize it again",
@@ -214,17 +224,20 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
     With `quantized_cache`, the first job saves the quantized model there once (`<name>-<hash>/`),
     and later jobs load that copy: a quarter of the bytes to read from the volume and no
     quantization. A copy that does not load, or loads with a key missing or left over, is set aside
-    and the model quantized again.
+    once the base model itself has loaded (so a fault that is not the copy's keeps it), and replaced.
     """
     import torch
 
     model_class = causal_lm_class(base_model, trust_remote_code)
     common = dict(dtype=compute_dtype, attn_implementation=attention, device_map={"": 0} if device == "cuda" else None,
                   trust_remote_code=trust_remote_code)
-    copy = None
+    copy = bad_copy = None
     if quantized_cache is not None and not trust_remote_code:
         copy = quantized_copy_dir(base_model, compute_dtype, quantized_cache, model_class)
+        if quantized_cache.is_dir():
+            _sweep(quantized_cache)
     if copy is not None and (copy / "config.json").is_file():
+        tried = copy.stat().st_ino  # which copy this was: another worker may put a new one in its place
         try:
             model, info = model_class.from_pretrained(copy, output_loading_info=True, **common)
             wrong = {k: sorted(v)[:3] for k, v in info.items() if k.endswith("_keys") and v}
@@ -234,13 +247,16 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
             reason = f"keys that do not match the model: {wrong}"
         except torch.OutOfMemoryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - whatever makes a copy unreadable, quantizing again is the cure
+        except Exception as exc:  # noqa: BLE001 - judged below: bad if the base model loads where the copy did not
             reason = f"{type(exc).__name__}: {exc}"
+        bad_copy = tried
         log.warning("the 4-bit copy %s could not be used (%s); quantizing the base model again", copy, reason)
-        _set_aside(copy)
     model = model_class.from_pretrained(base_model, quantization_config=quantization_config(compute_dtype), **common)
     if copy is not None:
-        _keep_quantized_copy(model, copy)
+        if bad_copy is not None and copy.exists() and copy.stat().st_ino == bad_copy:  # not a newer one in its place
+            _set_aside(copy)
+        if not (copy / "config.json").is_file():
+            _keep_quantized_copy(model, copy)
     return model, "quantized while loading"
 
 

@@ -288,19 +288,70 @@ def test_a_copy_whose_weights_do_not_match_the_model_is_set_aside(tiny_qwen2, tm
     assert load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)[1] == "4-bit copy"
 
 
-def test_two_workers_writing_one_copy_and_a_killed_writers_leftovers(tiny_qwen2, tmp_path, caplog):
+def test_two_workers_writing_one_copy_at_once_and_a_killed_writers_leftovers(tiny_qwen2, tmp_path, caplog):
     import logging
 
     from train_lora import _keep_quantized_copy, load_base_model
 
     model, _ = load_base_model(tiny_qwen2, "cpu", torch.float32)
     copy = tmp_path / "tiny-qwen2-0123456789abcdef"
-    old, recent = tmp_path / f"{copy.name}.tmp-killed", tmp_path / f"{copy.name}.tmp-writing"
+    both_written = threading.Barrier(2, timeout=60)
+    save = model.save_pretrained
+
+    def save_then_wait(*args, **kwargs):  # both workers have written their files before either renames
+        save(*args, **kwargs)
+        both_written.wait()
+
+    model.save_pretrained = save_then_wait
+    with caplog.at_level(logging.INFO):
+        workers = [threading.Thread(target=_keep_quantized_copy, args=(model, copy)) for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert (copy / "config.json").is_file() and "another worker kept the 4-bit copy" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [copy.name]  # the loser's directory is gone
+    # leftovers of killed workers: swept by the next load once a day old, a live writer's kept
+    old, recent = tmp_path / f"{copy.name}.tmp-killed", tmp_path / f"{copy.name}.bad-0badc0de"
     for leftover in (old, recent):
         leftover.mkdir()
     os.utime(old, (time.time() - 2 * 86400,) * 2)
-    with caplog.at_level(logging.INFO):
-        _keep_quantized_copy(model, copy)  # the first worker's rename wins
-        _keep_quantized_copy(model, copy)  # the second finds the copy in place
-    assert (copy / "config.json").is_file() and "another worker kept the 4-bit copy" in caplog.text
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([copy.name, recent.name])  # a day-old leftover is gone
+    load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)
+    assert not old.exists() and recent.exists()
+
+
+def test_a_copy_is_kept_when_the_fault_is_not_the_copys(tiny_qwen2, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from train_lora import load_base_model
+
+    load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)
+    (copy,) = [p for p in tmp_path.iterdir()]
+    with pytest.raises(ImportError):  # an attention backend that is not installed fails the copy and the base alike
+        load_base_model(tiny_qwen2, "cpu", torch.float32, attention="flash_attention_2", quantized_cache=tmp_path)
+    assert (copy / "config.json").is_file()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(out_of_memory))
+    with pytest.raises(torch.OutOfMemoryError):
+        load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)
+    monkeypatch.undo()
+    assert load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)[1] == "4-bit copy"
+
+
+def test_the_copy_is_named_by_what_decides_its_bytes(tiny_qwen2, tiny_mistral, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from base_models import per_expert_model_class
+    from train_lora import causal_lm_class, quantized_copy_dir
+
+    stock = causal_lm_class(tiny_qwen2)
+    names = {quantized_copy_dir(tiny_qwen2, torch.float32, tmp_path, stock),
+             quantized_copy_dir(tiny_qwen2, torch.bfloat16, tmp_path, stock),
+             quantized_copy_dir(tiny_mistral, torch.float32, tmp_path, stock),
+             quantized_copy_dir(tiny_qwen2, torch.float32, tmp_path,
+                                per_expert_model_class(AutoModelForCausalLM, ("gate_proj", "up_proj", "down_proj")))}
+    assert len(names) == 4
+    assert quantized_copy_dir(tiny_qwen2, torch.float32, tmp_path, stock) in names  # and stable
