@@ -45,7 +45,8 @@ def main() -> int:
                                 "val_fraction": 0.1},
             "gpu_config": {"gpu_type": "NVIDIA A100 80GB", "num_gpus": 1},
         }}
-        env = os.environ | {"JOBS_DIR": str(JOBS_DIR), "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
+        env = os.environ | {"JOBS_DIR": str(JOBS_DIR), "MODEL_CACHE_DIR": str(MODEL_DIR.parent),  # the 4-bit copy too
+                            "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
                             "TOKENIZERS_PARALLELISM": "false"}
         print("running: python handler.py --test_input <job> (RunPod SDK, local mode)", flush=True)
         run = subprocess.run([sys.executable, "handler.py", "--test_input", json.dumps(job)], cwd=ROOT, env=env)

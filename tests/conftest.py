@@ -63,7 +63,8 @@ def free_port() -> int:
 def running_worker(tmp: Path, **env):
     """`python handler.py --rp_serve_api` (the SDK's local API server) on a free loopback port."""
     port = free_port()
-    env = os.environ | {"JOBS_DIR": str(tmp / "jobs"), "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
+    env = os.environ | {"JOBS_DIR": str(tmp / "jobs"), "MODEL_CACHE_DIR": str(tmp / "models"),  # 4-bit copies go here
+                        "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
                         "DOWNLOAD_RETRIES": "1", "TOKENIZERS_PARALLELISM": "false"} | env
     log_path = tmp / "worker.log"
     with open(log_path, "w") as log:
