@@ -147,7 +147,7 @@ def count_parameters(c: dict, *, quantize_experts: bool = True) -> dict:
         raise JobError(f"cannot size model type {c.get('model_type')!r} from its config.json ({exc}); "
                        "the estimate needs an architecture this transformers knows") from None
     output = model.get_output_embeddings()
-    linear = experts = 0
+    linear = 0
     lora_shapes: list[tuple[int, int]] = []  # (in, out) of each linear layer LoRA can target
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not output:
