@@ -25,8 +25,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_handler.py --json bench/results/handler-$$(date +%F).json
 	$(PY) bench/bench_loader.py --mb 100 --json bench/results/loader-$$(date +%F).json
-	$(PY) bench/bench_train.py --mode cpu
-	$(PY) bench/bench_load.py --json bench/results/load-small-$$(date +%F).json
+	CUDA_VISIBLE_DEVICES= $(PY) bench/bench_train.py --mode cpu
+	CUDA_VISIBLE_DEVICES= $(PY) bench/bench_load.py --json bench/results/load-small-$$(date +%F).json
 	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(PY) bench/bench_train.py --mode gpu \
 		&& $(PY) bench/bench_load.py --configs data/model-configs/qwen2.5-7b.json data/model-configs/mistral-7b-v0.1.json \

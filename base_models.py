@@ -25,6 +25,10 @@ GB = 1024**3
 NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # = 0.5161 bytes per weight
 CUDA_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS workspaces, allocator slack
 LOSS_CHUNK_TOKENS = 4096  # the trainer's output layer runs on at most this many positions at a time
+# `gradient_checkpointing: "auto"` skips recomputation only when the job, without it, fits in this
+# share of the free memory (the estimate is not yet checked against a GPU; the trainer also turns
+# checkpointing on if a step runs out of memory without it).
+AUTO_CHECKPOINTING_SHARE = 0.9
 
 
 # ---------------------------------------------------------------------------- finding the model
@@ -161,7 +165,20 @@ def count_parameters(c: dict, *, quantize_experts: bool = True) -> dict:
             "experts": experts, "other": total - linear - experts, "lora_shapes": lora_shapes,
             "embeddings": c["vocab_size"] * h * (1 if c.get("tie_word_embeddings") else 2), "vocab": c["vocab_size"],
             "hidden": h, "layers": c["num_hidden_layers"], "heads": c["num_attention_heads"],
-            "intermediate": c.get("intermediate_size") or c.get("moe_intermediate_size")}
+            "mlp_values_per_token": _mlp_values_per_token(c)}
+
+
+def _mlp_values_per_token(c: dict) -> int:
+    """Values one token leaves in an MLP block for backward: 4 per intermediate unit for a gated MLP
+    (gate, up, activation, product); a routed MoE keeps, per chosen expert, its gate, up and
+    activation outputs and the expert's output (weighted by the router), plus its shared experts."""
+    top_k = c.get("num_experts_per_tok") or 0
+    moe_inter = c.get("moe_intermediate_size")
+    if not top_k or (not moe_inter and not c.get("num_local_experts")):
+        return 4 * c["intermediate_size"]
+    moe_inter = moe_inter or c["intermediate_size"]
+    shared = c.get("shared_expert_intermediate_size") or (c.get("n_shared_experts") or 0) * moe_inter
+    return top_k * (3 * moe_inter + c["hidden_size"]) + 4 * shared
 
 
 # ---------------------------------------------------------------------------- memory of a job
@@ -177,6 +194,7 @@ class MemoryEstimate:
     fits: bool
     micro_batch_size: int
     gradient_accumulation_steps: int
+    gradient_checkpointing: bool
     quantized_fraction: float
     total_parameters: int
     gpu_memory_gb: float | None
@@ -190,11 +208,12 @@ def _job_memory_gb(p: dict, micro: int, seq: int, lora_rank: int, checkpointing:
     lora_params = sum(lora_rank * (a + b) for a, b in p["lora_shapes"])
     lora = lora_params * (4 + 4 + 2) / GB  # fp32 weights + fp32 grads + two 8-bit Adam states
     tokens = micro * seq
-    h, inter = p["hidden"], p["intermediate"]
+    h = p["hidden"]
     # One decoder layer's live activations during its backward (recomputed under checkpointing):
-    # ~34·h + 4·inter values per token in 16-bit (Korthikanti et al. 2022), plus the seq x seq
-    # attention scores of an sdpa call with an explicit (packing) mask.
-    per_layer = tokens * (34 * h + 4 * inter) * compute_bytes + micro * p["heads"] * seq * seq * compute_bytes
+    # ~34·h values per token around attention (Korthikanti et al. 2022) plus the MLP's, in 16-bit,
+    # plus the seq x seq attention scores of an sdpa call with an explicit (packing) mask.
+    per_layer = (tokens * (34 * h + p["mlp_values_per_token"]) * compute_bytes
+                 + micro * p["heads"] * seq * seq * compute_bytes)
     stored = tokens * h * compute_bytes * p["layers"] if checkpointing else per_layer * p["layers"]
     activations = (stored + per_layer) / GB
     # Logits of one loss chunk at a time (trained positions only): 16-bit, the fp32 copy, its gradient.
@@ -203,12 +222,20 @@ def _job_memory_gb(p: dict, micro: int, seq: int, lora_rank: int, checkpointing:
 
 
 def estimate_job_memory(config: dict, *, max_seq_length: int = 2048, batch_size: int = 4, lora_rank: int = 16,
-                        gpu_memory_gb: float | None = None, gradient_checkpointing: bool = True,
+                        gpu_memory_gb: float | None = None, gradient_checkpointing: bool | str = True,
                         compute_bytes: int = 2, quantize_experts: bool = True) -> MemoryEstimate:
     """Memory of a QLoRA job from config.json alone. With `gpu_memory_gb`, the largest micro-batch
-    (up to `batch_size`) that fits is chosen, and gradient accumulation keeps the effective batch."""
+    (up to `batch_size`) that fits is chosen, and gradient accumulation keeps the effective batch.
+
+    `gradient_checkpointing="auto"` decides it from memory: off (no recomputation, about a third
+    less compute per step) when the whole micro-batch fits without it in `AUTO_CHECKPOINTING_SHARE`
+    of `gpu_memory_gb`, or when no limit is given; on otherwise. A smaller micro-batch is never
+    traded for it: the micro-batch is the job's, and it keeps the GPU busy."""
     p = count_parameters(config, quantize_experts=quantize_experts)
     micro = batch_size
+    if gradient_checkpointing == "auto":
+        without = sum(_job_memory_gb(p, micro, max_seq_length, lora_rank, False, compute_bytes).values()) + CUDA_OVERHEAD_GB
+        gradient_checkpointing = gpu_memory_gb is not None and without > AUTO_CHECKPOINTING_SHARE * gpu_memory_gb
     while True:
         parts = _job_memory_gb(p, micro, max_seq_length, lora_rank, gradient_checkpointing, compute_bytes)
         required = sum(parts.values()) + CUDA_OVERHEAD_GB
@@ -219,7 +246,8 @@ def estimate_job_memory(config: dict, *, max_seq_length: int = 2048, batch_size:
     return MemoryEstimate(
         required_gb=required, weights_gb=parts["weights"], lora_gb=parts["lora"], activations_gb=parts["activations"],
         logits_gb=parts["logits"], overhead_gb=CUDA_OVERHEAD_GB, fits=fits, micro_batch_size=micro,
-        gradient_accumulation_steps=math.ceil(batch_size / micro), quantized_fraction=p["quantized"] / p["total"],
+        gradient_accumulation_steps=math.ceil(batch_size / micro), gradient_checkpointing=bool(gradient_checkpointing),
+        quantized_fraction=p["quantized"] / p["total"],
         total_parameters=p["total"], gpu_memory_gb=gpu_memory_gb,
     )
 

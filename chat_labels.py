@@ -226,6 +226,10 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     packed examples under sdpa or eager); with one example per row, the plain (B, L) padding mask.
     Padding is never trained. The (B, L) tensors are filled on the CPU and moved to `device`; the
     L x L mask is built there (on a GPU: no 8 x 2048 x 2048 mask crossing the bus every step).
+
+    For the loss: `loss_index`, the flat (B x L) positions whose next token is trained, and
+    `loss_targets`, those tokens; found here on the CPU, so that selecting them on the GPU is an
+    index_select (a boolean mask there would make the CPU wait for the GPU to count it).
     """
     import torch
 
@@ -247,8 +251,13 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
             segment[row, offset:offset + n] = index
             offset += n
     # counted on the CPU: reading a count back from the GPU would stall the queue of its kernels
-    real_tokens, trained_tokens = int((segment >= 0).sum()), int((labels[:, 1:] != IGNORE).sum())
-    input_ids, labels, position_ids, segment = (t.to(device) for t in (input_ids, labels, position_ids, segment))
+    trained = labels[:, 1:] != IGNORE
+    rows, columns = trained.nonzero(as_tuple=True)
+    loss_index, loss_targets = rows * length + columns, labels[:, 1:][trained]
+    real_tokens, trained_tokens = int((segment >= 0).sum()), len(loss_targets)
+    # non_blocking: from pageable memory the copy is staged at once, without waiting for queued GPU work
+    input_ids, labels, position_ids, segment, loss_index, loss_targets = (
+        t.to(device, non_blocking=True) for t in (input_ids, labels, position_ids, segment, loss_index, loss_targets))
     real = segment >= 0
     if all(len(seq) == 1 for seq in sequences):
         # One example per row: a plain padding mask lets attention use its fast causal kernels.
@@ -260,5 +269,6 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
         mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding rows attend to themselves
         mask = mask[:, None]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": mask, "real_tokens": real_tokens, "trained_tokens": trained_tokens,
+            "attention_mask": mask, "loss_index": loss_index, "loss_targets": loss_targets,
+            "real_tokens": real_tokens, "trained_tokens": trained_tokens,
             "computed_tokens": batch * length}

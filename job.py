@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-v0.1"  # what the app sends when the user picked nothing
 
@@ -87,7 +87,7 @@ class Hyperparameters(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0.0, le=100.0, description="Gradient clipping norm")
     val_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Fraction of conversations held out for validation_loss")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (less memory, ~30% more compute)")
+    gradient_checkpointing: Literal["auto"] | bool = Field("auto", description="Recompute activations in backward (less memory, about a third more compute); `auto`: only when the micro-batch would not fit the GPU without it")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for shuffling, the split and LoRA init")
     checkpoint_steps: int = Field(50, ge=1, le=1_000_000, description="Write a resumable checkpoint every this many steps")
     checkpoint_minutes: float = Field(10.0, gt=0, le=1440, description="... and at least every this many minutes")
@@ -99,6 +99,16 @@ class Hyperparameters(_Section):
     @property
     def effective_micro_batch_size(self) -> int:
         return min(self.micro_batch_size or self.batch_size, self.batch_size)
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value):
+        if value == "auto":
+            return value
+        try:
+            return TypeAdapter(bool).validate_python(value)
+        except ValidationError:
+            raise ValueError('must be true, false or "auto"') from None
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -212,6 +222,14 @@ def parse_job_input(raw: Any) -> tuple[JobInput, list[str]]:
         raise JobError("invalid job input: " + "; ".join(problems))
     warnings = [f"unknown input key ignored: {k}" for k in _unknown_keys(job)]
     return job, warnings
+
+
+def parse_hyperparameters(values: Mapping[str, Any]) -> Hyperparameters:
+    """Hyperparameters given outside a job (the command line), checked like a job's."""
+    try:
+        return Hyperparameters.model_validate(dict(values))
+    except ValidationError as exc:
+        raise JobError("invalid hyperparameters: " + "; ".join(_describe(e) for e in exc.errors())) from None
 
 
 def _parse_bool(name: str, value: str) -> bool:

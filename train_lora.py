@@ -19,6 +19,7 @@ The CPU path is the same QLoRA path the GPU runs (bitsandbytes 4-bit layers run 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_m
                          per_expert_model_class, per_expert_names, resolve_base_model)
 from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from dataset_loader import DatasetError, load_dataset
-from job import Hyperparameters, JobError
+from job import Hyperparameters, JobError, parse_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,15 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
     return model, "quantized while loading"
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant: the frozen inputs need
+    no gradient trick, and dropout's random state is replayed)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype, trust_remote_code: bool = False,
-               attention: str = "sdpa", quantized_cache: Path | None = None):
+               attention: str = "sdpa", quantized_cache: Path | None = None, checkpointing: bool = True):
     """The base model in 4-bit (MoE experts too) with trainable LoRA layers on top; and where the
     4-bit weights came from.
 
@@ -276,9 +284,8 @@ def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
-    if hp.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if checkpointing:
+        enable_checkpointing(model)
     torch.manual_seed(hp.seed)  # LoRA A matrices are initialised randomly
     # Routed experts are never adapted, whatever the targets (a listed `gate_proj` would otherwise put
     # an adapter on each of Qwen3-Next-80B's 24,576 expert gate projections).
@@ -335,7 +342,7 @@ def _chunk_cross_entropy(lm_head, hidden, targets):
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
-def _loss_sum(model, batch, device, use_mask: bool = True):
+def _loss_sum(model, batch, use_mask: bool = True):
     """Sum of the cross-entropy over the trained tokens of one micro-batch.
 
     The output layer runs only on the positions that predict a trained token, LOSS_CHUNK_TOKENS at a
@@ -346,12 +353,11 @@ def _loss_sum(model, batch, device, use_mask: bool = True):
     from torch.utils.checkpoint import checkpoint
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    mask = batch["attention_mask"].to(device) if use_mask else None
-    hidden = causal_lm.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                                  position_ids=batch["position_ids"].to(device)).last_hidden_state
-    labels = batch["labels"].to(device)[:, 1:]
-    keep = labels != IGNORE
-    hidden, targets = hidden[:, :-1][keep], labels[keep]
+    hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if use_mask else None,
+                                  position_ids=batch["position_ids"]).last_hidden_state
+    # The positions that predict a trained token (found by `collate` on the CPU: no read-back here).
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["loss_index"])
+    targets = batch["loss_targets"]
     lm_head = causal_lm.get_output_embeddings()
     total = hidden.new_zeros((), dtype=hidden.dtype).float()
     for start in range(0, targets.numel(), LOSS_CHUNK_TOKENS):
@@ -364,6 +370,19 @@ def _trained_in(batch) -> int:
     return batch["trained_tokens"]
 
 
+def _accumulate(model, batches, n_trained: int, use_mask: bool):
+    """Forward and backward over one step's micro-batches; the step's mean loss, still on the device
+    (no value is read back from the GPU here, so the CPU can queue every micro-batch)."""
+    import torch
+
+    total = torch.zeros(())
+    for batch in batches:
+        loss = _loss_sum(model, batch, use_mask) / n_trained
+        loss.backward()
+        total = total.to(loss.device) + loss.detach()
+    return total
+
+
 def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str, use_mask: bool = True) -> float | None:
     import torch
 
@@ -374,7 +393,7 @@ def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str, 
     with torch.no_grad():
         for i in range(0, len(sequences), micro_batch_size):
             batch = collate(sequences[i:i + micro_batch_size], pad_id, device)
-            total += float(_loss_sum(model, batch, device, use_mask))
+            total += float(_loss_sum(model, batch, use_mask))
             count += _trained_in(batch)
     model.train()
     return total / max(count, 1)
@@ -435,25 +454,31 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     train_seqs, val_seqs = _sequences(train_examples, hp), _sequences(val_examples, hp)
     # -- setup: does it fit? (config.json only: fail in seconds, before any weight is read)
     device, compute_dtype = select_precision()
+    if device == "cuda":
+        # A warm worker's previous job may still hold GPU memory: its model until collected (reference
+        # cycles), and blocks cached by PyTorch's allocator, which mem_get_info counts as used.
+        gc.collect()
+        torch.cuda.empty_cache()
     free_gb = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None
     config = load_config(base_path)
     estimate = estimate_job_memory(config, max_seq_length=hp.max_seq_length,
                                    batch_size=hp.effective_micro_batch_size, lora_rank=hp.lora_rank, gpu_memory_gb=free_gb,
-                                   gradient_checkpointing=hp.gradient_checkpointing,
+                                   gradient_checkpointing=hp.gradient_checkpointing,  # "auto": decided from memory
                                    quantize_experts=experts_in_4bit(config) and not trust_remote_code,
                                    compute_bytes=torch.tensor([], dtype=compute_dtype).element_size())
     if not estimate.fits:
         raise JobError(does_not_fit_message(Path(str(base_model)).name, estimate, hp.max_seq_length))
-    micro = estimate.micro_batch_size
+    micro, checkpointing = estimate.micro_batch_size, estimate.gradient_checkpointing
+    checkpointing_note = "on" if checkpointing else "off"
     accumulation = math.ceil(hp.batch_size / micro)
     steps_per_epoch = math.ceil(len(train_seqs) / hp.batch_size)
     total_steps = steps_per_epoch * hp.epochs
     if hp.max_steps:
         total_steps = min(total_steps, hp.max_steps)
     warmup = hp.warmup_steps if hp.warmup_steps is not None else math.ceil(hp.warmup_ratio * total_steps)
-    log.info("%d examples -> %d sequences of <= %d tokens; %d steps (%d per epoch), batch %d = %d x %d accumulation",
-             len(train_examples), len(train_seqs), hp.max_seq_length, total_steps, steps_per_epoch,
-             hp.batch_size, micro, accumulation)
+    log.info("%d examples -> %d sequences of <= %d tokens; %d steps (%d per epoch), batch %d = %d x %d accumulation; "
+             "gradient checkpointing %s", len(train_examples), len(train_seqs), hp.max_seq_length, total_steps, steps_per_epoch,
+             hp.batch_size, micro, accumulation, checkpointing_note)
 
     # -- setup: model
     progress({"stage": "loading_model"})
@@ -461,11 +486,13 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         torch.cuda.reset_peak_memory_stats()
     attention = select_attention(device, micro)
     use_mask = attention != "flash_attention_2"
-    model, base_weights = load_model(base_path, hp, device, compute_dtype, trust_remote_code, attention, quantized_cache)
+    model, base_weights = load_model(base_path, hp, device, compute_dtype, trust_remote_code, attention, quantized_cache,
+                                     checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # 8-bit AdamW states; paged (spills to host memory under pressure) where CUDA is there to page from.
-    optimizer_class = bnb.optim.PagedAdamW8bit if device == "cuda" else bnb.optim.AdamW8bit
+    # 8-bit AdamW states. Not the paged variant: LoRA's states are small (~50 MB for a 7B model at
+    # rank 16), and bitsandbytes never frees paged buffers, so a warm worker would leak them job by job.
+    optimizer_class = bnb.optim.AdamW8bit
     optimizer = optimizer_class(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     loaded_at = time.monotonic()
@@ -487,8 +514,11 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
             scheduler.load_state_dict(state["scheduler"])
             random.setstate(state["rng_python"])
             torch.set_rng_state(state["rng_torch"])
-            if device == "cuda" and state.get("rng_cuda"):
-                torch.cuda.set_rng_state_all(state["rng_cuda"])
+            rng_cuda = state.get("rng_cuda")  # the GPU this job trains on (older checkpoints: a list, one per GPU)
+            if isinstance(rng_cuda, list):
+                rng_cuda = rng_cuda[0] if rng_cuda else None
+            if device == "cuda" and rng_cuda is not None:
+                torch.cuda.set_rng_state(rng_cuda)
             step, epoch, next_start, epoch_state = state["step"], state["epoch"], state["next_start"], state["epoch_rng"]
             history, (real_tokens, computed_tokens, trained_tokens) = state["history"], state["tokens"]
             resumed_from = step
@@ -504,7 +534,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                 "lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng_python": random.getstate(), "rng_torch": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if device == "cuda" else [],
+                "rng_cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
                 "history": history, "tokens": (real_tokens, computed_tokens, trained_tokens)}
 
     last_checkpoint = time.monotonic()
@@ -524,19 +554,29 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                 step_seqs = [train_seqs[i] for i in order[start:start + hp.batch_size]]
                 batches = [collate(step_seqs[i:i + micro], pad_id, device) for i in range(0, len(step_seqs), micro)]
                 n_trained = sum(_trained_in(b) for b in batches)
-                loss_total = torch.zeros(())
-                try:
-                    for batch in batches:  # no value is read back from the GPU until the step's end
-                        loss = _loss_sum(model, batch, device, use_mask) / n_trained
-                        loss.backward()
-                        loss_total = loss_total.to(loss.device) + loss.detach()
-                except torch.OutOfMemoryError:
-                    raise JobError(
-                        f"the GPU ran out of memory at step {step + 1} with micro-batch {micro} x up to {hp.max_seq_length} "
-                        "tokens; reduce hyperparameters.micro_batch_size (or batch_size), max_seq_length or lora_rank, and "
-                        "resubmit" + (" (it resumes from the last checkpoint)" if checkpoint_dir else "")
-                    ) from None
-                loss_total = float(loss_total)
+                while True:
+                    try:
+                        loss_total = float(_accumulate(model, batches, n_trained, use_mask))
+                        break
+                    except torch.OutOfMemoryError:
+                        pass  # handled below, once the failed step's activations are freed with its frames
+                    optimizer.zero_grad(set_to_none=True)
+                    if checkpointing:
+                        raise JobError(
+                            f"the GPU ran out of memory at step {step + 1} with micro-batch {micro} x up to {hp.max_seq_length} "
+                            "tokens; reduce hyperparameters.micro_batch_size (or batch_size), max_seq_length or lora_rank, and "
+                            "resubmit" + (" (it resumes from the last checkpoint)" if checkpoint_dir else ""))
+                    if hp.gradient_checkpointing is False:
+                        raise JobError(
+                            f"the GPU ran out of memory at step {step + 1} with gradient_checkpointing false; set it to "
+                            '"auto" or true (or reduce micro_batch_size or max_seq_length) and resubmit'
+                            + (" (it resumes from the last checkpoint)" if checkpoint_dir else ""))
+                    # "auto" chose no recomputation from the estimate, and the GPU disagrees: recompute, and redo the step.
+                    log.warning("out of memory at step %d without gradient checkpointing: turning it on and redoing the step", step + 1)
+                    enable_checkpointing(model)
+                    checkpointing, checkpointing_note = True, f"on from step {step + 1} (out of memory without it)"
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
@@ -590,7 +630,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "wall_seconds": time.monotonic() - started, "load_seconds": loaded_at - started, "base_weights": base_weights,
         "train_seconds": train_seconds,
         "tokens_per_second": real_tokens / max(train_seconds, 1e-9),
-        "peak_memory_gb": _peak_memory_gb(device), "device": device, "attention": attention, "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "peak_memory_gb": _peak_memory_gb(device), "gradient_checkpointing": checkpointing_note, "device": device, "attention": attention, "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "length_report": length_report, "memory_estimate": estimate.to_dict(),
         "resumed_from_step": resumed_from, "checkpoint_warnings": warnings,
     }
@@ -599,7 +639,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "effective": {"lora_alpha": hp.effective_lora_alpha, "micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
                       "warmup_steps": warmup, "total_steps": total_steps, "optimizer": f"bitsandbytes.{optimizer_class.__name__}",
                       "scheduler": "cosine", "quantization": "nf4 + double quantization", "attention": attention,
-                      "chat_template_source": template_source, "end_of_turn": eot_text,
+                      "gradient_checkpointing": checkpointing_note, "chat_template_source": template_source, "end_of_turn": eot_text,
                       "kbit_preparation": "frozen base in compute dtype, LoRA fp32, non-reentrant checkpointing"},
         "seed": hp.seed, "versions": _library_versions(), "device": device,
     }
@@ -719,8 +759,8 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         annotation = str(info.annotation)
-        if "bool" in annotation:
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None, help=info.description)
+        if "bool" in annotation:  # true/false (and "auto" where the field takes it), checked by the model
+            parser.add_argument(flag, default=None, help=f"{info.description} (default {str(info.default).lower()})")
         elif "list" in annotation:
             parser.add_argument(flag, nargs="+", default=None, help=info.description)
         else:
@@ -736,8 +776,9 @@ def _estimate_command(args) -> int:
         settings = WorkerSettings.from_env(os.environ)
         path = resolve_base_model(args.base_model, [settings.model_cache_dir, Path("/workspace/models")])
     config = load_config(path)
+    checkpointing = parse_hyperparameters({"gradient_checkpointing": args.gradient_checkpointing}).gradient_checkpointing
     common = dict(max_seq_length=args.max_seq_length, batch_size=args.batch_size, lora_rank=args.lora_rank,
-                  gpu_memory_gb=args.gpu_memory_gb)
+                  gpu_memory_gb=args.gpu_memory_gb, gradient_checkpointing=checkpointing)
     estimate = estimate_job_memory(config, quantize_experts=experts_in_4bit(config), **common)
     result = estimate.to_dict()
     stock = estimate_job_memory(config, quantize_experts=False, **common)
@@ -754,6 +795,8 @@ def _estimate_command(args) -> int:
     if args.gpu_memory_gb is not None:
         print(f"fits {args.gpu_memory_gb:g} GB: {estimate.fits}; micro-batch {estimate.micro_batch_size} x "
               f"{estimate.gradient_accumulation_steps} accumulation steps")
+    print(f"gradient checkpointing: {'on' if estimate.gradient_checkpointing else 'off'}"
+          + (" (auto)" if checkpointing == "auto" else ""))
     return 0
 
 
@@ -778,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     p_est.add_argument("--batch-size", type=int, default=Hyperparameters.model_fields["batch_size"].default)
     p_est.add_argument("--lora-rank", type=int, default=Hyperparameters.model_fields["lora_rank"].default)
     p_est.add_argument("--gpu-memory-gb", type=float, default=None, help="free GPU memory to fit into")
+    p_est.add_argument("--gradient-checkpointing", default=Hyperparameters.model_fields["gradient_checkpointing"].default,
+                       help="true, false or auto (default: auto, decided from --gpu-memory-gb)")
     p_est.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -800,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
                         _print_marked(tokenizer, e["_example"])
             return 0
         overrides = {k: v for k, v in vars(args).items() if k in Hyperparameters.model_fields and v is not None}
-        hp = Hyperparameters(**overrides)
+        hp = parse_hyperparameters(overrides)
         conversations, report = load_dataset(args.dataset)
         fingerprint = json.dumps([hp.model_dump(mode="json"), str(args.dataset), str(args.base_model)], sort_keys=True)
         result = train(conversations, args.base_model, args.output, hp, checkpoint_dir=args.checkpoint_dir,

@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["bytes_read_mb"] = round(_dir_bytes(next(copy_root.iterdir()) if way == "copy" else model_dir) / 1e6, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            shutil.rmtree(model_dir)  # one model on disk at a time (a 7B model is ~15 GB, its copy ~5 GB)
+            shutil.rmtree(copy_root)
 
     import torch
 

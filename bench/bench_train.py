@@ -10,13 +10,17 @@ number of optimizer steps):
 - `padded`: our trainer with packing off: one conversation per sequence, padded to the longest of
   its micro-batch;
 - `hf_trainer`: the usual QLoRA stack, for reference: transformers `Trainer` + PEFT + bitsandbytes,
-  padding to the longest in the batch, no packing (same model, LoRA, optimizer, precision, steps).
+  padding to the longest in the batch, no packing (same model, LoRA, data, steps and learning rate; otherwise
+  that stack's usual choices: PEFT's k-bit preparation, which keeps embeddings, norms and lm_head in fp32,
+  bf16 autocast, paged 8-bit AdamW).
+- `packed_mb2_auto` (gpu mode): our trainer, the same batch in micro-batches of 2 with
+  `gradient_checkpointing: auto` (no recomputation where the estimate says it fits).
 
 Per configuration: time from job start to the first optimizer step, real tokens per second
 (padding excluded) over the steady steps, token efficiency (real / computed tokens), peak memory
 (GPU: `max_memory_allocated`; CPU: process RSS high-water mark, which only grows across the run),
-and on GPU the MFU: 6·N FLOPs per real token with recomputation (4·N without) over a bf16 matmul peak
-measured in the same run. Needs beyond torch/transformers/peft: bitsandbytes (and runpod, imported by
+and on GPU the MFU: 6·N FLOPs per real token with recomputation (4·N without; N: the parameters
+less the input embedding, a lookup) over a bf16 matmul peak measured in the same run. Needs beyond torch/transformers/peft: bitsandbytes (and runpod, imported by
 the worker's modules). Writes bench/results/<mode>-<date>.json and prints a table.
 """
 
@@ -28,6 +32,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -89,7 +94,12 @@ def run_ours(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict:
     del result
     return {"first_step_seconds": stamps[0] - timer_start, "tokens_per_second": _steady_tokens_per_second(stamps, history),
             "token_efficiency": m["token_efficiency"], "peak_memory_gb": m["peak_memory_gb"], "steps": m["steps"],
-            "real_tokens": m["tokens"]}
+            "real_tokens": m["tokens"], "gradient_checkpointing": m["gradient_checkpointing"],
+            "micro_batch_size": result_config(out_dir)["effective"]["micro_batch_size"]}
+
+
+def result_config(out_dir: Path) -> dict:
+    return json.loads((out_dir / "training_config.json").read_text())
 
 
 def _steady_tokens_per_second(stamps: list[float], history: list[dict]) -> float:
@@ -157,7 +167,8 @@ def run_hf_trainer(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict
     steady = (tokens_at[-1] - tokens_at[0]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     return {"first_step_seconds": stamps[0] - started, "tokens_per_second": steady,
             "token_efficiency": counted["real"] / max(counted["computed"], 1), "peak_memory_gb": peak,
-            "steps": len(stamps), "real_tokens": counted["real"]}
+            "steps": len(stamps), "real_tokens": counted["real"], "micro_batch_size": micro,
+            "gradient_checkpointing": "on" if hp.gradient_checkpointing else "off"}
 
 
 def _rss_peak_gb() -> float:
@@ -166,19 +177,25 @@ def _rss_peak_gb() -> float:
 
 
 def matmul_peak_tflops() -> float | None:
+    """The best of 5 timings of 100 bf16 8192² matmuls (~1 s on an H100, long enough for the clocks
+    to settle), after a warm-up of 20."""
     import torch
     if not torch.cuda.is_available():
         return None
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 20
-    for _ in range(n):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
+    out = torch.empty_like(a)
+    for _ in range(20):
+        torch.matmul(a, b, out=out)
+    best, n = float("inf"), 100
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            torch.matmul(a, b, out=out)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 8192**3 * n / best / 1e12
 
 
 def build_random_model(config_file: Path, tokenizer_dir: Path, out: Path) -> Path:
@@ -212,25 +229,33 @@ def main() -> int:
 
     import torch
 
-    from tiny_model import build_tiny_model
-
-    work = Path(tempfile.mkdtemp(prefix="bench-"))
-    tiny = build_tiny_model("qwen2", work / "tiny-qwen2")
     if args.mode == "gpu" and not torch.cuda.is_available() and not args.allow_cpu:
         print("gpu mode needs CUDA; no GPU here. GPU figures: not yet measured.")
         return 2
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        return run_all(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_all(args, work: Path) -> int:
+    from tiny_model import build_tiny_model
+
+    tiny = build_tiny_model("qwen2", work / "tiny-qwen2")
     steps = args.steps or (None if args.mode == "cpu" else 30)  # cpu: one whole epoch, so every config sees the same data
     seq = args.max_seq_length or 2048
     convs = conversations(copies=2 if args.mode == "cpu" or args.allow_cpu else 8)
-    models = {"tiny-qwen2": tiny} if args.mode == "cpu" else {}
-    for name in ([] if args.mode == "cpu" else args.configs):
-        config_file = Path(name) if name.endswith(".json") else CONFIGS / f"{name}.json"
-        models[config_file.stem] = build_random_model(config_file, tiny, work / config_file.stem)
+    # gpu mode: each model is built from its config when its turn comes, and deleted after (~15 GB each)
+    models = {"tiny-qwen2": None} if args.mode == "cpu" else {
+        config_file.stem: config_file for config_file in
+        (Path(name) if name.endswith(".json") else CONFIGS / f"{name}.json" for name in args.configs)}
 
     results = {"mode": args.mode, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "steps": steps,
                "max_seq_length": seq, "conversations": len(convs), "bf16_matmul_peak_tflops": matmul_peak_tflops(),
                "models": {}}
-    for name, path in models.items():
+    for name, config_file in models.items():
+        path = tiny if config_file is None else build_random_model(config_file, tiny, work / name)
         hp = dict(max_steps=steps, epochs=1 if steps is None else 20, batch_size=4 if args.mode == "cpu" else 8, max_seq_length=seq,
                   lora_rank=16, warmup_steps=1, gradient_checkpointing=args.mode == "gpu")
         # A one-step warm-up pays the imports, kernel initialisation and the first read of the weights
@@ -238,15 +263,24 @@ def main() -> int:
         cold = run_ours(convs, path, Hyperparameters(**{**hp, "max_steps": 2, "epochs": 20}), work / f"{name}-warmup")
         row = {"packed": run_ours(convs, path, Hyperparameters(**hp, packing=True), work / f"{name}-packed"),
                "padded": run_ours(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-padded")}
+        if args.mode == "gpu":
+            # The same batch in micro-batches of 2 with `gradient_checkpointing: auto`: does skipping the
+            # recomputation, where the estimate allows it, pay for the smaller micro-batch? (not the same peak memory)
+            row["packed_mb2_auto"] = run_ours(convs, path, Hyperparameters(**{**hp, "gradient_checkpointing": "auto"},
+                                                                          packing=True, micro_batch_size=2), work / f"{name}-mb2")
         if not args.skip_hf_trainer:
             row["hf_trainer"] = run_hf_trainer(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-hf")
         if results["bf16_matmul_peak_tflops"]:
             from base_models import count_parameters, load_config
-            n = count_parameters(load_config(path))["total"]
+            p = count_parameters(load_config(path))
+            n = p["total"] - p["embeddings"] + p["vocab"] * p["hidden"]  # the input embedding is a lookup, not a matmul
             for r in row.values():
-                r["mfu"] = 6 * n * r["tokens_per_second"] / (results["bf16_matmul_peak_tflops"] * 1e12)
+                recomputes = r["gradient_checkpointing"] != "off"
+                r["mfu"] = (6 if recomputes else 4) * n * r["tokens_per_second"] / (results["bf16_matmul_peak_tflops"] * 1e12)
         results["models"][name] = row
         results.setdefault("cold_first_step_seconds", {})[name] = cold["first_step_seconds"]
+        if config_file is not None:
+            shutil.rmtree(path)
     flat = results["models"][next(iter(models))]
     results.update({
         "token_efficiency_packed": flat["packed"]["token_efficiency"], "token_efficiency_padded": flat["padded"]["token_efficiency"],
@@ -257,12 +291,14 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
 
-    print(f"{'model':<18}{'config':<12}{'first step s':>13}{'real tok/s':>12}{'efficiency':>11}{'peak GB':>9}{'MFU':>7}")
+    print(f"{'model':<18}{'config':<16}{'micro':>6}{'recompute':>10}{'first step s':>13}{'real tok/s':>12}{'efficiency':>11}"
+          f"{'peak GB':>9}{'MFU':>7}")
     for name, row in results["models"].items():
         for config, r in row.items():
             mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-            print(f"{name:<18}{config:<12}{r['first_step_seconds']:>13.1f}{r['tokens_per_second']:>12.0f}"
-                  f"{r['token_efficiency']:>11.2f}{r['peak_memory_gb']:>9.2f}{mfu:>7}")
+            print(f"{name:<18}{config:<16}{r['micro_batch_size']:>6}{r['gradient_checkpointing'][:9]:>10}"
+                  f"{r['first_step_seconds']:>13.1f}{r['tokens_per_second']:>12.0f}{r['token_efficiency']:>11.2f}"
+                  f"{r['peak_memory_gb']:>9.2f}{mfu:>7}")
     print(f"packed / padded real tokens per second: {results['packed_over_padded']:.2f}x   -> {out}")
     return 0
 

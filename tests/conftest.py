@@ -16,6 +16,10 @@ from types import SimpleNamespace
 import pytest
 import requests
 
+# The tests are CPU tests (fp32, exact comparisons), also on a machine with a GPU: hide it from
+# torch here and in every process the tests start. GPU figures are the benchmark's (`make bench`).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -137,6 +137,27 @@ def test_a_smaller_micro_batch_keeps_the_requested_effective_batch():
     assert tight.fits and tight.micro_batch_size < 8 and tight.micro_batch_size * tight.gradient_accumulation_steps == 8
 
 
+def test_auto_checkpointing_recomputes_only_where_the_micro_batch_would_not_fit_without_it():
+    config = json.loads((CONFIGS / "qwen2.5-7b.json").read_text())
+
+    def estimate(batch_size, setting, gpu_memory_gb=80):
+        return estimate_job_memory(config, batch_size=batch_size, gradient_checkpointing=setting, gpu_memory_gb=gpu_memory_gb)
+
+    one, four = estimate(1, "auto"), estimate(4, "auto")
+    assert not one.gradient_checkpointing and one.required_gb == estimate(1, False).required_gb <= 0.9 * 80
+    # Four sequences of 2048 tokens would not fit without recomputing: on, and the micro-batch is kept (not traded).
+    assert estimate(4, False, None).required_gb > 80
+    assert four.gradient_checkpointing and four.micro_batch_size == 4 and four.required_gb == estimate(4, True).required_gb
+    assert not estimate(4, "auto", None).gradient_checkpointing  # no memory limit (a CPU): nothing to save memory for
+
+
+def test_moe_activations_are_counted_per_routed_expert():
+    config = json.loads((CONFIGS / "qwen3-next-80b-a3b.json").read_text())
+    base = estimate_job_memory(config, batch_size=1, gradient_checkpointing=False)
+    more = estimate_job_memory(dict(config, num_experts_per_tok=20), batch_size=1, gradient_checkpointing=False)
+    assert more.total_parameters == base.total_parameters and more.activations_gb > 1.2 * base.activations_gb
+
+
 def test_a_job_that_cannot_fit_says_how_much_it_needs_and_what_to_change():
     config = json.loads((CONFIGS / "qwen3-next-80b-a3b.json").read_text())
     estimate = estimate_job_memory(config, gpu_memory_gb=24, batch_size=4)

@@ -100,6 +100,11 @@ def test_padding_is_never_trained_nor_attended(tiny_qwen2):
     assert packed.shape[1] == 1 and not packed[0, 0, n:, :n].any()  # packed: the second example cannot see the first
     assert batch["real_tokens"] == len(example.input_ids) + len(short.input_ids)
     assert batch["trained_tokens"] == example.num_trained + short.num_trained == int((batch["labels"][:, 1:] != IGNORE).sum())
+    # The loss's positions, found on the CPU: each predicts the token after it, and that token is trained.
+    for b in (batch, collate([[example, short], [short]], tokenizer.pad_token_id)):
+        assert len(b["loss_targets"]) == b["trained_tokens"]
+        assert torch.equal(b["input_ids"].flatten()[b["loss_index"] + 1], b["loss_targets"])
+        assert torch.equal(b["loss_targets"], b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE])
 
 
 TOOL_TEMPLATE = (

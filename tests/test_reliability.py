@@ -355,3 +355,58 @@ def test_the_copy_is_named_by_what_decides_its_bytes(tiny_qwen2, tiny_mistral, t
                                 per_expert_model_class(AutoModelForCausalLM, ("gate_proj", "up_proj", "down_proj")))}
     assert len(names) == 4
     assert quantized_copy_dir(tiny_qwen2, torch.float32, tmp_path, stock) in names  # and stable
+
+
+@pytest.fixture
+def out_of_memory_once():
+    """Arms a fault: the GPU running out of memory, once, in a decoder layer of a forward that trains,
+    after `after` such layer calls (a CPU has no GPU memory to run out of; everything after the fault
+    is real). Returns the list it appends each fault to (whether that layer was recomputing)."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    faults, countdown = [], []
+
+    def hook(module, args):
+        if countdown and isinstance(module, Qwen2DecoderLayer) and torch.is_grad_enabled():
+            countdown[0] -= 1
+            if countdown[0] < 0:
+                countdown.clear()
+                faults.append(getattr(module, "gradient_checkpointing", False))
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def arm(after: int = 0):
+        countdown.append(after)
+        return faults
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    yield arm
+    handle.remove()
+
+
+def test_auto_checkpointing_turns_on_when_a_step_runs_out_of_memory_and_redoes_it(conversations, tiny_qwen2, tmp_path,
+                                                                                   out_of_memory_once, caplog):
+    hp = dict(HP, max_steps=3, micro_batch_size=1, lora_dropout=0.0)  # no dropout: the failed attempt draws no random masks
+    reference = train(conversations, tiny_qwen2, tmp_path / "ref", Hyperparameters(**hp, gradient_checkpointing=True))
+    faults = out_of_memory_once(after=2)  # in the step's second micro-batch, the first one's gradients already there
+    result = train(conversations, tiny_qwen2, tmp_path / "auto", Hyperparameters(**hp, gradient_checkpointing="auto"))
+    assert faults == [False]  # the fault came with recomputation off, as "auto" chose on this CPU
+    assert result.metrics["gradient_checkpointing"] == "on from step 1 (out of memory without it)"
+    assert "turning it on and redoing the step" in caplog.text
+    layers = result.model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    # The step was redone from scratch: the same losses as a job that recomputed from the start.
+    assert result.metrics["steps"] == reference.metrics["steps"] == 3
+    ours = [json.loads(line)["loss"] for line in (tmp_path / "auto" / "training_log.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line)["loss"] for line in (tmp_path / "ref" / "training_log.jsonl").read_text().splitlines()]
+    assert ours == pytest.approx(theirs, abs=1e-6)
+
+
+@pytest.mark.parametrize("setting, advice", [(False, 'set it to "auto" or true'), (True, "reduce hyperparameters.micro_batch_size")])
+def test_running_out_of_memory_with_checkpointing_chosen_fails_with_what_to_change(conversations, tiny_qwen2, tmp_path,
+                                                                                   out_of_memory_once, setting, advice):
+    faults = out_of_memory_once()
+    with pytest.raises(JobError, match="ran out of memory at step 1") as caught:
+        train(conversations, tiny_qwen2, tmp_path / "out", Hyperparameters(**HP, gradient_checkpointing=setting),
+              checkpoint_dir=tmp_path / "checkpoints")
+    assert advice in str(caught.value) and "resumes from the last checkpoint" in str(caught.value)
+    assert faults == [setting] and not (tmp_path / "out").exists()

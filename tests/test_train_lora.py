@@ -107,7 +107,7 @@ def trained_token_loss(model, tokenizer, conversations, max_seq_length=512):
     with torch.no_grad():
         for c in conversations:
             batch = collate([[tokenize_conversation(tokenizer, c, max_seq_length, eot)]], tokenizer.pad_token_id)
-            total += float(_loss_sum(model, batch, "cpu"))
+            total += float(_loss_sum(model, batch))
             count += _trained_in(batch)
     return total / count
 
@@ -157,7 +157,7 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwe
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     monkeypatch.setattr(train_lora, "LOSS_CHUNK_TOKENS", 100)  # several chunks
-    chunked = train_lora._loss_sum(model, batch, "cpu")
+    chunked = train_lora._loss_sum(model, batch)
     chunked.backward()
     chunked_grads = grads()
     model.zero_grad()
