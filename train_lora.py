@@ -372,14 +372,12 @@ def _trained_in(batch) -> int:
 
 def _accumulate(model, batches, n_trained: int, use_mask: bool):
     """Forward and backward over one step's micro-batches; the step's mean loss, still on the device
-    (no value is read back from the GPU here, so the CPU can queue every micro-batch)."""
-    import torch
-
-    total = torch.zeros(())
+    (nothing is read back from, or copied to, the GPU here: the CPU can queue every micro-batch)."""
+    total = None
     for batch in batches:
         loss = _loss_sum(model, batch, use_mask) / n_trained
         loss.backward()
-        total = total.to(loss.device) + loss.detach()
+        total = loss.detach() if total is None else total + loss.detach()
     return total
 
 
