@@ -45,6 +45,7 @@ from dataset_loader import load_dataset  # noqa: E402
 from job import Hyperparameters  # noqa: E402
 
 SAMPLE = ROOT / "data" / "brightrun-eq12-demo.jsonl"
+CONFIGURATIONS = ("packed", "padded", "hf_trainer", "packed_mb2_auto")
 CONFIGS = ROOT / "data" / "model-configs"
 
 
@@ -222,7 +223,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration")
     parser.add_argument("--max-seq-length", type=int, default=None)
     parser.add_argument("--configs", nargs="+", default=["qwen2.5-7b", "mistral-7b-v0.1"], help="gpu mode: configs to build")
-    parser.add_argument("--skip-hf-trainer", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=CONFIGURATIONS, default=None,
+                        help="run only these configurations (default: all; packed_mb2_auto in gpu mode only)")
     parser.add_argument("--allow-cpu", action="store_true", help="run the gpu mode's flow on the CPU (to check it, not to measure)")
     parser.add_argument("--output", default=None, help="results file (default bench/results/<mode>-<date>.json)")
     args = parser.parse_args()
@@ -261,15 +263,17 @@ def run_all(args, work: Path) -> int:
         # A one-step warm-up pays the imports, kernel initialisation and the first read of the weights
         # from disk (its time to first step is the cold start); the measured runs below are warm.
         cold = run_ours(convs, path, Hyperparameters(**{**hp, "max_steps": 2, "epochs": 20}), work / f"{name}-warmup")
-        row = {"packed": run_ours(convs, path, Hyperparameters(**hp, packing=True), work / f"{name}-packed"),
-               "padded": run_ours(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-padded")}
-        if args.mode == "gpu":
+        runs = {
+            "packed": lambda: run_ours(convs, path, Hyperparameters(**hp, packing=True), work / f"{name}-packed"),
+            "padded": lambda: run_ours(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-padded"),
+            "hf_trainer": lambda: run_hf_trainer(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-hf"),
             # The same batch in micro-batches of 2 with `gradient_checkpointing: auto`: does skipping the
             # recomputation, where the estimate allows it, pay for the smaller micro-batch? (not the same peak memory)
-            row["packed_mb2_auto"] = run_ours(convs, path, Hyperparameters(**{**hp, "gradient_checkpointing": "auto"},
-                                                                          packing=True, micro_batch_size=2), work / f"{name}-mb2")
-        if not args.skip_hf_trainer:
-            row["hf_trainer"] = run_hf_trainer(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-hf")
+            "packed_mb2_auto": lambda: run_ours(convs, path, Hyperparameters(**{**hp, "gradient_checkpointing": "auto"},
+                                                                            packing=True, micro_batch_size=2), work / f"{name}-mb2"),
+        }
+        chosen = args.only or [c for c in CONFIGURATIONS if args.mode == "gpu" or c != "packed_mb2_auto"]
+        row = {config: runs[config]() for config in CONFIGURATIONS if config in chosen}
         if results["bf16_matmul_peak_tflops"]:
             from base_models import count_parameters, load_config
             p = count_parameters(load_config(path))
@@ -281,12 +285,14 @@ def run_all(args, work: Path) -> int:
         results.setdefault("cold_first_step_seconds", {})[name] = cold["first_step_seconds"]
         if config_file is not None:
             shutil.rmtree(path)
-    flat = results["models"][next(iter(models))]
-    results.update({
-        "token_efficiency_packed": flat["packed"]["token_efficiency"], "token_efficiency_padded": flat["padded"]["token_efficiency"],
-        "tokens_per_second_packed": flat["packed"]["tokens_per_second"], "tokens_per_second_padded": flat["padded"]["tokens_per_second"],
-        "packed_over_padded": flat["packed"]["tokens_per_second"] / flat["padded"]["tokens_per_second"],
-    })
+    first = results["models"][next(iter(models))]  # the headline keys: the first model's
+    for config in ("packed", "padded"):
+        if config in first:
+            results[f"token_efficiency_{config}"] = first[config]["token_efficiency"]
+            results[f"tokens_per_second_{config}"] = first[config]["tokens_per_second"]
+    for other in ("padded", "hf_trainer"):
+        if "packed" in first and other in first:
+            results[f"packed_over_{other}"] = first["packed"]["tokens_per_second"] / first[other]["tokens_per_second"]
     out = Path(args.output) if args.output else ROOT / "bench" / "results" / f"{args.mode}-{results['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -299,7 +305,10 @@ def run_all(args, work: Path) -> int:
             print(f"{name:<18}{config:<16}{r['micro_batch_size']:>6}{r['gradient_checkpointing'][:9]:>10}"
                   f"{r['first_step_seconds']:>13.1f}{r['tokens_per_second']:>12.0f}{r['token_efficiency']:>11.2f}"
                   f"{r['peak_memory_gb']:>9.2f}{mfu:>7}")
-    print(f"packed / padded real tokens per second: {results['packed_over_padded']:.2f}x   -> {out}")
+    for other in ("padded", "hf_trainer"):
+        if f"packed_over_{other}" in results:
+            print(f"packed / {other} real tokens per second: {results[f'packed_over_{other}']:.2f}x")
+    print(f"-> {out}")
     return 0
 
 
