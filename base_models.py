@@ -35,12 +35,14 @@ AUTO_CHECKPOINTING_SHARE = 0.9
 
 def model_search_paths(name: str, cache_dirs: list[Path]) -> list[Path]:
     """Where a base model named `name` is looked for, in order."""
-    from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
-
     paths = [Path(name).expanduser()]
     short = name.rsplit("/", 1)[-1]
     for d in cache_dirs:
         paths += [d / name, d / short]
+    try:  # RunPod's own model cache; the worker always has the SDK, a bare benchmark machine may not
+        from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
+    except ImportError:
+        return list(dict.fromkeys(paths))
     runpod_cache = resolve_model_cache_path_from_hugginface_repository(name)
     if runpod_cache:
         paths.append(Path(runpod_cache))
@@ -168,17 +170,23 @@ def count_parameters(c: dict, *, quantize_experts: bool = True) -> dict:
             "mlp_values_per_token": _mlp_values_per_token(c)}
 
 
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk")
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
 def _mlp_values_per_token(c: dict) -> int:
     """Values one token leaves in an MLP block for backward: 4 per intermediate unit for a gated MLP
     (gate, up, activation, product); a routed MoE keeps, per chosen expert, its gate, up and
-    activation outputs and the expert's output (weighted by the router), plus its shared experts."""
-    top_k = c.get("num_experts_per_tok") or 0
-    moe_inter = c.get("moe_intermediate_size")
-    if not top_k or (not moe_inter and not c.get("num_local_experts")):
-        return 4 * c["intermediate_size"]
-    moe_inter = moe_inter or c["intermediate_size"]
-    shared = c.get("shared_expert_intermediate_size") or (c.get("n_shared_experts") or 0) * moe_inter
-    return top_k * (3 * moe_inter + c["hidden_size"]) + 4 * shared
+    activation outputs and the expert's output (weighted by the router), plus its shared experts.
+    Configs name these differently; a model with neither layout counts as a 4 x hidden MLP."""
+    h = c["hidden_size"]
+    dense = c.get("intermediate_size") or c.get("ffn_dim") or 4 * h
+    top_k = next((c[k] for k in TOP_K_KEYS if isinstance(c.get(k), int) and c[k] > 0), 0)
+    if not top_k or not any(c.get(k) for k in EXPERT_COUNT_KEYS):
+        return 4 * dense
+    expert = c.get("moe_intermediate_size") or dense
+    shared = c.get("shared_expert_intermediate_size") or (c.get("n_shared_experts") or 0) * expert
+    return top_k * (3 * expert + h) + 4 * shared
 
 
 # ---------------------------------------------------------------------------- memory of a job

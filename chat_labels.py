@@ -52,7 +52,8 @@ class Example:
 
     @property
     def num_trained(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE)
+        """Tokens the loss trains; an example's first token never is (nothing before it predicts it)."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
 
 
 def ensure_chat_template(tokenizer) -> str:
@@ -255,7 +256,8 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     rows, columns = trained.nonzero(as_tuple=True)
     loss_index, loss_targets = rows * length + columns, labels[:, 1:][trained]
     real_tokens, trained_tokens = int((segment >= 0).sum()), len(loss_targets)
-    # non_blocking: from pageable memory the copy is staged at once, without waiting for queued GPU work
+    # non_blocking: the copies are queued, not waited for (from pageable memory the data is staged first,
+    # so these CPU tensors may be dropped at once)
     input_ids, labels, position_ids, segment, loss_index, loss_targets = (
         t.to(device, non_blocking=True) for t in (input_ids, labels, position_ids, segment, loss_index, loss_targets))
     real = segment >= 0

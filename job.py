@@ -87,7 +87,7 @@ class Hyperparameters(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0.0, le=100.0, description="Gradient clipping norm")
     val_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Fraction of conversations held out for validation_loss")
-    gradient_checkpointing: Literal["auto"] | bool = Field("auto", description="Recompute activations in backward (less memory, about a third more compute); `auto`: only when the micro-batch would not fit the GPU without it")
+    gradient_checkpointing: Literal["auto"] | bool = Field("auto", description="Recompute activations in backward (less memory; with the base frozen, about 1.5x the compute per token); `auto`: only when the micro-batch would not fit the GPU without it")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for shuffling, the split and LoRA init")
     checkpoint_steps: int = Field(50, ge=1, le=1_000_000, description="Write a resumable checkpoint every this many steps")
     checkpoint_minutes: float = Field(10.0, gt=0, le=1440, description="... and at least every this many minutes")

@@ -488,7 +488,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                                      checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # 8-bit AdamW states. Not the paged variant: LoRA's states are small (~50 MB for a 7B model at
+    # 8-bit AdamW states. Not the paged variant: LoRA's states are small (~80 MB for a 7B model at
     # rank 16), and bitsandbytes never frees paged buffers, so a warm worker would leak them job by job.
     optimizer_class = bnb.optim.AdamW8bit
     optimizer = optimizer_class(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
@@ -520,6 +520,10 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
             step, epoch, next_start, epoch_state = state["step"], state["epoch"], state["next_start"], state["epoch_rng"]
             history, (real_tokens, computed_tokens, trained_tokens) = state["history"], state["tokens"]
             resumed_from = step
+            if str(state.get("gradient_checkpointing", "")).startswith("on from step") and not checkpointing:
+                # "auto" met an out-of-memory step before the checkpoint: recompute from the start this time
+                enable_checkpointing(model)
+                checkpointing, checkpointing_note = True, state["gradient_checkpointing"]
             if next_start == 0:  # saved at an epoch's end: the shuffle state moves on from that epoch's start
                 generator.setstate(epoch_state)
                 generator.shuffle(list(range(len(train_seqs))))
@@ -533,7 +537,8 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng_python": random.getstate(), "rng_torch": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
-                "history": history, "tokens": (real_tokens, computed_tokens, trained_tokens)}
+                "history": history, "tokens": (real_tokens, computed_tokens, trained_tokens),
+                "gradient_checkpointing": checkpointing_note}
 
     last_checkpoint = time.monotonic()
     progress({"stage": "training", "percent": 100.0 * step / total_steps, "step": step, "total_steps": total_steps, "epoch": epoch})
@@ -774,7 +779,9 @@ def _estimate_command(args) -> int:
         settings = WorkerSettings.from_env(os.environ)
         path = resolve_base_model(args.base_model, [settings.model_cache_dir, Path("/workspace/models")])
     config = load_config(path)
-    checkpointing = parse_hyperparameters({"gradient_checkpointing": args.gradient_checkpointing}).gradient_checkpointing
+    setting = parse_hyperparameters({"gradient_checkpointing": args.gradient_checkpointing}).gradient_checkpointing
+    # "auto" decides from the GPU's memory; without a figure for it, size the job with recomputation
+    checkpointing = True if setting == "auto" and args.gpu_memory_gb is None else setting
     common = dict(max_seq_length=args.max_seq_length, batch_size=args.batch_size, lora_rank=args.lora_rank,
                   gpu_memory_gb=args.gpu_memory_gb, gradient_checkpointing=checkpointing)
     estimate = estimate_job_memory(config, quantize_experts=experts_in_4bit(config), **common)
@@ -793,8 +800,8 @@ def _estimate_command(args) -> int:
     if args.gpu_memory_gb is not None:
         print(f"fits {args.gpu_memory_gb:g} GB: {estimate.fits}; micro-batch {estimate.micro_batch_size} x "
               f"{estimate.gradient_accumulation_steps} accumulation steps")
-    print(f"gradient checkpointing: {'on' if estimate.gradient_checkpointing else 'off'}"
-          + (" (auto)" if checkpointing == "auto" else ""))
+    print(f"gradient checkpointing: {'on' if estimate.gradient_checkpointing else 'off'}" + (
+        "" if setting != "auto" else " (auto)" if args.gpu_memory_gb is not None else " (auto: on without --gpu-memory-gb)"))
     return 0
 
 
@@ -820,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     p_est.add_argument("--lora-rank", type=int, default=Hyperparameters.model_fields["lora_rank"].default)
     p_est.add_argument("--gpu-memory-gb", type=float, default=None, help="free GPU memory to fit into")
     p_est.add_argument("--gradient-checkpointing", default=Hyperparameters.model_fields["gradient_checkpointing"].default,
-                       help="true, false or auto (default: auto, decided from --gpu-memory-gb)")
+                       help="true, false or auto (default: auto, decided from --gpu-memory-gb; on without it)")
     p_est.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -13,15 +13,18 @@ number of optimizer steps):
   padding to the longest in the batch, no packing (same model, LoRA, data, steps and learning rate; otherwise
   that stack's usual choices: PEFT's k-bit preparation, which keeps embeddings, norms and lm_head in fp32,
   bf16 autocast, paged 8-bit AdamW).
-- `packed_mb2_auto` (gpu mode): our trainer, the same batch in micro-batches of 2 with
-  `gradient_checkpointing: auto` (no recomputation where the estimate says it fits).
+- `packed_mb1_auto` (gpu mode): our trainer, the same batch one sequence per forward with
+  `gradient_checkpointing: auto` (no recomputation where the estimate says it fits: for Qwen2.5-7B
+  and Mistral-7B at 2048 tokens, ~38 GB estimated, so on any 48 GB or larger GPU).
 
 Per configuration: time from job start to the first optimizer step, real tokens per second
 (padding excluded) over the steady steps, token efficiency (real / computed tokens), peak memory
 (GPU: `max_memory_allocated`; CPU: process RSS high-water mark, which only grows across the run),
 and on GPU the MFU: 6·N FLOPs per real token with recomputation (4·N without; N: the parameters
-less the input embedding, a lookup) over a bf16 matmul peak measured in the same run. Needs beyond torch/transformers/peft: bitsandbytes (and runpod, imported by
-the worker's modules). Writes bench/results/<mode>-<date>.json and prints a table.
+less the input embedding, a lookup) over a bf16 matmul peak measured in the same run. Needs
+beyond torch/transformers/peft: bitsandbytes, pydantic and matplotlib (the loss plot); runpod is
+not needed. `scripts/device_wheels.sh` gathers the wheels a bare GPU image lacks. Writes
+bench/results/<mode>-<date>.json and prints a table.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from dataset_loader import load_dataset  # noqa: E402
 from job import Hyperparameters  # noqa: E402
 
 SAMPLE = ROOT / "data" / "brightrun-eq12-demo.jsonl"
-CONFIGURATIONS = ("packed", "padded", "hf_trainer", "packed_mb2_auto")
+CONFIGURATIONS = ("packed", "padded", "hf_trainer", "packed_mb1_auto")
 CONFIGS = ROOT / "data" / "model-configs"
 
 
@@ -224,7 +227,7 @@ def main() -> int:
     parser.add_argument("--max-seq-length", type=int, default=None)
     parser.add_argument("--configs", nargs="+", default=["qwen2.5-7b", "mistral-7b-v0.1"], help="gpu mode: configs to build")
     parser.add_argument("--only", nargs="+", choices=CONFIGURATIONS, default=None,
-                        help="run only these configurations (default: all; packed_mb2_auto in gpu mode only)")
+                        help="run only these configurations (default: all; packed_mb1_auto in gpu mode only)")
     parser.add_argument("--allow-cpu", action="store_true", help="run the gpu mode's flow on the CPU (to check it, not to measure)")
     parser.add_argument("--output", default=None, help="results file (default bench/results/<mode>-<date>.json)")
     args = parser.parse_args()
@@ -267,12 +270,12 @@ def run_all(args, work: Path) -> int:
             "packed": lambda: run_ours(convs, path, Hyperparameters(**hp, packing=True), work / f"{name}-packed"),
             "padded": lambda: run_ours(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-padded"),
             "hf_trainer": lambda: run_hf_trainer(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-hf"),
-            # The same batch in micro-batches of 2 with `gradient_checkpointing: auto`: does skipping the
+            # The same batch one sequence per forward with `gradient_checkpointing: auto`: does skipping the
             # recomputation, where the estimate allows it, pay for the smaller micro-batch? (not the same peak memory)
-            "packed_mb2_auto": lambda: run_ours(convs, path, Hyperparameters(**{**hp, "gradient_checkpointing": "auto"},
-                                                                            packing=True, micro_batch_size=2), work / f"{name}-mb2"),
+            "packed_mb1_auto": lambda: run_ours(convs, path, Hyperparameters(**{**hp, "gradient_checkpointing": "auto"},
+                                                                            packing=True, micro_batch_size=1), work / f"{name}-mb1"),
         }
-        chosen = args.only or [c for c in CONFIGURATIONS if args.mode == "gpu" or c != "packed_mb2_auto"]
+        chosen = args.only or [c for c in CONFIGURATIONS if args.mode == "gpu" or c != "packed_mb1_auto"]
         row = {config: runs[config]() for config in CONFIGURATIONS if config in chosen}
         if results["bf16_matmul_peak_tflops"]:
             from base_models import count_parameters, load_config

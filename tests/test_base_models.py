@@ -151,11 +151,24 @@ def test_auto_checkpointing_recomputes_only_where_the_micro_batch_would_not_fit_
     assert not estimate(4, "auto", None).gradient_checkpointing  # no memory limit (a CPU): nothing to save memory for
 
 
-def test_moe_activations_are_counted_per_routed_expert():
-    config = json.loads((CONFIGS / "qwen3-next-80b-a3b.json").read_text())
+@pytest.mark.parametrize("model_type, top_k", [("qwen3_next", "num_experts_per_tok"), ("olmoe", "num_experts_per_tok"),
+                                                ("ernie4_5_moe", "moe_k")])
+def test_moe_activations_are_counted_per_routed_expert(model_type, top_k):
+    from transformers import AutoConfig
+
+    # Configs name experts differently (OLMoE: experts as wide as `intermediate_size`; ERNIE: `moe_k`).
+    config = (json.loads((CONFIGS / "qwen3-next-80b-a3b.json").read_text()) if model_type == "qwen3_next" else
+              dict(AutoConfig.for_model(model_type).to_dict(), num_hidden_layers=2))
     base = estimate_job_memory(config, batch_size=1, gradient_checkpointing=False)
-    more = estimate_job_memory(dict(config, num_experts_per_tok=20), batch_size=1, gradient_checkpointing=False)
+    more = estimate_job_memory(dict(config, **{top_k: 2 * config[top_k]}), batch_size=1, gradient_checkpointing=False)
     assert more.total_parameters == base.total_parameters and more.activations_gb > 1.2 * base.activations_gb
+
+
+def test_models_are_found_without_the_runpod_sdk(tiny_qwen2, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "runpod", None)  # a benchmark machine with only the training libraries
+    assert resolve_base_model(str(tiny_qwen2), []) == tiny_qwen2
 
 
 def test_a_job_that_cannot_fit_says_how_much_it_needs_and_what_to_change():

@@ -36,9 +36,9 @@ def test_the_gpu_mode_flow_runs_on_a_model_built_from_a_config(tiny_qwen2, tmp_p
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     row = result["models"]["tiny-config"]
-    assert set(row) == {"packed", "padded", "hf_trainer", "packed_mb2_auto"}
+    assert set(row) == {"packed", "padded", "hf_trainer", "packed_mb1_auto"}
     assert [row[c]["gradient_checkpointing"] for c in ("packed", "padded", "hf_trainer")] == ["on"] * 3
-    assert row["packed_mb2_auto"]["micro_batch_size"] == 2 and row["packed_mb2_auto"]["gradient_checkpointing"] == "off"
+    assert row["packed_mb1_auto"]["micro_batch_size"] == 1 and row["packed_mb1_auto"]["gradient_checkpointing"] == "off"
     assert result["bf16_matmul_peak_tflops"] is None and 0 < result["token_efficiency_packed"] <= 1
 
 

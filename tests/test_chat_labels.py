@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chat_labels import (IGNORE, collate, end_of_turn_text, ensure_chat_template, pack_examples,
+from chat_labels import (IGNORE, Example, collate, end_of_turn_text, ensure_chat_template, pack_examples,
                          tokenize_conversation, trained_runs)
 
 CONVERSATION = {"messages": [
@@ -161,3 +161,10 @@ def test_a_conversation_the_template_refuses_is_skipped_with_the_reason(tiny_mis
                                "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(SkipExample, match="the chat template refuses this conversation: System role not supported"):
         tokenize_conversation(tokenizer, CONVERSATION, 2048, "</s>")
+
+
+def test_an_examples_first_token_is_never_counted_as_trained():
+    # collate never trains position 0 (nothing before it predicts it), so an example whose only
+    # labelled token is its first has nothing to train (and is skipped rather than crash a step).
+    assert Example(input_ids=[5, 6, 7], labels=[5, IGNORE, IGNORE]).num_trained == 0
+    assert Example(input_ids=[5, 6, 7], labels=[5, IGNORE, 7]).num_trained == 1

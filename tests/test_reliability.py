@@ -401,6 +401,21 @@ def test_auto_checkpointing_turns_on_when_a_step_runs_out_of_memory_and_redoes_i
     assert ours == pytest.approx(theirs, abs=1e-6)
 
 
+def test_a_job_that_turned_checkpointing_on_resumes_with_it_on(conversations, tiny_qwen2, tmp_path, out_of_memory_once):
+    faults = out_of_memory_once()
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(Crash):
+        train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP), on_progress=crash_at(3),
+              checkpoint_dir=checkpoints, fingerprint="job-oom")
+    assert faults == [False]
+    result = train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP),
+                   checkpoint_dir=checkpoints, fingerprint="job-oom")
+    assert faults == [False]  # no second fault was armed: nothing ran out of memory after the resume
+    assert result.metrics["resumed_from_step"] == 2
+    assert result.metrics["gradient_checkpointing"] == "on from step 1 (out of memory without it)"
+    assert all(layer.gradient_checkpointing for layer in result.model.get_base_model().model.layers)
+
+
 @pytest.mark.parametrize("setting, advice", [(False, 'set it to "auto" or true'), (True, "reduce hyperparameters.micro_batch_size")])
 def test_running_out_of_memory_with_checkpointing_chosen_fails_with_what_to_change(conversations, tiny_qwen2, tmp_path,
                                                                                    out_of_memory_once, setting, advice):
