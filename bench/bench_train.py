@@ -86,20 +86,44 @@ def conversations(copies: int) -> list[dict]:
     return out
 
 
-def run_ours(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict:
+def run_ours(convs, model_dir, hp: Hyperparameters, out_dir: Path, count_syncs: bool = False) -> dict:
+    """One job of our trainer. With `count_syncs` on a GPU, torch's sync debug mode counts the
+    operations that make the CPU wait for the GPU between the ends of the last two steps (it costs
+    a Python warning each, so only the short warm-up run counts them)."""
+    import warnings
+    from contextlib import ExitStack
+
+    import torch
+
     from train_lora import train
 
     timer_start = time.monotonic()
     stamps: list[float] = []
-    result = train(convs, model_dir, out_dir, hp, on_progress=lambda e: stamps.append(time.monotonic())
-                   if e.get("stage") == "training" and "loss" in e else None)
+    syncs_at: list[int] = []
+    counting = count_syncs and torch.cuda.is_available()
+    with ExitStack() as stack:
+        caught = stack.enter_context(warnings.catch_warnings(record=True)) if counting else []
+        if counting:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            stack.callback(torch.cuda.set_sync_debug_mode, "default")
+
+        def on_progress(event):
+            if event.get("stage") == "training" and "loss" in event:
+                stamps.append(time.monotonic())
+                syncs_at.append(sum("synchroniz" in str(w.message) for w in caught))
+
+        result = train(convs, model_dir, out_dir, hp, on_progress=on_progress)
     m = result.metrics
     history = [json.loads(l) for l in (out_dir / "training_log.jsonl").read_text().splitlines()]
     del result
-    return {"first_step_seconds": stamps[0] - timer_start, "tokens_per_second": _steady_tokens_per_second(stamps, history),
-            "token_efficiency": m["token_efficiency"], "peak_memory_gb": m["peak_memory_gb"], "steps": m["steps"],
-            "real_tokens": m["tokens"], "gradient_checkpointing": m["gradient_checkpointing"],
-            "micro_batch_size": result_config(out_dir)["effective"]["micro_batch_size"]}
+    row = {"first_step_seconds": stamps[0] - timer_start, "tokens_per_second": _steady_tokens_per_second(stamps, history),
+           "token_efficiency": m["token_efficiency"], "peak_memory_gb": m["peak_memory_gb"], "steps": m["steps"],
+           "real_tokens": m["tokens"], "gradient_checkpointing": m["gradient_checkpointing"],
+           "micro_batch_size": result_config(out_dir)["effective"]["micro_batch_size"]}
+    if counting and len(syncs_at) > 1:
+        row["syncs_per_step"] = syncs_at[-1] - syncs_at[-2]
+    return row
 
 
 def result_config(out_dir: Path) -> dict:
@@ -265,7 +289,8 @@ def run_all(args, work: Path) -> int:
                   lora_rank=16, warmup_steps=1, gradient_checkpointing=args.mode == "gpu")
         # A one-step warm-up pays the imports, kernel initialisation and the first read of the weights
         # from disk (its time to first step is the cold start); the measured runs below are warm.
-        cold = run_ours(convs, path, Hyperparameters(**{**hp, "max_steps": 2, "epochs": 20}), work / f"{name}-warmup")
+        cold = run_ours(convs, path, Hyperparameters(**{**hp, "max_steps": 2, "epochs": 20}), work / f"{name}-warmup",
+                        count_syncs=True)
         runs = {
             "packed": lambda: run_ours(convs, path, Hyperparameters(**hp, packing=True), work / f"{name}-packed"),
             "padded": lambda: run_ours(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-padded"),
@@ -286,6 +311,7 @@ def run_all(args, work: Path) -> int:
                 r["mfu"] = (6 if recomputes else 4) * n * r["tokens_per_second"] / (results["bf16_matmul_peak_tflops"] * 1e12)
         results["models"][name] = row
         results.setdefault("cold_first_step_seconds", {})[name] = cold["first_step_seconds"]
+        results.setdefault("syncs_per_step", {})[name] = cold.get("syncs_per_step")  # GPU only
         if config_file is not None:
             shutil.rmtree(path)
     first = results["models"][next(iter(models))]  # the headline keys: the first model's
