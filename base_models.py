@@ -24,7 +24,7 @@ from job import JobError, redact_text
 GB = 1024**3
 NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # = 0.5161 bytes per weight
 CUDA_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS workspaces, allocator slack
-LOSS_CHUNK_TOKENS = 4096  # the trainer's output layer runs on at most this many positions at a time
+LOSS_CHUNK_TOKENS = 1024  # the trainer's output layer runs on at most this many positions at a time
 # `gradient_checkpointing: "auto"` skips recomputation only when the job, without it, fits in this
 # share of the free memory (the estimate is not yet checked against a GPU; the trainer also turns
 # checkpointing on if a step runs out of memory without it).

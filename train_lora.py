@@ -643,7 +643,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                       "warmup_steps": warmup, "total_steps": total_steps, "optimizer": f"bitsandbytes.{optimizer_class.__name__}",
                       "scheduler": "cosine", "quantization": "nf4 + double quantization", "attention": attention,
                       "gradient_checkpointing": checkpointing_note, "chat_template_source": template_source, "end_of_turn": eot_text,
-                      "kbit_preparation": "frozen base in compute dtype, LoRA fp32, non-reentrant checkpointing"},
+                      "kbit_preparation": "frozen base in compute dtype, LoRA fp32; checkpointing non-reentrant where on"},
         "seed": hp.seed, "versions": _library_versions(), "device": device,
     }
     save_adapter(model, tokenizer, eot_text, Path(output_dir), config, metrics, history)
