@@ -218,6 +218,21 @@ def _keep_quantized_copy(model, copy: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def same_kernels_in_eval(model):
+    """Make a CPU model compute in eval what it computes in training, and return it.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 switches a 4-bit layer in eval without gradients to
+    a packed kernel of its own: bf16 scales (logits ~1e-3 off the training kernel's) and only for
+    layers whose output size is a multiple of 32 (Qwen3-Next's `in_proj_ba` is not: it fails). The
+    validation loss and reloaded adapters are then measured with the kernel that trained them."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_code: bool = False,
                     attention: str = "sdpa", quantized_cache: Path | None = None):
     """The frozen base in 4-bit, and where it came from.
@@ -243,7 +258,7 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
             model, info = model_class.from_pretrained(copy, output_loading_info=True, **common)
             wrong = {k: sorted(v)[:3] for k, v in info.items() if k.endswith("_keys") and v}
             if not wrong:
-                return model, "4-bit copy"
+                return (same_kernels_in_eval(model) if device == "cpu" else model), "4-bit copy"
             del model
             reason = f"keys that do not match the model: {wrong}"
         except torch.OutOfMemoryError:
@@ -258,7 +273,7 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
             _set_aside(copy)
         if not (copy / "config.json").is_file():
             _keep_quantized_copy(model, copy)
-    return model, "quantized while loading"
+    return (same_kernels_in_eval(model) if device == "cpu" else model), "quantized while loading"
 
 
 def enable_checkpointing(model) -> None:

@@ -16,7 +16,7 @@ from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
 from tiny_model import build_tiny_model
-from train_lora import causal_lm_class, lora_targets_as_named, quantization_config, train
+from train_lora import causal_lm_class, lora_targets_as_named, quantization_config, same_kernels_in_eval, train
 
 CONFIGS = ROOT / "data" / "model-configs"
 
@@ -109,8 +109,8 @@ def test_a_tiny_qwen3_next_trains_a_step_in_4_bit_with_lora_off_the_routed_exper
     # the fit check counts the experts in 4-bit: they are quantized while loading
     assert result.metrics["memory_estimate"]["quantized_fraction"] > 0.5
     # the saved adapter loads back onto the 4-bit base and reproduces the trained model
-    base = causal_lm_class(tiny_qwen3_next).from_pretrained(
-        tiny_qwen3_next, quantization_config=quantization_config(torch.float32), dtype=torch.float32)
+    base = same_kernels_in_eval(causal_lm_class(tiny_qwen3_next).from_pretrained(
+        tiny_qwen3_next, quantization_config=quantization_config(torch.float32), dtype=torch.float32))
     with lora_targets_as_named():
         reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1))

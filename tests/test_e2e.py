@@ -19,7 +19,7 @@ def test_job_trains_an_adapter_that_changes_the_model(worker, storage, tiny_qwen
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train_lora import quantization_config
+    from train_lora import quantization_config, same_kernels_in_eval
 
     result = runsync(worker, {
         "job_id": "e2e-shape-a",
@@ -45,8 +45,8 @@ def test_job_trains_an_adapter_that_changes_the_model(worker, storage, tiny_qwen
     assert "sha256" in job_log and storage.good not in job_log
 
     # The adapter loads on the 4-bit base model and changes its logits.
-    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2, quantization_config=quantization_config(torch.float32),
-                                                dtype=torch.float32).eval()
+    base = same_kernels_in_eval(AutoModelForCausalLM.from_pretrained(
+        tiny_qwen2, quantization_config=quantization_config(torch.float32), dtype=torch.float32).eval())
     ids = torch.tensor([[5, 17, 99, 312, 7, 1000]])
     with torch.no_grad():
         before = base(ids).logits

@@ -15,12 +15,12 @@ from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
 from base_models import resolve_base_model
-from train_lora import quantization_config, train
+from train_lora import quantization_config, same_kernels_in_eval, train
 
 
 def load_base(path):
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(torch.float32),
-                                                dtype=torch.float32).eval()
+    return same_kernels_in_eval(AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization_config(torch.float32), dtype=torch.float32).eval())
 
 
 @pytest.fixture(scope="module")
