@@ -1,12 +1,14 @@
 """Normalize what users upload into one canonical form of chat conversations, with a report.
 
-Canonical form (valid OpenAI fine-tuning JSONL): one conversation per line,
+Canonical form (OpenAI fine-tuning JSONL): one conversation per line,
     {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight": 0|1 (assistant only)}, ...],
-     "tools": [...] (optional)}
-An assistant message is trained unless it carries `"weight": 0`.
+     "tools": [...] (optional), "conversation_id": str (optional)}
+An assistant message is trained unless it carries `"weight": 0`. `conversation_id` groups lines that
+share history (a BrightRun conversation's pairs), so that a validation split keeps them together.
 
 Formats, detected per line:
 - BrightRun LoRA v4/v5 pairs (`target_response`, `conversation_history`, ...; the `_meta` header line),
+- the BrightRun app's own upload format (`conversation_id`, `turns` with `role`/`content`),
 - OpenAI chat (`messages`), ShareGPT (`conversations` with `from`/`value`),
 - Alpaca (`instruction`, `input`, `output`), prompt/completion (`prompt`, `completion`).
 
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-FORMATS = ("brightrun", "openai", "sharegpt", "alpaca", "prompt_completion")
+FORMATS = ("brightrun", "turns", "openai", "sharegpt", "alpaca", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
 MAX_DECOMPRESSED_BYTES = 4 * 1024**3
 MAX_LINE_BYTES = 64 * 1024**2  # one conversation; far beyond any context window
@@ -184,6 +186,8 @@ def detect_format(record: dict) -> str | None:
         return "openai"
     if "conversations" in record:
         return "sharegpt"
+    if "turns" in record:
+        return "turns"
     if "target_response" in record or "current_user_input" in record or "conversation_history" in record:
         return "brightrun"
     if "instruction" in record and "output" in record:
@@ -297,21 +301,33 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "tool": "tool", "function_response": "tool", "observation": "tool"}
 
 
-def normalize_sharegpt(record: dict) -> list[dict]:
-    raw = record["conversations"]
+def _speaker_turns(raw: Any, field: str, speaker_key: str, text_key: str, expected: str) -> list[dict]:
+    """A list of turns naming their speaker (ShareGPT's `from`/`value`, the app's `role`/`content`) → messages;
+    every assistant turn is trained."""
     if not isinstance(raw, list) or not raw:
-        raise LineProblem(f"`conversations` must be a non-empty array, got {_kind(raw)}")
-    messages = _system_message(record, "system")
+        raise LineProblem(f"`{field}` must be a non-empty array, got {_kind(raw)}")
+    messages = []
     for i, turn in enumerate(raw):
         if not isinstance(turn, dict):
-            raise LineProblem(f"`conversations[{i}]` must be an object, got {_kind(turn)}")
-        speaker = turn.get("from")
+            raise LineProblem(f"`{field}[{i}]` must be an object, got {_kind(turn)}")
+        speaker = turn.get(speaker_key)
         role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
         if role is None:
-            raise LineProblem(f"`conversations[{i}].from` is {speaker!r}; expected human, gpt or system")
-        content = _text(turn.get("value"), f"conversations[{i}].value")
+            raise LineProblem(f"`{field}[{i}].{speaker_key}` is {speaker!r}; expected {expected}")
+        content = _text(turn.get(text_key), f"{field}[{i}].{text_key}")
         messages.append({"role": role, "content": content} | ({"weight": 1} if role == "assistant" else {}))
     return messages
+
+
+def normalize_sharegpt(record: dict) -> list[dict]:
+    turns = _speaker_turns(record["conversations"], "conversations", "from", "value", "human, gpt or system")
+    return _system_message(record, "system") + turns
+
+
+def normalize_turns(record: dict) -> list[dict]:
+    """The BrightRun app's upload format (what its dataset validator accepts):
+    `{"conversation_id": ..., "turns": [{"role": "user", "content": "..."}, ...]}`."""
+    return _speaker_turns(record["turns"], "turns", "role", "content", "system, user or assistant")
 
 
 def normalize_alpaca(record: dict) -> list[dict]:
@@ -343,8 +359,16 @@ def normalize_prompt_completion(record: dict) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion, "weight": 1}]
 
 
-NORMALIZERS = {"brightrun": normalize_brightrun, "openai": normalize_openai, "sharegpt": normalize_sharegpt,
-               "alpaca": normalize_alpaca, "prompt_completion": normalize_prompt_completion}
+NORMALIZERS = {"brightrun": normalize_brightrun, "turns": normalize_turns, "openai": normalize_openai,
+               "sharegpt": normalize_sharegpt, "alpaca": normalize_alpaca, "prompt_completion": normalize_prompt_completion}
+
+
+def _conversation_id(record: dict) -> str | None:
+    """The id that groups lines of one conversation (BrightRun pairs, the app's `turns`), if the line has one."""
+    value = record.get("conversation_id")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
+        return None
+    return str(value)
 
 
 def finalize(messages: list[dict]) -> tuple[list[dict], int]:
@@ -433,7 +457,8 @@ def _load(path: Path, report: Report, max_invalid_fraction: float, check: bool, 
                 keys = ", ".join(sorted(record)[:8]) or "none"
                 raise LineProblem(
                     f"unrecognized format (keys: {keys}); expected `messages` (OpenAI chat), `conversations` (ShareGPT), "
-                    "`instruction`/`output` (Alpaca), `prompt`/`completion`, or a BrightRun pair with `target_response`"
+                    "`turns` (the BrightRun app's format), `instruction`/`output` (Alpaca), `prompt`/`completion`, "
+                    "or a BrightRun pair with `target_response`"
                 )
             if fmt == "brightrun":
                 brightrun_lines += 1
@@ -445,6 +470,9 @@ def _load(path: Path, report: Report, max_invalid_fraction: float, check: bool, 
         conversation = {"messages": messages}
         if fmt == "openai" and isinstance(record.get("tools"), list):
             conversation["tools"] = record["tools"]
+        group = _conversation_id(record)
+        if group is not None:
+            conversation["conversation_id"] = group
         key = fingerprint(conversation)
         if key in seen:
             report.duplicates += 1

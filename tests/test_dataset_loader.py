@@ -34,6 +34,8 @@ def test_the_real_brightrun_sample_loads_without_doubled_user_turns():
         trained = [m for m in conv["messages"] if m["role"] == "assistant" and m["weight"] == 1]
         assert [m["content"] for m in trained] == [pair["target_response"]]
         assert "emotional_state" not in json.dumps(conv) and "intensity" not in json.dumps(conv)
+        assert conv["conversation_id"] == pair["conversation_id"]  # pairs of one conversation stay groupable
+    assert len({c["conversation_id"] for c in conversations}) == 12
 
 
 def test_every_common_format_becomes_the_canonical_form(tmp_path):
@@ -269,3 +271,27 @@ def test_a_truncated_gzip_and_absurd_nesting_are_named_not_crashes(tmp_path):
     deep = write(tmp_path, [chat(("user", "q"), ("assistant", "a")), "[" * 100_000], "deep.jsonl")
     _, report = load_dataset(deep, check=False)
     assert report.problems == [{"line": 2, "message": "line 2: nested too deeply to read"}]
+
+
+def test_the_apps_turns_format_loads_and_every_bad_line_is_named(tmp_path):
+    path = write(tmp_path, [
+        {"conversation_id": "c1", "turns": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                                            {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"},
+                                            {"role": "assistant", "content": "A2"}]},
+        {"conversation_id": 7, "turns": [{"role": "Human", "content": "q"}, {"role": "gpt", "content": "a"}]},
+        {"conversation_id": "c3", "turns": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "a"}]},
+        {"conversation_id": "c4", "turns": []},
+        {"conversation_id": "c5", "turns": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
+        {"conversation_id": "c6", "turns": [{"role": "user", "content": "q"}]},
+    ])
+    conversations, report = load_dataset(path, max_invalid_fraction=1.0)
+    assert report.formats == {"turns": 2} and (report.invalid, report.skipped) == (3, 1)
+    assert conversations[0] == {"conversation_id": "c1", "messages": [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "weight": 1},
+        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", "weight": 1}]}
+    assert conversations[1]["conversation_id"] == "7" and [m["role"] for m in conversations[1]["messages"]] == ["user", "assistant"]
+    messages = [p["message"] for p in report.problems]
+    assert messages == ["line 3: `turns[0].role` is 'narrator'; expected system, user or assistant",
+                        "line 4: `turns` must be a non-empty array, got array",
+                        "line 5: `turns[0].content` must be a string or a list of {\"type\": \"text\", \"text\": ...} parts, got int",
+                        "line 6: no assistant message to train on (none, empty, or all weight 0)"]
