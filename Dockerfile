@@ -1,8 +1,15 @@
 # RunPod serverless worker: QLoRA fine-tuning of chat adapters.
-# The base image supplies CUDA and torch 2.13.0 (the version requirements.txt pins; its CUDA build,
-# 2.13.0+cu128, satisfies ==2.13.0, so pip keeps it). At run time only the dataset is downloaded (and a base
-# model, only where ALLOW_MODEL_DOWNLOAD=true); models are read from the network volume.
-FROM pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
+# Base: the official Docker "python" image, Python 3.11 as in the test virtualenv, on Debian 12 (bookworm,
+# the OS the project is developed and tested on). The tag is patch-pinned (3.11.16, not the floating 3.11)
+# so that a rebuild gets the same interpreter under the same pinned wheels; it is listed in
+# docker-library/official-images (library/python, since 2026-08-13), and Docker Hub keeps superseded
+# official tags pullable. Bump it deliberately to pick up Python and Debian security fixes.
+# torch==2.13.0 comes from PyPI: its Linux x86_64 wheel is the CUDA 13.0 build (2.13.0+cu130) and brings
+# the CUDA user-space libraries as pip packages (cuda-toolkit==13.0.3, cuDNN, NCCL); the GPU driver
+# (>= 580 for CUDA 13) comes from the host. No apt packages: every dependency installs as a wheel.
+# Re-check the resolved set without Docker: scripts/check_image_deps.sh. At run time the dataset is
+# downloaded, and a base model not yet on the network volume (ALLOW_MODEL_DOWNLOAD, on by default).
+FROM python:3.11.16-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -13,10 +20,11 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first, in their own cached layer; fail the build if the base image's torch drifted.
+# Dependencies first, in their own cached layer. Then fail the build unless torch is the version
+# requirements.txt pins, built for CUDA 13.0, and the GPU stack imports (no GPU at build time: import only).
 COPY requirements.txt .
-RUN python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '2.13.0' else 'base image torch ' + torch.__version__ + ' != 2.13.0')" \
- && pip install -r requirements.txt
+RUN pip install -r requirements.txt \
+ && python -c "import sys, torch; pin = [l.split('==')[1].strip() for l in open('requirements.txt') if l.startswith('torch==')][0]; ok = torch.__version__.split('+')[0] == pin and torch.version.cuda == '13.0'; ok or sys.exit(f'torch {torch.__version__} (CUDA {torch.version.cuda}) is not the pinned {pin} CUDA 13.0 build'); import bitsandbytes, transformers, peft, runpod; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 COPY handler.py job.py storage.py dataset_loader.py chat_labels.py base_models.py checkpoints.py train_lora.py tiny_model.py ./
 COPY data/ data/
