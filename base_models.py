@@ -1,9 +1,9 @@
 """Base models: where a job's model is, whether it fits the GPU, and MoE experts loaded in 4-bit.
 
-Lookup order for a name like `Qwen/Qwen2.5-7B-Instruct` (or a path): the path itself; each model
-cache directory as `<dir>/<org>/<name>` and `<dir>/<name>`; RunPod's cached-models location (as the
-runpod SDK resolves it); the Hugging Face cache (HF_HOME), offline. A download into the first cache
-directory happens only when the deployment allows it.
+Lookup order for a name like `Qwen/Qwen2.5-7B-Instruct` (or a path): the path itself; RunPod's cached
+models (the endpoint's "Model" setting); the runpod SDK's model cache path; each model cache
+directory as `<dir>/<org>/<name>` and `<dir>/<name>`; the Hugging Face cache (HF_HOME), offline. A model
+found nowhere is downloaded into the first cache directory (`HubDownload`) where the deployment allows it.
 
 The memory estimate needs only `config.json`: it builds transformers' architecture for it on the
 meta device, counts the parameters of each kind and which of them bitsandbytes really stores in
@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from job import JobError, redact_text
+from job import RUNPOD_CACHED_MODELS, JobError, redact_text
 
 GB = 1024**3
 NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # = 0.5161 bytes per weight
@@ -33,37 +34,63 @@ AUTO_CHECKPOINTING_SHARE = 0.9
 
 # ---------------------------------------------------------------------------- finding the model
 
-def model_search_paths(name: str, cache_dirs: list[Path]) -> list[Path]:
-    """Where a base model named `name` is looked for, in order."""
+def hf_cache_snapshot(name: str, hub_cache: Path) -> Path | None:
+    """`name` in a Hugging Face cache directory: the snapshot `refs/main` names, else the newest complete one."""
+    repo = hub_cache / ("models--" + name.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
+        return repo / "snapshots" / ref.read_text().strip()
+    snapshots = [p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file()]
+    return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
+
+
+def model_search_paths(name: str, cache_dirs: list[Path], runpod_cache: Path = RUNPOD_CACHED_MODELS) -> list[Path]:
+    """Where a base model named `name` is looked for, in order: the path itself, RunPod's cached models
+    (local disk: the fastest to load), the runpod SDK's model cache path, then each cache directory."""
     paths = [Path(name).expanduser()]
+    snapshot = hf_cache_snapshot(name, runpod_cache) if "/" in name else None
+    if snapshot is not None:
+        paths.append(snapshot)
+    try:  # the runpod SDK's model cache path; the worker always has the SDK, a bare benchmark machine may not
+        from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
+    except ImportError:
+        pass
+    else:
+        sdk_cache = resolve_model_cache_path_from_hugginface_repository(name)
+        if sdk_cache:
+            paths.append(Path(sdk_cache))
     short = name.rsplit("/", 1)[-1]
     for d in cache_dirs:
         paths += [d / name, d / short]
-    try:  # RunPod's own model cache; the worker always has the SDK, a bare benchmark machine may not
-        from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
-    except ImportError:
-        return list(dict.fromkeys(paths))
-    runpod_cache = resolve_model_cache_path_from_hugginface_repository(name)
-    if runpod_cache:
-        paths.append(Path(runpod_cache))
     return list(dict.fromkeys(paths))
 
 
 def cached_models(cache_dirs: list[Path]) -> list[str]:
     return [str(cfg.parent.relative_to(d)) for d in cache_dirs if d.is_dir()
             for cfg in sorted(d.glob("*/config.json")) + sorted(d.glob("*/*/config.json"))
-            if not cfg.relative_to(d).parts[0].startswith(".")]  # .quantized/: the worker's 4-bit copies
+            if not cfg.relative_to(d).parts[0].startswith(".")]  # .quantized/, .downloads/: the worker's own
 
 
-def resolve_base_model(name: str, cache_dirs: list[Path], *, allow_download: bool = False,
-                       allowed: list[str] | None = None, hf_token: str | None = None) -> Path:
+def resolve_base_model(name: str, cache_dirs: list[Path], *, allowed: list[str] | None = None,
+                       runpod_cache: Path = RUNPOD_CACHED_MODELS) -> Path:
     """A local directory holding `name` (with config.json), or JobError naming every place searched."""
+    found = find_base_model(name, cache_dirs, allowed=allowed, runpod_cache=runpod_cache)
+    if found is None:
+        raise JobError(
+            f"base model {name!r} was not found; searched {', '.join(str(p) for p in model_search_paths(name, cache_dirs, runpod_cache))} "
+            f"and the Hugging Face cache. Cached models: {', '.join(cached_models(cache_dirs)) or 'none'}. Pick a cached "
+            "model in hyperparameters.base_model, put the model in the model cache directory, or set ALLOW_MODEL_DOWNLOAD=true")
+    return found
+
+
+def find_base_model(name: str, cache_dirs: list[Path], *, allowed: list[str] | None = None,
+                    runpod_cache: Path = RUNPOD_CACHED_MODELS) -> Path | None:
+    """The local directory of `name`, or None when it is nowhere on this worker (nothing is downloaded)."""
     if allowed and name not in allowed:
         raise JobError(f"base model {name!r} is not on this worker's allow-list ({', '.join(allowed)}); pick one of those")
     if name.startswith(TINY_PREFIX):
         return _tiny_model(name, cache_dirs)
-    searched = model_search_paths(name, cache_dirs)
-    for path in searched:
+    for path in model_search_paths(name, cache_dirs, runpod_cache):
         if (path / "config.json").is_file():
             return path
     from huggingface_hub import snapshot_download
@@ -71,22 +98,213 @@ def resolve_base_model(name: str, cache_dirs: list[Path], *, allow_download: boo
     try:  # the Hugging Face cache (HF_HOME), without touching the network
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure here means "not in the HF cache"
+        return None
+
+
+# ---------------------------------------------------------------------------- downloading it on first use
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
+SMALL_FILE_SUFFIXES = (".json", ".model", ".txt", ".tiktoken", ".jinja")  # configs, tokenizers, chat templates
+DOWNLOAD_MARGIN_BYTES = GB  # free space kept on the volume beyond the files themselves
+
+
+def files_to_load(listing: dict[str, int], weight_index: dict | None) -> list[str]:
+    """Of a repo's files (name -> size), those a 4-bit load needs: the top-level configs, tokenizer files
+    and chat templates, and one copy of the weights: the shards a `model.safetensors.index.json` names,
+    else `model.safetensors`, else (no safetensors at all) the PyTorch `.bin` shards. Duplicates
+    (`.bin` beside `.safetensors`, Mistral's `consolidated.safetensors`, `original/`) are left out."""
+    top = [n for n in listing if "/" not in n]
+    small = [n for n in top if n.endswith(SMALL_FILE_SUFFIXES)]
+    if weight_index is not None:
+        weights = sorted(set(weight_index.get("weight_map", {}).values()))
+    elif "model.safetensors" in top:
+        weights = ["model.safetensors"]
+    elif "pytorch_model.bin" in top:
+        weights = ["pytorch_model.bin"]
+    else:
+        weights = []
+    return sorted(set(small) | set(weights))
+
+
+class _Progress:
+    """The progress-bar class huggingface_hub drives (`tqdm_class`): counts bytes into `on_bytes`."""
+
+    def __init__(self, on_bytes, initial: int = 0, **_):
+        self.on_bytes, self.n = on_bytes, initial
+        on_bytes(initial)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        self.n += n
+        self.on_bytes(n)
+
+    def close(self) -> None:
         pass
-    if allow_download and cache_dirs and "/" in name and not Path(name).is_absolute():
-        target = cache_dirs[0] / name
-        partial = target.with_name(target.name + ".download")  # renamed into place only when complete
+
+
+class HubDownload:
+    """A base model fetched from the Hugging Face Hub (`HF_ENDPOINT`) on first use, in two steps:
+
+    `prepare()` lists the repo at one commit and fetches its small files (config.json first), so the fit
+    check and the volume's free-space check run before any weight is fetched; `complete()` fetches the
+    weights, checks every file's size against the listing, and renames the directory into place
+    (`<cache>/<org>/<name>`), where later jobs find it. Until then it lives in
+    `<cache>/.downloads/<org>--<name>/`, which no job reads; the files a killed worker completed there
+    are kept by the next one (a file cut short is fetched again whole). One worker downloads a model
+    at a time (a lock beside it); another one waits for it.
+    """
+
+    def __init__(self, name: str, cache_dir: Path, token: str | None = None):
+        self.name, self.token = name, token
+        self.endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it at import
+        self.target = cache_dir / name
+        self.partial = cache_dir / ".downloads" / name.replace("/", "--")
+        self.sha, self.sizes, self.files = "", {}, []
+        self.lock = None
+
+    def __enter__(self) -> "HubDownload":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _hub(self, call, *args, **kwargs):
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+        page = f"https://huggingface.co/{self.name}"
         try:
-            snapshot_download(name, local_dir=partial, token=hf_token)
-        except Exception as exc:  # noqa: BLE001
-            raise JobError(f"base model {name!r} could not be downloaded: {type(exc).__name__}: {redact_text(str(exc))}. "
-                           "Check the name and HF_TOKEN, or put the model in the model cache directory") from None
-        os.replace(partial, target)
-        return target
-    raise JobError(
-        f"base model {name!r} was not found; searched {', '.join(str(p) for p in searched)} and the Hugging Face cache. "
-        f"Cached models: {', '.join(cached_models(cache_dirs)) or 'none'}. Pick a cached model in hyperparameters.base_model, "
-        "put the model in the model cache directory, or set ALLOW_MODEL_DOWNLOAD=true"
-    )
+            return call(*args, **kwargs)
+        except GatedRepoError:
+            how = ("the account of HF_TOKEN has not been granted access: accept its conditions on " + page +
+                   " with that account, or set HF_TOKEN to a token of an account that has" if self.token else
+                   "set HF_TOKEN on the endpoint to a token of an account that accepted its conditions on " + page)
+            raise JobError(f"base model {self.name!r} is gated on the Hugging Face Hub: {how}") from None
+        except RepositoryNotFoundError:
+            raise JobError(f"base model {self.name!r} is not on the Hugging Face Hub ({self.endpoint or 'huggingface.co'}), "
+                           "or is private: check hyperparameters.base_model (for a private model, set HF_TOKEN)") from None
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status == 401 and self.token:
+                raise JobError("the Hugging Face Hub refused HF_TOKEN (invalid or expired): create a new token at "
+                               "https://huggingface.co/settings/tokens and set HF_TOKEN on the endpoint") from None
+            raise JobError(f"downloading base model {self.name!r} failed (HTTP {status}): {redact_text(str(exc))[:300]}. "
+                           "Retry the job; if it persists, put the model in MODEL_CACHE_DIR") from None
+        except Exception as exc:  # noqa: BLE001 - connection resets (httpx errors), a full disk, the client's own checks
+            raise JobError(f"downloading base model {self.name!r} failed: {type(exc).__name__}: {redact_text(str(exc))[:300]}. "
+                           "Retry the job (the download resumes); if it persists, check the worker's network and the "
+                           "volume, or put the model in MODEL_CACHE_DIR") from None
+
+    def _fetch(self, name: str, on_bytes=None) -> None:
+        from functools import partial
+
+        from huggingface_hub import hf_hub_download
+
+        bar = partial(_Progress, on_bytes) if on_bytes else None
+        self._hub(hf_hub_download, self.name, name, revision=self.sha, local_dir=self.partial, token=self.token,
+                  endpoint=self.endpoint, tqdm_class=bar)
+
+    def _take_lock(self, wait_s: float, on_wait) -> bool:
+        """Hold the download's lock; False when another worker completed the model meanwhile."""
+        from storage import JobLock
+
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        lock = JobLock(self.partial.with_name(self.partial.name + ".lock"))
+        deadline = time.monotonic() + wait_s
+        while True:
+            if (self.target / "config.json").is_file():
+                return False
+            try:
+                lock.acquire()
+            except JobError:
+                if time.monotonic() > deadline:
+                    raise JobError(f"another worker has been downloading base model {self.name!r} for too long; "
+                                   "resubmit the job later") from None
+                on_wait()
+                time.sleep(5)
+                continue
+            self.lock = lock
+            return True
+
+    def prepare(self, wait_s: float = 4 * 3600, on_wait=lambda: None) -> Path | None:
+        """List the repo and fetch its small files; the directory holding them (for the fit check), or None
+        when another worker completed the model while this one waited (it is then at `self.target`)."""
+        from huggingface_hub import HfApi
+
+        info = self._hub(HfApi(endpoint=self.endpoint, token=self.token).model_info, self.name, files_metadata=True)
+        if not self._take_lock(wait_s, on_wait):
+            return None
+        self.sha = info.sha
+        self.sizes = {s.rfilename: s.size for s in info.siblings}
+        if "config.json" not in self.sizes:
+            raise JobError(f"base model {self.name!r} on the Hugging Face Hub has no config.json: it is not a transformers "
+                           "model; pick another base model")
+        index_name = "model.safetensors.index.json" if "model.safetensors.index.json" in self.sizes else (
+            "pytorch_model.bin.index.json" if "pytorch_model.bin.index.json" in self.sizes
+            and not any(n.endswith(".safetensors") for n in self.sizes) else None)
+        small = [n for n in files_to_load(self.sizes, None) if n.endswith(SMALL_FILE_SUFFIXES)]
+        for name in ["config.json"] + [n for n in small if n != "config.json"]:  # config.json first, no weight
+            self._fetch(name)
+        index = json.loads((self.partial / index_name).read_text()) if index_name else None
+        self.files = files_to_load(self.sizes, index)
+        if not any(n.endswith(WEIGHT_SUFFIXES) for n in self.files):
+            raise JobError(f"base model {self.name!r} on the Hugging Face Hub has no weights in safetensors or PyTorch "
+                           "format; pick another base model")
+        return self.partial
+
+    def missing_bytes(self) -> int:
+        """Bytes still to fetch (files already complete from an earlier, killed download are not counted)."""
+        return sum(size for name, size in self.sizes.items() if name in self.files and not self._complete(name))
+
+    def _complete(self, name: str) -> bool:
+        path = self.partial / name
+        return path.is_file() and path.stat().st_size == self.sizes[name]
+
+    def check_free_space(self) -> None:
+        import shutil
+
+        need = self.missing_bytes() + DOWNLOAD_MARGIN_BYTES
+        free = shutil.disk_usage(self.partial).free
+        if free < need:
+            raise JobError(f"the volume holding MODEL_CACHE_DIR ({self.target.parent.parent}) has {free / GB:.1f} GB free; "
+                           f"base model {self.name!r} needs {need / GB:.1f} GB more to download. Enlarge the network volume, "
+                           "delete models it no longer needs (and old 4-bit copies in .quantized/), or pick a smaller model")
+
+    def complete(self, progress=lambda fraction: None) -> Path:
+        """Fetch the weights, check every file's size, and move the model into place; its directory."""
+        import shutil
+
+        total, done = max(self.missing_bytes(), 1), 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(min(done / total, 1.0))
+
+        for name in self.files:
+            if not self._complete(name):
+                self._fetch(name, on_bytes)
+        wrong = [n for n in self.files if not self._complete(n)]
+        if wrong:
+            raise JobError(f"the download of base model {self.name!r} is incomplete ({', '.join(wrong[:3])} has the wrong "
+                           "size); retry the job")
+        shutil.rmtree(self.partial / ".cache", ignore_errors=True)  # huggingface_hub's own bookkeeping
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        if (self.target / "config.json").is_file():  # another worker's copy, complete: keep it
+            shutil.rmtree(self.partial, ignore_errors=True)
+        else:
+            os.replace(self.partial, self.target)
+        self.release()
+        return self.target
 
 
 TINY_PREFIX = "tiny-random/"

@@ -29,13 +29,16 @@ import runpod  # noqa: E402
 
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
 from job import JOB_ID_RULE, JobError, WorkerSettings, is_safe_job_id, parse_job_input, redact_text, redact_url  # noqa: E402
-from storage import JobLock, download_dataset, post_callback, presigned_urls, upload_files  # noqa: E402
-from base_models import resolve_base_model, trust_remote_code_for  # noqa: E402
+from storage import JobLock, check_storage, download_dataset, post_callback, presigned_urls, upload_files  # noqa: E402
+from base_models import HubDownload, find_base_model, resolve_base_model, trust_remote_code_for  # noqa: E402
 
 log = logging.getLogger("worker")
 
-# Overall progress (0..100) at the start of each stage; training fills the span up to "saving".
-STAGE_START = {"downloading": 1, "loading_data": 4, "loading_model": 6, "training": 10, "saving": 95, "uploading": 97}
+# Overall progress (0..100) at the start of each stage, in the order they run; a stage that reports a
+# percent (the model download, training) fills the span up to the next one.
+STAGE_START = {"downloading": 1, "loading_data": 3, "downloading_model": 5, "loading_model": 9, "training": 10,
+               "saving": 95, "uploading": 97}
+_NEXT_START = dict(zip(STAGE_START, [*list(STAGE_START.values())[1:], 100]))
 
 
 class RedactingFilter(logging.Filter):
@@ -48,38 +51,50 @@ class RedactingFilter(logging.Filter):
 
 
 class ProgressReporter:
-    """Sends what the app polls (`progress`, `current_epoch`, `current_step`, `stage`, `metrics`) at each
-    stage change and at most every `interval_s` seconds in between.
+    """Sends what the app polls (`progress`, `current_epoch`, `current_step`, `total_steps`, `stage`,
+    `metrics`) at each stage change, at each epoch's validation loss, and at most every `interval_s`
+    seconds in between.
 
-    The SDK posts progress to RUNPOD_WEBHOOK_POST_OUTPUT from a thread; where that is unset (a local
-    run) there is nobody to tell, so nothing is sent.
+    The app inserts a `metrics_points` row for each update that has `metrics`, with `training_loss`,
+    `learning_rate`, the epoch and the step in NOT NULL columns: updates before training carry no
+    `metrics`, and from the start of training on an update is sent only once they all hold numbers (the
+    first step's end); later stages carry the last values. `total_steps` is ours (the app's own
+    count ignores packing). The SDK posts progress to RUNPOD_WEBHOOK_POST_OUTPUT from a thread; where
+    that is unset (a local run) there is nobody to tell, so nothing is sent.
     """
 
     METRICS = {"training_loss": "loss", "validation_loss": "validation_loss", "learning_rate": "learning_rate",
                "throughput": "tokens_per_second", "gpu_utilization": "gpu_utilization", "gradient_norm": "grad_norm"}
+    TRAINING_STAGES = ("training", "saving", "uploading")
 
     def __init__(self, job: dict, enabled: bool, interval_s: float = 10.0):
         self.job, self.enabled, self.interval_s = job, enabled, interval_s
         self.on_event = lambda: None  # e.g. the job lock's heartbeat
-        self.stage, self.last_sent = None, 0.0
-        self.payload = {"progress": 0.0, "current_epoch": 0, "current_step": 0, "stage": None, "metrics": {}}
+        self.stage = None  # the stage the job is in (failures are labelled with it)
+        self.sent_stage, self.last_sent = None, 0.0
+        self.metrics: dict = {}
+        self.payload = {"progress": 0.0, "current_epoch": 0, "current_step": 0, "total_steps": None, "stage": None}
 
     def __call__(self, event: dict) -> None:
         self.on_event()
-        stage = event.get("stage", self.stage)
-        start, end = STAGE_START.get(stage, 0), STAGE_START["saving"]
-        training = stage == "training" and "percent" in event
+        stage = self.stage = event.get("stage", self.stage)
+        start, end = STAGE_START.get(stage, 0), _NEXT_START.get(stage, 0)
         metrics = {name: event[key] for name, key in self.METRICS.items() if event.get(key) is not None}
+        self.metrics.update(metrics)
         self.payload = {
-            "progress": round(start + (end - start) * event["percent"] / 100 if training else start, 1),
+            "progress": round(start + (end - start) * event["percent"] / 100 if "percent" in event else start, 1),
             "current_epoch": event.get("epoch", self.payload["current_epoch"]),
             "current_step": event.get("step", self.payload["current_step"]),
+            "total_steps": event.get("total_steps", self.payload["total_steps"]),
             "stage": stage,
-            "metrics": {**self.payload["metrics"], **metrics},
+            # the app inserts a metrics row for every update that has `metrics`: none before the first step
+            **({"metrics": dict(self.metrics)} if self.metrics else {}),
         }
+        if stage in self.TRAINING_STAGES and not {"training_loss", "learning_rate"} <= self.metrics.keys():
+            return  # no step has ended yet: the app could not store this update
         now = time.monotonic()
-        if stage != self.stage or now - self.last_sent >= self.interval_s:
-            self.stage, self.last_sent = stage, now
+        if stage != self.sent_stage or "validation_loss" in metrics or now - self.last_sent >= self.interval_s:
+            self.sent_stage, self.last_sent = stage, now
             log.info("progress %s %.1f%% step %s", stage, self.payload["progress"], self.payload["current_step"])
             if self.enabled:
                 runpod.serverless.progress_update(self.job, self.payload)
@@ -94,10 +109,13 @@ def _job_log(job_dir: Path) -> logging.Handler:
 
 
 @contextmanager
-def _stage(name: str, progress: "ProgressReporter | None" = None):
-    """Announce a stage; label the expected failures raised inside it with its name."""
-    if progress:
+def _stage(name: str, progress: "ProgressReporter | None" = None, announce: bool = True):
+    """Enter a stage (announced to the app unless `announce` is false: the checks that run before the
+    dataset's download); label the failures raised inside it with its name."""
+    if progress and announce:
         progress({"stage": name})
+    elif progress:
+        progress.stage = name
     try:
         yield
     except JobError as exc:
@@ -115,6 +133,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         raise JobError(f"invalid job input: job id {job_id!r} {JOB_ID_RULE}")
     hp = spec.hyperparameters
     base_model = hp.base_model or settings.default_base_model
+    trust_remote_code = trust_remote_code_for(base_model, settings.remote_code_models)
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     lock = JobLock(job_dir / "job.lock")
@@ -124,6 +143,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
     file_log = _job_log(job_dir)
     seconds: dict[str, float] = {}
     started = time.monotonic()
+    model_download = None
     try:
         stored = job_dir / "result.json"
         # What makes two submissions the same job: the settings and the dataset's location (a new
@@ -135,11 +155,14 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
         elif stored.is_file():
             return _stored_result(stored, job_id, input_fingerprint, settings)
-        with _stage("loading_model"):  # fail in seconds, before any download, when the model is not there
-            base_path = resolve_base_model(base_model, [settings.model_cache_dir, Path("/workspace/models")],
-                                           allow_download=settings.allow_model_download, hf_token=settings.hf_token,
-                                           allowed=settings.allowed_base_models)
-        log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path, redact_url(spec.dataset_url))
+        # Everything that can fail in seconds does, before the dataset or any weight is downloaded.
+        with _stage("loading_model", progress, announce=False):
+            base_path, model_download = _find_or_plan_download(base_model, hp, settings, trust_remote_code, progress)
+        if settings.s3_configured:
+            with _stage("starting", progress, announce=False):
+                check_storage(settings, job_id)
+        log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path or "to download",
+                 redact_url(spec.dataset_url))
         with _stage("downloading", progress), _timed(seconds, "download"):
             download = download_dataset(
                 spec.dataset_url, job_dir / "dataset.download", max_bytes=settings.max_dataset_bytes,
@@ -152,6 +175,11 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         log.info("dataset: %d bytes, sha256 %s; %d examples %s, %d skipped, %d invalid, %d duplicates",
                  download.bytes, download.sha256, report.examples, dict(report.formats), report.skipped,
                  report.invalid, report.duplicates)
+        if model_download is not None:
+            with _stage("downloading_model", progress), _timed(seconds, "model_download"):
+                base_path = model_download.complete(
+                    lambda done: progress({"stage": "downloading_model", "percent": 100.0 * done}))
+            warnings.append(f"base model {base_model} was downloaded into {base_path} (first use); later jobs reuse it")
 
         import train_lora  # torch, transformers and bitsandbytes load here, on the first job
 
@@ -160,25 +188,23 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
                                                 sort_keys=True).encode()).hexdigest()
         with _stage("training"), _timed(seconds, "training"):
             metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress,
-                                       trust_remote_code=trust_remote_code_for(base_model, settings.remote_code_models),
+                                       trust_remote_code=trust_remote_code,
                                        checkpoint_dir=job_dir / "checkpoints", fingerprint=fingerprint,
                                        quantized_cache=settings.quantized_cache).metrics
         warnings += _gpu_warnings(spec.gpu_config)
         files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
-        if settings.s3_configured:
-            with _stage("uploading", progress), _timed(seconds, "upload"):
-                model_files = upload_files(files, job_id, settings)
-        else:
-            model_files = {p.name: p.resolve().as_uri() for p in files}
-            warnings.append(f"no S3 storage is configured (S3_ENDPOINT_URL, S3_BUCKET): the adapter's files stay on the volume at {adapter_dir}")
+        warnings += _large_file_warnings(files)
+        delivery = _deliver(files, job_id, adapter_dir, settings, progress, seconds)
+        warnings += delivery.pop("warnings")
         seconds["job"] = time.monotonic() - started
         result = {
-            "model_files": model_files,
+            **delivery,
             "model_metadata": {
                 "base_model": base_model, "base_model_path": str(base_path),
                 "lora": {"rank": hp.lora_rank, "alpha": hp.effective_lora_alpha, "dropout": hp.lora_dropout,
                          "target_modules": hp.lora_target_modules},
                 "final_loss": metrics["train_loss_last"], "validation_loss": metrics["validation_loss"],
+                "files": {p.name: p.stat().st_size for p in files},
                 "seconds": {k: round(v, 2) for k, v in seconds.items()},
                 "gpu_config": spec.gpu_config.model_dump() if spec.gpu_config else None,
                 "device": metrics["device"],
@@ -188,7 +214,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             "metrics": metrics,
             "adapter_path": str(adapter_dir),
             "dataset_report": report.to_dict(),
-            "warnings": warnings + report.warnings + metrics["checkpoint_warnings"],
+            "warnings": warnings + report.warnings + metrics["warnings"],
         }
         _write_json_atomically(stored, {"input_fingerprint": input_fingerprint, "result": result})
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # the adapter is complete: checkpoints are spent
@@ -197,9 +223,63 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         log.error("job %s failed in %s:\n%s", job_id, progress.stage, redact_text(traceback.format_exc()))
         raise
     finally:
+        if model_download is not None:
+            model_download.release()
         logging.getLogger().removeHandler(file_log)
         file_log.close()
         lock.release()
+
+
+def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote_code: bool, progress):
+    """(local directory, None) for a model on this worker; (None, HubDownload) for one to download, after
+    its config.json passed the fit check and the volume has room for it."""
+    cache_dirs = [settings.model_cache_dir, Path("/workspace/models")]
+    found = find_base_model(name, cache_dirs, allowed=settings.allowed_base_models, runpod_cache=settings.runpod_model_cache)
+    if found is not None:
+        return found, None
+    if not settings.allow_model_download or "/" not in name or Path(name).is_absolute() or Path(name).exists():
+        resolve_base_model(name, cache_dirs, runpod_cache=settings.runpod_model_cache)  # raises, naming where it looked
+    plan = HubDownload(name, settings.model_cache_dir, token=settings.hf_token)
+    try:
+        config_dir = plan.prepare(on_wait=progress.on_event)
+        if config_dir is None:  # another worker completed it while this one waited
+            return plan.target, None
+        import train_lora
+
+        train_lora.check_fits(config_dir, hp, name, trust_remote_code)
+        plan.check_free_space()
+    except BaseException:
+        plan.release()
+        raise
+    log.info("base model %s is not cached: %.1f GB to download from the Hub at commit %s", name,
+             plan.missing_bytes() / 1024**3, plan.sha[:12])
+    return None, plan
+
+
+def _deliver(files: list[Path], job_id: str, adapter_dir: Path, settings: WorkerSettings, progress, seconds) -> dict:
+    """The result's links to the adapter's files: presigned URLs (S3), the volume's paths (VOLUME_DELIVERY),
+    or file:// URLs (a local run). Returns `model_files` or `volume_files`, and `warnings`."""
+    if settings.s3_configured:
+        with _stage("uploading", progress), _timed(seconds, "upload"):
+            return {"model_files": upload_files(files, job_id, settings), "warnings": []}
+    if settings.volume_delivery:
+        return {"volume_files": {p.name: str(p.resolve()) for p in files},
+                "warnings": [f"VOLUME_DELIVERY: the adapter's files are on the network volume at {adapter_dir} "
+                             "(volume_files); no download links were made"]}
+    return {"model_files": {p.name: p.resolve().as_uri() for p in files},
+            "warnings": [f"no S3 storage is configured (S3_ENDPOINT_URL, S3_BUCKET): the adapter's files stay on this "
+                         f"machine at {adapter_dir} (a local run)"]}
+
+
+# The app's function that copies the adapter buffers each file whole in a Supabase Edge Function (256 MB
+# of memory, its own runtime included): files above this are likely to fail there.
+APP_FILE_WARN_BYTES = 200 * 1024**2
+
+
+def _large_file_warnings(files: list[Path]) -> list[str]:
+    return [f"{p.name} is {p.stat().st_size / 1024**2:.0f} MB: the BrightRun app copies each file in a 256 MB Edge "
+            "Function and may fail to copy it; a lower lora_rank (or fewer lora_target_modules) makes it smaller"
+            for p in files if p.stat().st_size > APP_FILE_WARN_BYTES]
 
 
 def _stored_result(stored: Path, job_id: str, input_fingerprint: str, settings: WorkerSettings) -> dict:
@@ -209,7 +289,8 @@ def _stored_result(stored: Path, job_id: str, input_fingerprint: str, settings: 
         raise JobError(f"job {job_id} already completed with other settings or another dataset: send retrain: true to "
                        "train it again with these, or use a new job_id", stage="starting")
     result = saved["result"]
-    if settings.s3_configured and all(u.startswith(("http://", "https://")) for u in result["model_files"].values()):
+    links = result.get("model_files") or {}
+    if settings.s3_configured and links and all(u.startswith(("http://", "https://")) for u in links.values()):
         result["model_files"] = presigned_urls(list(result["model_files"]), job_id, settings)
     result["warnings"] = result.get("warnings", []) + [
         f"job {job_id} had already completed: this is its stored result (send retrain: true to train again)"]
@@ -265,8 +346,23 @@ def handler(job: dict) -> dict:
     return result
 
 
+def check_deployment() -> None:
+    """At the worker's start: a deployment that could not deliver any job's result is logged at once
+    (every job then fails in its first second with the same message)."""
+    try:
+        settings = WorkerSettings.from_env(os.environ)
+    except JobError as exc:
+        log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed", exc)
+        return
+    delivery = ("S3 storage at " + redact_url(settings.s3_endpoint_url) if settings.s3_configured else
+                "the network volume only (VOLUME_DELIVERY)" if settings.volume_delivery else "file:// links (a local run)")
+    log.info("worker ready: jobs in %s, models in %s, adapters delivered through %s", settings.jobs_dir,
+             settings.model_cache_dir, delivery)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for h in logging.getLogger().handlers:
         h.addFilter(RedactingFilter())
+    check_deployment()
     runpod.serverless.start({"handler": handler})

@@ -16,6 +16,12 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-v0.1"  # what the app sends when the user picked nothing
+# With no val_fraction in the job: hold out this share of the conversations for validation_loss (the app's
+# quality score, perplexity and overfit check need it), at most VALIDATION_MAX_HELD_OUT of them, once the
+# dataset has VALIDATION_MIN_CONVERSATIONS; smaller datasets keep every conversation for training.
+VALIDATION_SHARE = 0.1
+VALIDATION_MIN_CONVERSATIONS = 10
+VALIDATION_MAX_HELD_OUT = 200
 
 
 class JobError(Exception):
@@ -86,8 +92,9 @@ class Hyperparameters(_Section):
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Warmup as a fraction of the total steps, when warmup_steps is not given")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0.0, le=100.0, description="Gradient clipping norm")
-    val_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Fraction of conversations held out for validation_loss")
+    val_fraction: float | None = Field(None, ge=0.0, le=0.5, description=f"Share of the conversations held out for validation_loss (whole conversations: a BrightRun conversation's pairs stay together); default {VALIDATION_SHARE:g}, at most {VALIDATION_MAX_HELD_OUT}, when the dataset has at least {VALIDATION_MIN_CONVERSATIONS} conversations, else none; 0: none")
     gradient_checkpointing: Literal["auto"] | bool = Field("auto", description="Recompute activations in backward (less memory; with the base frozen, about 1.5x the compute per token); `auto`: only when the micro-batch would not fit the GPU without it")
+    adapter_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Precision of the saved LoRA weights; `auto`: bfloat16 (float16 on GPUs without bf16), half the size of float32, which trains them")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for shuffling, the split and LoRA init")
     checkpoint_steps: int = Field(50, ge=1, le=1_000_000, description="Write a resumable checkpoint every this many steps")
     checkpoint_minutes: float = Field(10.0, gt=0, le=1440, description="... and at least every this many minutes")
@@ -246,29 +253,41 @@ def _setting(default: Any, help: str, kind: type, *aliases: str):
     return field(default=default, metadata={"help": help, "type": kind, "aliases": aliases})
 
 
+# Where RunPod puts the models of an endpoint's "Model" setting (its cached models): a Hugging Face cache,
+# `models--<org>--<name>/snapshots/<sha>/` (RunPod's documentation, "Cached models").
+RUNPOD_CACHED_MODELS = Path("/runpod-volume/huggingface-cache/hub")
+LOCAL_VOLUME = Path(__file__).resolve().parent / ".cache" / "runpod-volume"  # a local run's stand-in for /runpod-volume
+APP_STORAGE_HELP = ("Supabase Storage's S3 endpoint (S3_ENDPOINT_URL=https://<project>.supabase.co/storage/v1/s3, "
+                    "S3_REGION=<the project's region>, S3_BUCKET=lora-models, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY "
+                    "from the project's Storage settings), or AWS S3 or Cloudflare R2")
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Settings of the deployment, read from environment variables named like the fields (upper case)."""
 
-    jobs_dir: Path = _setting(Path("/runpod-volume/lora-jobs"), "each job's files live under `<JOBS_DIR>/<job_id>/`", Path)
-    model_cache_dir: Path = _setting(Path("/runpod-volume/models"), "base models as `<dir>/<org>/<name>` or `<dir>/<name>` (`/workspace/models` is searched too)", Path)
+    jobs_dir: Path = _setting(Path("/runpod-volume/lora-jobs"), "each job's files live under `<JOBS_DIR>/<job_id>/` (a local run without `/runpod-volume`: `.cache/runpod-volume/lora-jobs` in the checkout)", Path)
+    model_cache_dir: Path = _setting(Path("/runpod-volume/models"), "base models as `<dir>/<org>/<name>` or `<dir>/<name>` (`/workspace/models` is searched too; a local run without `/runpod-volume`: `.cache/runpod-volume/models`)", Path)
+    runpod_model_cache: Path = _setting(RUNPOD_CACHED_MODELS, "where RunPod puts the endpoint's cached models (its Model setting); searched before MODEL_CACHE_DIR, and before any download", Path)
     keep_quantized_base: bool = _setting(True, "after a base model's first job, keep its 4-bit copy in `<MODEL_CACHE_DIR>/.quantized/` and load that on later jobs (a quarter of the bytes to read, no quantization)", bool)
     default_base_model: str = _setting(DEFAULT_BASE_MODEL, "the base model when a job names none", str)
-    allow_model_download: bool = _setting(False, "download a base model that is not cached into MODEL_CACHE_DIR (from the Hugging Face Hub)", bool)
+    allow_model_download: bool = _setting(True, "download a base model that is not cached into MODEL_CACHE_DIR from the Hugging Face Hub (`HF_ENDPOINT`) on first use; later jobs reuse it", bool)
     hf_token: str | None = _setting(None, "Hugging Face token for gated models, used only to download", str)
     base_model_allowlist: str = _setting("", "comma-separated base models a job may use; empty: any", str)
     trust_remote_code_models: str = _setting("", "comma-separated base models allowed to run their own modelling code; empty: none", str)
     max_dataset_bytes: int = _setting(2 * 1024**3, "largest dataset download accepted, in bytes", int)
     download_timeout_s: float = _setting(60.0, "seconds without data before a download attempt is abandoned", float)
     download_retries: int = _setting(4, "retries (exponential backoff) after connection errors, timeouts, short bodies, 429 and 5xx", int)
-    allow_file_urls: bool = _setting(False, "accept `file://` dataset URLs (local runs only)", bool)
-    s3_endpoint_url: str | None = _setting(None, "S3-compatible endpoint for the adapter's files (RunPod volume S3 API, Supabase Storage S3, AWS); unset: files stay on the volume", str, "BUCKET_ENDPOINT_URL")
+    allow_file_urls: bool | None = _setting(None, "accept `file://` dataset URLs (a path relative to the working directory: `file:data/x.jsonl`); unset: yes on a local run, no on an endpoint", bool)
+    s3_endpoint_url: str | None = _setting(None, f"S3-compatible storage that signs download links, for the adapter's files: {APP_STORAGE_HELP} (not RunPod's network-volume S3 API: it cannot sign them)", str, "BUCKET_ENDPOINT_URL")
     s3_access_key_id: str | None = _setting(None, "access key for S3_ENDPOINT_URL", str, "BUCKET_ACCESS_KEY_ID")
     s3_secret_access_key: str | None = _setting(None, "secret key for S3_ENDPOINT_URL", str, "BUCKET_SECRET_ACCESS_KEY")
     s3_bucket: str | None = _setting(None, "bucket the adapter's files are uploaded to", str, "BUCKET_NAME")
     s3_prefix: str = _setting("lora-adapters", "key prefix: files go to `<prefix>/<job_id>/<file>`", str)
-    s3_region: str = _setting("us-east-1", "region used to sign S3 requests", str)
-    presigned_url_expiry_s: int = _setting(7 * 24 * 3600, "lifetime of the presigned GET URLs in `model_files` (seconds)", int)
+    s3_region: str = _setting("us-east-1", "region used to sign S3 requests (Supabase: the project's region)", str)
+    presigned_url_expiry_s: int = _setting(7 * 24 * 3600, "lifetime of the presigned GET URLs in `model_files` (seconds; SigV4 allows at most 7 days)", int)
+    volume_delivery: bool = _setting(False, "deliver on the network volume only: no S3; the result lists each file's path in `volume_files` and has no `model_files` (the app cannot download these)", bool)
+    runpod_endpoint_id: str | None = _setting(None, "set by RunPod on an endpoint's workers; there a job fails at once unless S3 storage or VOLUME_DELIVERY is set, and `file://` datasets are refused", str)
     progress_interval_s: float = _setting(10.0, "least seconds between two progress updates within a stage (stage changes are always sent)", float)
 
     @staticmethod
@@ -291,9 +310,14 @@ class WorkerSettings:
     def s3_configured(self) -> bool:
         return bool(self.s3_endpoint_url and self.s3_bucket)
 
+    @property
+    def on_endpoint(self) -> bool:
+        return bool(self.runpod_endpoint_id)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "WorkerSettings":
-        """Build settings from an environment mapping (tests pass a dict; the worker passes os.environ)."""
+        """Build settings from an environment mapping (tests pass a dict; the worker passes os.environ), or
+        raise JobError for a deployment that could not deliver a job's result."""
         values: dict[str, Any] = {}
         for f in fields(cls):
             names = (f.name.upper(), *f.metadata["aliases"])
@@ -305,9 +329,38 @@ class WorkerSettings:
                 values[f.name] = _parse_bool(name, raw) if kind is bool else kind(raw)
             except ValueError as exc:
                 raise JobError(f"environment variable {name}={raw!r} is invalid: {exc}") from None
+        endpoint = bool(values.get("runpod_endpoint_id"))
+        if not endpoint and not Path("/runpod-volume").is_dir():
+            values.setdefault("jobs_dir", LOCAL_VOLUME / "lora-jobs")
+            values.setdefault("model_cache_dir", LOCAL_VOLUME / "models")
+        values.setdefault("allow_file_urls", not endpoint)
         settings = cls(**values)
-        partial = [n for n in ("s3_endpoint_url", "s3_bucket", "s3_access_key_id", "s3_secret_access_key")
-                   if getattr(settings, n)]
-        if partial and not settings.s3_configured:
-            raise JobError("S3 upload is half configured: set both S3_ENDPOINT_URL and S3_BUCKET, or neither")
+        _check_delivery(settings, env)
         return settings
+
+
+def _check_delivery(settings: WorkerSettings, env: Mapping[str, str]) -> None:
+    """Refuse a deployment whose adapter files the app could not download, before any job does work."""
+    volume_id = env.get("NETWORK_VOLUME_ID")
+    named = (f" NETWORK_VOLUME_ID={volume_id!r} is not read by this worker: it names a RunPod network volume, "
+             "whose S3 API cannot sign download links." if volume_id else "")
+    host = (urlsplit(settings.s3_endpoint_url).hostname or "") if settings.s3_endpoint_url else ""
+    if re.fullmatch(r"s3api-[a-z0-9-]+\.runpod\.io", host):
+        raise JobError(
+            f"S3_ENDPOINT_URL points at RunPod's network-volume S3 API ({host}), which does not support presigned "
+            f"URLs: the app could not download a single adapter file.{named} Point S3_ENDPOINT_URL, S3_BUCKET and the "
+            f"keys at storage that signs download links: {APP_STORAGE_HELP}; or set VOLUME_DELIVERY=true and "
+            "unset S3_ENDPOINT_URL to keep the files on the volume")
+    partial = [n for n in ("s3_endpoint_url", "s3_bucket", "s3_access_key_id", "s3_secret_access_key")
+               if getattr(settings, n)]
+    if partial and not settings.s3_configured:
+        missing = "S3_BUCKET" if settings.s3_endpoint_url else "S3_ENDPOINT_URL"
+        raise JobError(f"S3 upload is half configured: {missing} is not set (set both S3_ENDPOINT_URL and "
+                       f"S3_BUCKET, or neither).{named}")
+    if settings.s3_configured and settings.volume_delivery:
+        raise JobError("both S3 storage (S3_ENDPOINT_URL, S3_BUCKET) and VOLUME_DELIVERY=true are set: choose one")
+    if settings.on_endpoint and not settings.s3_configured and not settings.volume_delivery:
+        raise JobError(
+            "no storage for the adapter's files: on a RunPod endpoint the app needs links it can download. Set "
+            f"S3_ENDPOINT_URL, S3_BUCKET, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY ({APP_STORAGE_HELP}), or set "
+            f"VOLUME_DELIVERY=true to keep the files on the network volume (the app then gets no files).{named}")

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 from runpod.serverless.utils import rp_ssrf
 
-from job import JobError, WorkerSettings, redact_text, redact_url
+from job import APP_STORAGE_HELP, JobError, WorkerSettings, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 6
 def upload_files(files: list[Path], job_id: str, settings: WorkerSettings) -> dict[str, str]:
     """Upload `files` to `<bucket>/<prefix>/<job_id>/<name>`; return name → presigned GET URL.
 
-    Any S3-compatible endpoint works (RunPod's network-volume S3 API, Supabase Storage's S3
-    endpoint, AWS). Nothing is deleted here: the local files stay until the caller decides.
+    Any S3-compatible store that signs GET links works (Supabase Storage's S3 endpoint, AWS S3,
+    Cloudflare R2; not RunPod's network-volume S3 API). Nothing is deleted here: the local files stay.
     """
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
@@ -194,6 +194,50 @@ def upload_files(files: list[Path], job_id: str, settings: WorkerSettings) -> di
     return urls
 
 
+def check_storage(settings: WorkerSettings, job_id: str) -> None:
+    """Before any work: a test file uploads to the job's prefix, and a presigned link to it downloads the
+    same bytes with a plain GET and no credentials, as the app will fetch the adapter. Wrong keys, a
+    missing bucket, or a store that cannot sign links fail the job here, in a second, not after training."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = _s3_client(settings)
+    key, body = _s3_key(settings, job_id, ".storage-check"), f"storage check of job {job_id}\n".encode()
+    where = f"bucket {settings.s3_bucket!r} at {redact_url(settings.s3_endpoint_url)}"
+    try:
+        client.put_object(Bucket=settings.s3_bucket, Key=key, Body=body)
+    except (BotoCoreError, ClientError) as exc:
+        raise JobError(f"the adapter's storage refused a test upload to {where} ({_s3_reason(exc)}): check S3_BUCKET, "
+                       "S3_REGION, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY. Nothing was downloaded or trained") from None
+    try:
+        url = client.generate_presigned_url("get_object", ExpiresIn=300, Params={"Bucket": settings.s3_bucket, "Key": key})
+        response = requests.get(url, timeout=30, allow_redirects=False)
+        answer = f"HTTP {response.status_code}" if response.content != body else None
+    except requests.RequestException as exc:
+        answer = f"{type(exc).__name__}"
+    finally:
+        try:
+            client.delete_object(Bucket=settings.s3_bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("could not delete the storage check file %s (%s)", key, _s3_reason(exc))
+    if answer:
+        raise JobError(f"a presigned download link from {where} does not return the file it signs ({answer}): the app "
+                       f"could not download the adapter. Use storage that supports presigned GET URLs ({APP_STORAGE_HELP}), "
+                       "and check that S3_REGION is the bucket's region. Nothing was downloaded or trained")
+
+
+def _s3_reason(exc: Exception) -> str:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"{error.get('Code', 'error')}: {redact_text(str(error.get('Message', '')))}".rstrip(": ")
+    if isinstance(exc, NoCredentialsError):
+        return "no credentials: set S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY"
+    if isinstance(exc, EndpointConnectionError):
+        return "could not connect"
+    return f"{type(exc).__name__}: {redact_text(str(exc))}"
+
+
 def _s3_client(settings: WorkerSettings):
     import boto3
     from botocore.config import Config
@@ -201,7 +245,10 @@ def _s3_client(settings: WorkerSettings):
     return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
         aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=settings.s3_secret_access_key,
+        # Checksums only where S3 requires them: botocore's default (since 1.36) sends aws-chunked bodies with
+        # CRC32 trailers, which S3-compatible stores other than AWS often refuse; AWS and R2 are unaffected.
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                      request_checksum_calculation="when_required", response_checksum_validation="when_required",
                       retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120),
     )
 

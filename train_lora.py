@@ -41,7 +41,7 @@ from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_m
                          per_expert_model_class, per_expert_names, resolve_base_model)
 from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from dataset_loader import DatasetError, load_dataset
-from job import Hyperparameters, JobError, parse_hyperparameters
+from job import VALIDATION_MAX_HELD_OUT, VALIDATION_MIN_CONVERSATIONS, VALIDATION_SHARE, Hyperparameters, JobError, parse_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,31 @@ def lora_targets(model, requested: str | list[str]) -> list[str] | str:
     names = {".".join(name.split(".")[-2:]) if name.rsplit(".", 1)[-1] in routed else name.rsplit(".", 1)[-1]
              for name in linear if ".experts." not in name}
     return sorted(names)
+
+
+def stock_loadable_config(config: dict, model_type: str) -> dict:
+    """adapter_config.json as stock PEFT loads it whole onto the stock transformers model.
+
+    For MoE model types whose experts transformers 5 fuses (qwen3_next, DeepSeek, GLM-MoE, ...), PEFT 0.21
+    rewrites every LoRA target named like an expert projection (`gate_proj`, `up_proj`, `down_proj`) into
+    the fused experts' parameters, the shared expert's and dense MLPs' too (huggingface/peft#3711): a stock
+    load then drops their trained weights, or fails on `lora_dropout`. Named as `target_parameters`
+    (`shared_expert.gate_proj.weight`) they load onto the same layers, with nothing rewritten: PEFT's
+    4-bit LoRA layer takes them on a 4-bit base, and its parameter LoRA (which needs dropout 0; dropout
+    does nothing at inference) on a 16-bit one. The routed experts' exclusion is dropped: in the stock
+    architecture they are parameters no module target can reach. Other model types: unchanged."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except ImportError:  # a PEFT without the conversion: nothing to work around
+        return config
+    rewritten = set(_MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {}))
+    targets = config.get("target_modules")
+    moved = sorted(t for t in targets or [] if isinstance(targets, list) and t.rsplit(".", 1)[-1] in rewritten)
+    if not moved:
+        return config
+    return {**config, "target_modules": sorted(set(targets) - set(moved)),
+            "target_parameters": sorted(set(config.get("target_parameters") or []) | {f"{t}.weight" for t in moved}),
+            "exclude_modules": None, "lora_dropout": 0.0}
 
 
 @contextmanager
@@ -311,6 +336,29 @@ def load_model(base_model: Path, hp: Hyperparameters, device: str, compute_dtype
         return get_peft_model(model, lora_config(hp, lora_targets(model, hp.lora_target_modules), experts)), source
 
 
+def check_fits(base_path: Path, hp: Hyperparameters, name: str, trust_remote_code: bool = False):
+    """The job's GPU memory estimate from `config.json` alone (no weight read), for the memory free on this
+    worker's GPU; JobError naming what to change when even micro-batch 1 cannot fit. No limit on the CPU."""
+    import torch
+
+    device, compute_dtype = select_precision()
+    if device == "cuda":
+        # A warm worker's previous job may still hold GPU memory: its model until collected (reference
+        # cycles), and blocks cached by PyTorch's allocator, which mem_get_info counts as used.
+        gc.collect()
+        torch.cuda.empty_cache()
+    free_gb = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None
+    config = load_config(base_path)
+    estimate = estimate_job_memory(config, max_seq_length=hp.max_seq_length,
+                                   batch_size=hp.effective_micro_batch_size, lora_rank=hp.lora_rank, gpu_memory_gb=free_gb,
+                                   gradient_checkpointing=hp.gradient_checkpointing,  # "auto": decided from memory
+                                   quantize_experts=experts_in_4bit(config) and not trust_remote_code,
+                                   compute_bytes=torch.tensor([], dtype=compute_dtype).element_size())
+    if not estimate.fits:
+        raise JobError(does_not_fit_message(name, estimate, hp.max_seq_length))
+    return estimate
+
+
 def label_conversations(tokenizer, conversations: list[dict], max_seq_length: int, eot_text: str):
     """Tokenize and label every conversation; returns (examples, length report)."""
     examples, skipped = [], []
@@ -329,14 +377,32 @@ def label_conversations(tokenizer, conversations: list[dict], max_seq_length: in
     return examples, report
 
 
-def split_validation(conversations: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    if fraction <= 0 or len(conversations) < 2:
-        return conversations, []
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(conversations) * fraction))
-    val = set(order[:n_val])
-    return [c for i, c in enumerate(conversations) if i not in val], [c for i, c in enumerate(conversations) if i in val]
+def split_validation(conversations: list[dict], fraction: float | None, seed: int) -> tuple[list[dict], list[dict], str | None]:
+    """(training, validation, a warning or None). Whole conversations are held out: lines with the same
+    `conversation_id` (the pairs of one BrightRun conversation, which share their history) stay on one
+    side. `fraction` None is the default rule (job.VALIDATION_SHARE of the conversations, at most
+    VALIDATION_MAX_HELD_OUT, once there are VALIDATION_MIN_CONVERSATIONS); 0 holds out nothing."""
+    groups: dict[tuple, list[int]] = {}
+    for i, conversation in enumerate(conversations):
+        key = ("id", conversation["conversation_id"]) if "conversation_id" in conversation else ("line", i)
+        groups.setdefault(key, []).append(i)
+    if fraction == 0:
+        return conversations, [], None
+    if fraction is None and len(groups) < VALIDATION_MIN_CONVERSATIONS:
+        return conversations, [], (f"no validation loss: the dataset has {len(groups)} conversations, fewer than the "
+                                   f"{VALIDATION_MIN_CONVERSATIONS} needed to hold some out by default; set "
+                                   "hyperparameters.val_fraction to hold out a share anyway")
+    if len(groups) < 2:
+        return conversations, [], "no validation loss: the dataset has one conversation, none can be held out"
+    if fraction is None:
+        held_out = min(VALIDATION_MAX_HELD_OUT, max(1, round(len(groups) * VALIDATION_SHARE)))
+    else:
+        held_out = min(len(groups) - 1, max(1, round(len(groups) * fraction)))
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    validation = {i for key in keys[:held_out] for i in groups[key]}
+    return ([c for i, c in enumerate(conversations) if i not in validation],
+            [c for i, c in enumerate(conversations) if i in validation], None)
 
 
 def _sequences(examples: list[Example], hp: Hyperparameters) -> list[list[Example]]:
@@ -458,7 +524,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     base_path = resolve_base_model(str(base_model), cache_dirs or [])
     tokenizer, template_source, eot_text = load_tokenizer(base_path, trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_convs, val_convs = split_validation(conversations, hp.val_fraction, hp.seed)
+    train_convs, val_convs, split_warning = split_validation(conversations, hp.val_fraction, hp.seed)
     train_examples, length_report = label_conversations(tokenizer, train_convs, hp.max_seq_length, eot_text)
     val_examples, _ = label_conversations(tokenizer, val_convs, hp.max_seq_length, eot_text)
     if not train_examples:
@@ -467,20 +533,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     train_seqs, val_seqs = _sequences(train_examples, hp), _sequences(val_examples, hp)
     # -- setup: does it fit? (config.json only: fail in seconds, before any weight is read)
     device, compute_dtype = select_precision()
-    if device == "cuda":
-        # A warm worker's previous job may still hold GPU memory: its model until collected (reference
-        # cycles), and blocks cached by PyTorch's allocator, which mem_get_info counts as used.
-        gc.collect()
-        torch.cuda.empty_cache()
-    free_gb = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None
-    config = load_config(base_path)
-    estimate = estimate_job_memory(config, max_seq_length=hp.max_seq_length,
-                                   batch_size=hp.effective_micro_batch_size, lora_rank=hp.lora_rank, gpu_memory_gb=free_gb,
-                                   gradient_checkpointing=hp.gradient_checkpointing,  # "auto": decided from memory
-                                   quantize_experts=experts_in_4bit(config) and not trust_remote_code,
-                                   compute_bytes=torch.tensor([], dtype=compute_dtype).element_size())
-    if not estimate.fits:
-        raise JobError(does_not_fit_message(Path(str(base_model)).name, estimate, hp.max_seq_length))
+    estimate = check_fits(base_path, hp, Path(str(base_model)).name, trust_remote_code)
     micro, checkpointing = estimate.micro_batch_size, estimate.gradient_checkpointing
     checkpointing_note = "on" if checkpointing else "off"
     accumulation = math.ceil(hp.batch_size / micro)
@@ -633,16 +686,22 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         raise JobError(f"the worker was asked to stop (SIGTERM) at step {step} of {total_steps}; "
                        + ("a checkpoint was saved: resubmit the same job to resume" if checkpoint_dir else "resubmit the job"))
     train_seconds = time.monotonic() - loaded_at
-    validation_loss = evaluate(model, val_seqs, micro, pad_id, device, use_mask) if val_seqs else None
+    # the validation loss of the final weights (measured already if training ended at an epoch's end)
+    if history and "validation_loss" in history[-1]:
+        validation_loss = history[-1]["validation_loss"]
+    else:
+        validation_loss = evaluate(model, val_seqs, micro, pad_id, device, use_mask) if val_seqs else None
 
     # -- save (the final state is checkpointed first: a failed save is resumed without training again)
-    progress({"stage": "saving"})
+    progress({"stage": "saving", "validation_loss": validation_loss})
     if checkpoint_dir is not None and resumed_from != step:
         save_checkpoint(Path(checkpoint_dir), step, checkpoint_state())
     metrics = {
         "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
         "validation_loss": validation_loss, "steps": step, "epochs": epoch,
-        "examples": len(train_examples), "validation_examples": len(val_examples), "sequences": len(train_seqs),
+        "examples": len(train_examples), "validation_examples": len(val_examples),
+        "validation_conversations": len({c.get("conversation_id", i) for i, c in enumerate(val_convs)}),
+        "sequences": len(train_seqs),
         "tokens": real_tokens, "trained_tokens": trained_tokens,
         "token_efficiency": real_tokens / max(computed_tokens, 1),
         "wall_seconds": time.monotonic() - started, "load_seconds": loaded_at - started, "base_weights": base_weights,
@@ -650,19 +709,33 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "tokens_per_second": real_tokens / max(train_seconds, 1e-9),
         "peak_memory_gb": _peak_memory_gb(device), "gradient_checkpointing": checkpointing_note, "device": device, "attention": attention, "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "length_report": length_report, "memory_estimate": estimate.to_dict(),
-        "resumed_from_step": resumed_from, "checkpoint_warnings": warnings,
+        "resumed_from_step": resumed_from,
+        "warnings": ([split_warning] if split_warning else []) + warnings,
     }
+    save_dtype = adapter_save_dtype(hp.adapter_dtype, compute_dtype)
     config = {
         "base_model": str(base_model), "base_model_path": str(base_path), "hyperparameters": hp.model_dump(mode="json"),
         "effective": {"lora_alpha": hp.effective_lora_alpha, "micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
                       "warmup_steps": warmup, "total_steps": total_steps, "optimizer": f"bitsandbytes.{optimizer_class.__name__}",
                       "scheduler": "cosine", "quantization": "nf4 + double quantization", "attention": attention,
                       "gradient_checkpointing": checkpointing_note, "chat_template_source": template_source, "end_of_turn": eot_text,
-                      "kbit_preparation": "frozen base in compute dtype, LoRA fp32; checkpointing non-reentrant where on"},
+                      "kbit_preparation": "frozen base in compute dtype, LoRA fp32; checkpointing non-reentrant where on",
+                      "adapter_dtype": str(save_dtype).removeprefix("torch.")},
         "seed": hp.seed, "versions": _library_versions(), "device": device,
     }
-    save_adapter(model, tokenizer, eot_text, Path(output_dir), config, metrics, history)
+    save_adapter(model, tokenizer, eot_text, Path(output_dir), config, metrics, history, save_dtype)
     return TrainResult(metrics, model, tokenizer)
+
+
+def adapter_save_dtype(setting: str, compute_dtype):
+    """The dtype the LoRA weights are saved in. They train in fp32; saved in 16-bit they take half the
+    bytes (the app buffers each file in memory to copy it), at a rounding far below what training moves
+    them: bf16, or fp16 where the GPU computes in fp16 (no bf16), unless the job asks for another."""
+    import torch
+
+    if setting == "auto":
+        return torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
+    return getattr(torch, setting)
 
 
 def _library_versions() -> dict:
@@ -677,14 +750,15 @@ def _library_versions() -> dict:
     return versions
 
 
-def save_adapter(model, tokenizer, eot_text: str, output_dir: Path, config: dict, metrics: dict, history: list[dict]) -> None:
+def save_adapter(model, tokenizer, eot_text: str, output_dir: Path, config: dict, metrics: dict, history: list[dict],
+                 dtype=None) -> None:
     """Write everything into `<output>.tmp`, then rename it to `output_dir`: never a half-written adapter."""
     from safetensors import SafetensorError
 
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_adapter(model, tokenizer, eot_text, tmp, config, metrics, history)
+        _write_adapter(model, tokenizer, eot_text, tmp, config, metrics, history, dtype)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         raise JobError(f"could not save the adapter ({getattr(exc, 'strerror', None) or exc}): free space on the volume and resubmit "
@@ -694,11 +768,26 @@ def save_adapter(model, tokenizer, eot_text: str, output_dir: Path, config: dict
     os.replace(tmp, output_dir)
 
 
-def _write_adapter(model, tokenizer, eot_text: str, tmp: Path, config: dict, metrics: dict, history: list[dict]) -> None:
+def _write_adapter(model, tokenizer, eot_text: str, tmp: Path, config: dict, metrics: dict, history: list[dict],
+                   dtype=None) -> None:
+    from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig
 
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
+    if dtype is not None:  # PEFT saves the weights as they train (fp32)
+        weights = tmp / "adapter_model.safetensors"
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+        save_file(tensors, weights, metadata={"format": "pt"})
+    adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+    portable = stock_loadable_config(adapter_config, model.get_base_model().config.model_type)
+    if portable != adapter_config:
+        (tmp / "adapter_config.json").write_text(json.dumps(portable, indent=2, sort_keys=True))
+        config = {**config, "saved_adapter_config": {
+            "target_parameters": portable["target_parameters"], "lora_dropout": 0.0,
+            "why": "stock PEFT 0.21 rewrites LoRA targets named like expert projections for this model type; "
+                   "as target_parameters they load whole (the LoRA was trained with lora_dropout "
+                   f"{adapter_config['lora_dropout']}, which inference does not use)"}}
     # Inference must stop where training taught the model to stop: the end-of-turn token.
     eot_token = end_of_turn_token(tokenizer, eot_text)
     stop_ids = list(dict.fromkeys(i for i in (tokenizer.convert_tokens_to_ids(eot_token), tokenizer.eos_token_id) if i is not None))

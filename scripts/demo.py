@@ -41,8 +41,7 @@ def main() -> int:
             "dataset_url": storage.url("brightrun-eq12-demo.jsonl", token),
             # shape B of the app's payload (num_epochs, lora_rank, gpu_config.num_gpus)
             "hyperparameters": {"base_model": str(MODEL_DIR), "learning_rate": 1e-3, "batch_size": 4, "num_epochs": 2,
-                                "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "max_seq_length": 1024,
-                                "val_fraction": 0.1},
+                                "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "max_seq_length": 1024},
             "gpu_config": {"gpu_type": "NVIDIA A100 80GB", "num_gpus": 1},
         }}
         env = os.environ | {"JOBS_DIR": str(JOBS_DIR), "MODEL_CACHE_DIR": str(MODEL_DIR.parent),  # the 4-bit copy too
@@ -62,7 +61,8 @@ def main() -> int:
           f"token efficiency {metrics['token_efficiency']:.2f})")
     print(f"steps / epochs:  {metrics['steps']} / {metrics['epochs']}")
     print(f"train loss:      {metrics['train_loss_first']:.4f} -> {metrics['train_loss_last']:.4f}; "
-          f"validation loss {metrics['validation_loss']:.4f} on {metrics['validation_examples']} held-out conversations")
+          f"validation loss {metrics['validation_loss']:.4f} on {metrics['validation_examples']} held-out examples "
+          f"({metrics['validation_conversations']} conversation(s), by default)")
     print(f"loss chart:      {adapter / 'loss_curve.png'}")
     print(f"throughput:      {metrics['tokens_per_second']:.0f} tokens/s on {metrics['device']} ({metrics['compute_dtype']})")
     print(f"demo wall time:  {time.monotonic() - started:.1f} s")

@@ -1,5 +1,7 @@
-"""Generate the README's input and settings tables and test_input.json from their single sources
-(`job.JobInput` and `job.WorkerSettings`). `tests/test_docs.py` fails when they are out of date.
+"""Generate the README's input and settings tables, the jobs `test_input.json` (the local smoke test that
+`python handler.py` runs) and `app_job.example.json` (what the BrightRun app sends), and the RunPod Hub
+files, from their single sources (`job.JobInput` and `job.WorkerSettings`). `tests/test_docs.py` fails
+when they are out of date.
 
     python scripts/gen_docs.py          # rewrite them
 """
@@ -18,6 +20,8 @@ from job import GpuConfig, Hyperparameters, JobInput, WorkerSettings  # noqa: E4
 
 README = ROOT / "README.md"
 TEST_INPUT = ROOT / "test_input.json"
+APP_JOB = ROOT / "app_job.example.json"
+CUDA_VERSIONS = ["13.0"]  # torch 2.13.0's Linux wheel on PyPI is built for CUDA 13.0 (needs an NVIDIA driver >= 580)
 HUB_JSON = ROOT / ".runpod" / "hub.json"
 TESTS_JSON = ROOT / ".runpod" / "tests.json"
 
@@ -59,14 +63,28 @@ def settings_table() -> str:
 
 
 def example_job() -> dict:
-    """What the BrightRun app sends (shape B), validated by the model before it is written."""
+    """`python handler.py`'s smoke test (the runpod SDK runs test_input.json when started locally): the
+    bundled sample, read as a file relative to the checkout, on the tiny random model the worker builds."""
+    job = {"input": {
+        "job_id": "local-smoke-test",
+        "retrain": True,  # train each time, rather than return the stored result of the last run
+        "dataset_url": "file:data/brightrun-eq12-demo.jsonl",
+        "hyperparameters": {"base_model": "tiny-random/qwen2", "max_steps": 5, "max_seq_length": 512},
+    }}
+    JobInput.model_validate(job["input"])
+    return job
+
+
+def app_job() -> dict:
+    """What the BrightRun app POSTs to /run today (shape A, its "balanced" preset, the base model it always adds,
+    its default of 2 GPUs), validated by the model before it is written."""
     job = {"input": {
         "job_id": "5b0f3c8e-2d7a-4c1e-9f6b-1a2b3c4d5e6f",
         "dataset_url": "https://PROJECT.supabase.co/storage/v1/object/sign/lora-datasets/USER/dataset.jsonl?token=SIGNED_JWT",
-        "hyperparameters": {"base_model": "mistralai/Mistral-7B-v0.1", "learning_rate": 0.0002, "batch_size": 8,
-                            "num_epochs": 3, "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-                            "warmup_steps": 10, "weight_decay": 0.01},
-        "gpu_config": {"gpu_type": "NVIDIA A100 80GB", "num_gpus": 1, "gpu_memory_gb": 80, "cost_per_gpu_hour": 1.89},
+        "hyperparameters": {"learning_rate": 5e-05, "batch_size": 4, "epochs": 3, "rank": 16, "alpha": 32, "dropout": 0.1,
+                            "base_model": "mistralai/Mistral-7B-v0.1"},
+        "gpu_config": {"type": "A100-80GB", "count": 2},
+        "callback_url": "https://PROJECT.supabase.co/functions/v1/training-callback",
     }}
     JobInput.model_validate(job["input"])
     return job
@@ -76,6 +94,8 @@ def hub_json() -> dict:
     """RunPod Hub listing: every worker setting is an env input, with its default and help."""
     env = []
     for f in fields(WorkerSettings):
+        if f.name == "runpod_endpoint_id":  # RunPod sets it on every endpoint worker
+            continue
         kind = f.metadata["type"]
         entry = {"name": f.name.upper(), "type": "boolean" if kind is bool else "number" if kind in (int, float) else "string",
                  "description": f.metadata["help"]}
@@ -87,19 +107,20 @@ def hub_json() -> dict:
         "description": "QLoRA fine-tuning of chat adapters (Qwen, Mistral) from BrightRun, OpenAI, ShareGPT or Alpaca datasets",
         "type": "serverless", "category": "language",
         "config": {"runsOn": "GPU", "containerDiskInGb": 30, "gpuCount": 1, "gpuIds": "AMPERE_80,ADA_80_PRO,HOPPER_141",
-                   "allowedCudaVersions": ["12.8", "12.9"], "presets": [], "env": env},
+                   "allowedCudaVersions": CUDA_VERSIONS, "presets": [], "env": env},
     }
 
 
 def tests_json() -> dict:
-    """A smoke test of a built image: the bundled sample, the tiny random model built in the container."""
+    """A smoke test of a built image: the bundled sample, the tiny random model built in the container; the
+    adapter stays on the volume (a test endpoint has no S3 storage)."""
     job = {"job_id": "hub-smoke-test", "dataset_url": "file:///app/data/brightrun-eq12-demo.jsonl",
            "hyperparameters": {"base_model": "tiny-random/qwen2", "max_steps": 5, "max_seq_length": 512}}
     JobInput.model_validate(job)
     return {"tests": [{"name": "tiny_model_trains_on_the_bundled_sample", "input": job, "timeout": 600000}],
-            "config": {"gpuTypeId": "NVIDIA A100 80GB PCIe", "gpuCount": 1, "allowedCudaVersions": ["12.8", "12.9"],
-                       "env": [{"key": "ALLOW_FILE_URLS", "value": "true"}, {"key": "JOBS_DIR", "value": "/tmp/lora-jobs"},
-                               {"key": "MODEL_CACHE_DIR", "value": "/tmp/models"}]}}
+            "config": {"gpuTypeId": "NVIDIA A100 80GB PCIe", "gpuCount": 1, "allowedCudaVersions": CUDA_VERSIONS,
+                       "env": [{"key": "ALLOW_FILE_URLS", "value": "true"}, {"key": "VOLUME_DELIVERY", "value": "true"},
+                               {"key": "JOBS_DIR", "value": "/tmp/lora-jobs"}, {"key": "MODEL_CACHE_DIR", "value": "/tmp/models"}]}}
 
 
 def render_readme(text: str) -> str:
@@ -114,10 +135,11 @@ def render_readme(text: str) -> str:
 def main() -> int:
     README.write_text(render_readme(README.read_text()))
     TEST_INPUT.write_text(json.dumps(example_job(), indent=2) + "\n")
+    APP_JOB.write_text(json.dumps(app_job(), indent=2) + "\n")
     HUB_JSON.parent.mkdir(exist_ok=True)
     HUB_JSON.write_text(json.dumps(hub_json(), indent=2) + "\n")
     TESTS_JSON.write_text(json.dumps(tests_json(), indent=2) + "\n")
-    print("wrote the README tables, test_input.json and .runpod/{hub,tests}.json")
+    print("wrote the README tables, test_input.json, app_job.example.json and .runpod/{hub,tests}.json")
     return 0
 
 

@@ -19,6 +19,11 @@ import requests
 # The tests are CPU tests (fp32, exact comparisons), also on a machine with a GPU: hide it from
 # torch here and in every process the tests start. GPU figures are the benchmark's (`make bench`).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# No test reaches the Hugging Face Hub: a download goes to a closed loopback port and fails at once, unless
+# the test starts tests/hub_server.py and points HF_ENDPOINT (or endpoint=) at it.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_TOKEN", None)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -129,6 +134,14 @@ class Recorder:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def recorder():
+    """A Recorder for the module's tests (e.g. as RUNPOD_WEBHOOK_POST_OUTPUT, the SDK's progress endpoint)."""
+    r = Recorder()
+    yield r
+    r.close()
 
 
 S3_KEYS = {"S3_ACCESS_KEY_ID": "AKIAEXAMPLEKEY123", "S3_SECRET_ACCESS_KEY": "s3-secret-value-9b8a7"}

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -97,7 +99,7 @@ def test_expert_names_come_from_transformers_own_checkpoint_mapping():
 def test_a_tiny_qwen3_next_trains_a_step_in_4_bit_with_lora_off_the_routed_experts(tiny_qwen3_next, tmp_path):
     from peft import PeftModel
 
-    hp = Hyperparameters(max_steps=2, batch_size=2, max_seq_length=768, lora_rank=4, warmup_steps=0)
+    hp = Hyperparameters(max_steps=2, batch_size=2, max_seq_length=768, lora_rank=4, warmup_steps=0, adapter_dtype="float32")
     result = train(load_dataset(SAMPLE)[0][:4], tiny_qwen3_next, tmp_path / "adapter", hp)
     assert result.metrics["steps"] == 2 and math.isfinite(result.metrics["train_loss_last"])
     lora = [n for n, _ in result.model.named_parameters() if "lora_A" in n]
@@ -116,6 +118,88 @@ def test_a_tiny_qwen3_next_trains_a_step_in_4_bit_with_lora_off_the_routed_exper
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, result.model.eval()(ids).logits, atol=1e-5)
+
+
+STOCK_LOAD = """
+import json, sys
+import bitsandbytes as bnb, torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+base_dir, adapter_dir, ids, root = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=nf4, dtype=torch.float32)
+for m in base.modules():  # AVX512-BF16 CPUs: compute in eval with the kernel training used
+    if isinstance(m, bnb.nn.Linear4bit):
+        m.support_avx512bf16_for_cpu = False
+model = PeftModel.from_pretrained(base, adapter_dir).eval()
+saved, loaded = load_file(adapter_dir + "/adapter_model.safetensors"), get_peft_model_state_dict(model)
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits
+ours = [n for n, m in sys.modules.items() if getattr(m, "__file__", None) and m.__file__.startswith(root)
+        and "/.venv/" not in m.__file__]
+print(json.dumps({"missing": sorted(set(saved) - set(loaded)), "extra": sorted(set(loaded) - set(saved)),
+                  "unequal": sorted(k for k in saved if k in loaded and not torch.equal(loaded[k].to(saved[k].dtype), saved[k])),
+                  "fused_experts": any(n.endswith("experts.gate_up_proj") for n, _ in base.named_parameters()),
+                  "logits": logits.tolist(), "ours": ours}))
+"""
+
+
+@pytest.fixture(scope="module")
+def qwen3_next_no_routed_experts(tiny_qwen3_next, tmp_path_factory):
+    """The tiny Qwen3-Next with its routed experts' weights at zero, so the stock path (experts fused, 16-bit) and
+    ours (experts per expert, 4-bit) compute the same model: the rest is quantized identically by both."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("qwen3-next-zero-experts")
+    shutil.copytree(tiny_qwen3_next, path, dirs_exist_ok=True)
+    weights = load_file(path / "model.safetensors")
+    zeroed = {k: torch.zeros_like(v) if ".experts." in k else v for k, v in weights.items()}
+    assert sum(1 for k in weights if ".experts." in k) == 4 * 4 * 3  # 4 layers x 4 experts x gate/up/down
+    save_file(zeroed, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_a_qwen3_next_adapter_loads_whole_with_stock_peft_in_a_process_of_its_own(qwen3_next_no_routed_experts, tmp_path):
+    from peft import PeftModel
+
+    base_dir = qwen3_next_no_routed_experts
+    hp = Hyperparameters(max_steps=2, batch_size=2, max_seq_length=768, lora_rank=4, warmup_steps=0, learning_rate=1e-3)
+    result = train(load_dataset(SAMPLE)[0][:4], base_dir, tmp_path / "adapter", hp)  # saved in bf16, as by default
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == [f"shared_expert.{p}.weight" for p in ("down_proj", "gate_proj", "up_proj")]
+    assert not any(t.endswith(("gate_proj", "up_proj", "down_proj")) for t in config["target_modules"])
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(3)).tolist()[0]
+    run = subprocess.run([sys.executable, "-c", STOCK_LOAD, str(base_dir), str(tmp_path / "adapter"), json.dumps(ids),
+                          str(ROOT)], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    stock = json.loads(run.stdout.strip().splitlines()[-1])
+    assert stock["ours"] == [] and stock["fused_experts"]  # plain transformers and PEFT, the stock architecture
+    assert stock["missing"] == [] and stock["extra"] == [] and stock["unequal"] == []  # every tensor of the file, loaded
+    assert "missing adapter keys" not in run.stderr.lower() and "not found in the base model" not in run.stderr
+    saved = load_file_keys(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(".shared_expert.gate_proj.lora_B" in k for k in saved) and any("linear_attn.in_proj_qkvz" in k for k in saved)
+    # the logits: the stock load computes what the worker's own model with the same file computes, and that is
+    # the trained model up to the 16-bit rounding of the saved LoRA weights
+    base = same_kernels_in_eval(causal_lm_class(base_dir).from_pretrained(
+        base_dir, quantization_config=quantization_config(torch.float32), dtype=torch.float32))
+    with torch.no_grad():
+        untrained = base(torch.tensor([ids])).logits
+        with lora_targets_as_named():
+            ours = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(torch.tensor([ids])).logits
+        trained = result.model.eval()(torch.tensor([ids])).logits
+    assert torch.allclose(torch.tensor(stock["logits"]), ours, atol=1e-5)
+    effect = (trained - untrained).abs().max()
+    assert effect > 1e-3 and (ours - trained).abs().max() < 0.01 * effect
+
+
+def load_file_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 def test_the_estimate_says_the_stock_path_cannot_fit_qwen3_next_80b_and_the_4bit_experts_can(tmp_path):

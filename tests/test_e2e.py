@@ -82,7 +82,12 @@ def test_invalid_input_lists_every_problem(worker):
 
 def test_a_missing_base_model_fails_before_anything_is_downloaded(worker, storage):
     result = runsync(worker, {"job_id": "e2e-no-model", "dataset_url": storage.url(SAMPLE.name, storage.good),
-                              "hyperparameters": {"base_model": "someone/not-cached-7B"}})
+                              "hyperparameters": {"base_model": "/models/not-cached-7B"}})  # a path: never downloaded
     assert result["status"] == "FAILED"
-    assert result["error"].startswith("loading_model: base model 'someone/not-cached-7B' was not found; searched ")
+    assert result["error"].startswith("loading_model: base model '/models/not-cached-7B' was not found; searched ")
     assert "ALLOW_MODEL_DOWNLOAD" in result["error"] and storage.hits[SAMPLE.name] == 0
+    # a hub id that is not cached is looked up on the Hub (here: nothing answers) before the dataset is downloaded
+    result = runsync(worker, {"job_id": "e2e-no-hub", "dataset_url": storage.url(SAMPLE.name, storage.good),
+                              "hyperparameters": {"base_model": "someone/not-cached-7B"}})
+    assert result["error"].startswith("loading_model: downloading base model 'someone/not-cached-7B' failed: ")
+    assert storage.hits[SAMPLE.name] == 0

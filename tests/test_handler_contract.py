@@ -7,9 +7,10 @@ import json
 import pytest
 import requests
 
-from conftest import S3_KEYS, SAMPLE, Recorder, running_worker, runsync
+from conftest import S3_KEYS, SAMPLE, running_worker, runsync
 
 APP_STAGES = {"downloading", "loading_data", "loading_model", "training", "saving", "uploading"}
+PREFIX = "runpod-worker/adapters"  # the app's own bucket, under a prefix the deployment chooses
 APP_METRICS = {"training_loss", "validation_loss", "learning_rate", "throughput", "gpu_utilization", "gradient_norm"}
 CALLBACK_SECRET = "cb-secret-51c2"
 
@@ -21,15 +22,8 @@ SHAPE_B = {"hyperparameters": {"learning_rate": 1e-3, "batch_size": 2, "num_epoc
 
 
 @pytest.fixture(scope="module")
-def recorder():
-    r = Recorder()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
 def worker(tmp_path_factory, s3, recorder):
-    env = {"S3_ENDPOINT_URL": s3[0], "S3_BUCKET": "lora-models", **S3_KEYS, "PROGRESS_INTERVAL_S": "0",
+    env = {"S3_ENDPOINT_URL": s3[0], "S3_BUCKET": "lora-models", "S3_PREFIX": PREFIX, **S3_KEYS, "PROGRESS_INTERVAL_S": "0",
            "RUNPOD_WEBHOOK_POST_OUTPUT": recorder.url("/progress?id=$ID")}
     with running_worker(tmp_path_factory.mktemp("worker"), **env) as w:
         yield w
@@ -51,10 +45,20 @@ def test_a_job_reports_progress_and_returns_files_the_app_can_download(shape, wo
     payloads = [u["output"] for u in updates]
     assert {p["stage"] for p in payloads} >= APP_STAGES
     for p in payloads:
-        assert set(p) == {"progress", "current_epoch", "current_step", "stage", "metrics"}
-        assert 0 <= p["progress"] <= 100 and set(p["metrics"]) <= APP_METRICS
-    trained = [p for p in payloads if p["stage"] == "training" and p["current_step"] > 0]
-    assert trained and {"training_loss", "learning_rate", "throughput", "gradient_norm"} <= set(trained[-1]["metrics"])
+        assert set(p) - {"metrics"} == {"progress", "current_epoch", "current_step", "total_steps", "stage"}
+        assert 0 <= p["progress"] <= 100 and set(p.get("metrics", {})) <= APP_METRICS
+    # once training has started, every update has numbers in the columns the app stores as NOT NULL
+    started = payloads[[p["stage"] for p in payloads].index("training"):]
+    assert not any("metrics" in p for p in payloads[:len(payloads) - len(started)])  # no metrics row before training
+    assert {p["stage"] for p in started} == {"training", "saving", "uploading"}
+    for p in started:
+        numbers = [p["metrics"]["training_loss"], p["metrics"]["learning_rate"], p["current_epoch"], p["current_step"]]
+        assert all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers), p
+        assert p["current_step"] >= 1 and p["total_steps"] == 3
+    assert {"throughput", "gradient_norm"} <= set(started[0]["metrics"])
+    # a validation loss by default (one of the sample's 12 conversations held out), the final one in the result
+    assert started[-1]["metrics"]["validation_loss"] == output["metrics"]["validation_loss"] > 0
+    assert output["metrics"]["validation_conversations"] == 1
     assert [p["progress"] for p in payloads] == sorted(p["progress"] for p in payloads)
 
     # every model_files URL downloads, without credentials, the same bytes as the adapter's files
@@ -63,9 +67,12 @@ def test_a_job_reports_progress_and_returns_files_the_app_can_download(shape, wo
     assert set(output["model_files"]) == set(local)
     assert {"adapter_model.safetensors", "adapter_config.json", "training_log.jsonl", "loss_curve.png"} <= set(local)
     for name, url in output["model_files"].items():
-        assert url.startswith(f"{s3[0]}/lora-models/lora-adapters/{job_id}/{name}?")
+        assert url.startswith(f"{s3[0]}/lora-models/{PREFIX}/{job_id}/{name}?")
         response = requests.get(url, timeout=30)
         assert response.status_code == 200 and response.content == local[name], name
+    stored = s3[1].list_objects_v2(Bucket="lora-models", Prefix=f"{PREFIX}/{job_id}/")["Contents"]
+    assert sorted(o["Key"].rsplit("/", 1)[1] for o in stored) == sorted(local)  # the storage check left nothing
+    assert output["model_metadata"]["files"] == {name: len(data) for name, data in local.items()}
     assert local["loss_curve.png"][:8] == b"\x89PNG\r\n\x1a\n"
 
     meta = output["model_metadata"]

@@ -1,5 +1,7 @@
 """The job model: both payload shapes, every problem at once, safe job ids, settings from the environment."""
 
+from pathlib import Path
+
 import pytest
 
 from job import JobError, WorkerSettings, parse_job_input, redact_text, redact_url
@@ -81,3 +83,40 @@ def test_settings_come_from_the_given_environment():
     assert WorkerSettings.from_env({}).default_base_model == "mistralai/Mistral-7B-v0.1"
     with pytest.raises(JobError, match="ALLOW_FILE_URLS='maybe' is not a boolean"):
         WorkerSettings.from_env({"ALLOW_FILE_URLS": "maybe"})
+
+
+def test_storage_that_cannot_sign_download_links_is_refused_naming_what_to_set():
+    runpod_s3 = {"S3_ENDPOINT_URL": "https://s3api-eu-ro-1.runpod.io", "S3_ACCESS_KEY_ID": "k", "S3_SECRET_ACCESS_KEY": "s",
+                 "NETWORK_VOLUME_ID": "vol-123", "RUNPOD_ENDPOINT_ID": "ep"}
+    with pytest.raises(JobError) as refused:
+        WorkerSettings.from_env(runpod_s3)
+    message = str(refused.value)
+    assert "does not support presigned URLs" in message and "NETWORK_VOLUME_ID='vol-123' is not read" in message
+    assert "supabase.co/storage/v1/s3" in message and "S3_BUCKET" in message
+    with pytest.raises(JobError, match="presigned"):  # a bucket named as the worker reads it does not help
+        WorkerSettings.from_env(runpod_s3 | {"S3_BUCKET": "vol-123"})
+    with pytest.raises(JobError, match="half configured: S3_BUCKET is not set.*NETWORK_VOLUME_ID"):
+        WorkerSettings.from_env(runpod_s3 | {"S3_ENDPOINT_URL": "https://p.supabase.co/storage/v1/s3"})
+
+
+def test_an_endpoint_needs_storage_or_explicit_volume_delivery_and_a_local_run_needs_neither(tmp_path):
+    with pytest.raises(JobError, match="no storage for the adapter's files.*S3_ENDPOINT_URL, S3_BUCKET.*VOLUME_DELIVERY=true"):
+        WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep"})
+    on_volume = WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep", "VOLUME_DELIVERY": "true"})
+    assert on_volume.volume_delivery and not on_volume.allow_file_urls  # file:// datasets only on local runs
+    s3 = {"S3_ENDPOINT_URL": "https://p.supabase.co/storage/v1/s3", "S3_BUCKET": "lora-models"}
+    assert WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep"} | s3).s3_configured
+    with pytest.raises(JobError, match="choose one"):
+        WorkerSettings.from_env(s3 | {"VOLUME_DELIVERY": "true"})
+    local = WorkerSettings.from_env({"JOBS_DIR": str(tmp_path)})
+    assert local.allow_file_urls and not local.on_endpoint and not local.s3_configured
+
+
+def test_a_local_run_without_the_volume_keeps_its_files_in_the_checkout():
+    from job import LOCAL_VOLUME
+
+    if Path("/runpod-volume").is_dir():
+        pytest.skip("this machine has a /runpod-volume")
+    settings = WorkerSettings.from_env({})
+    assert settings.jobs_dir == LOCAL_VOLUME / "lora-jobs" and settings.model_cache_dir == LOCAL_VOLUME / "models"
+    assert WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep", "VOLUME_DELIVERY": "1"}).jobs_dir == Path("/runpod-volume/lora-jobs")

@@ -27,7 +27,7 @@ def load_base(path):
 def trained(tiny_qwen2, tmp_path_factory):
     conversations, _ = load_dataset(SAMPLE)
     hp = Hyperparameters(learning_rate=1e-3, batch_size=4, micro_batch_size=2, epochs=1, max_steps=3,
-                         lora_rank=8, max_seq_length=512, val_fraction=0.1)
+                         lora_rank=8, max_seq_length=512)  # val_fraction by default: one of 12 conversations
     out = tmp_path_factory.mktemp("run") / "adapter"
     events = []
     result = train(conversations, tiny_qwen2, out, hp, on_progress=events.append)
@@ -48,14 +48,39 @@ def test_lora_weights_change_and_the_4bit_base_does_not(trained, tiny_qwen2):
     assert all(not p.requires_grad for n, p in result.model.named_parameters() if "lora_" not in n)
 
 
-def test_the_saved_adapter_reproduces_the_trained_model(trained, tiny_qwen2):
+def test_the_saved_adapter_is_16_bit_half_the_size_and_reproduces_the_trained_model(trained, tiny_qwen2, tmp_path):
+    from safetensors.torch import load_file
+
     result, out, _ = trained
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    result.model.save_pretrained(tmp_path / "fp32")  # what PEFT writes as the weights train: fp32
+    fp32 = load_file(tmp_path / "fp32" / "adapter_model.safetensors")
+    assert saved.keys() == fp32.keys() and all(saved[k].shape == fp32[k].shape for k in saved)
+    assert sum(t.numel() * t.element_size() for t in saved.values()) * 2 == sum(t.numel() * t.element_size() for t in fp32.values())
+    # the file: half the bytes of fp32, plus the same header of tensor names (a large share only for a tiny adapter)
+    assert (out / "adapter_model.safetensors").stat().st_size < 0.55 * (tmp_path / "fp32" / "adapter_model.safetensors").stat().st_size
     ids = torch.tensor([[11, 42, 7, 300, 901, 5]])
     result.model.eval()
     with torch.no_grad():
         expected = result.model(ids).logits
+        base = load_base(tiny_qwen2)(ids).logits
         reloaded = PeftModel.from_pretrained(load_base(tiny_qwen2), out).eval()(ids).logits
-    assert torch.allclose(expected, reloaded, atol=1e-5)
+        exact = PeftModel.from_pretrained(load_base(tiny_qwen2), tmp_path / "fp32").eval()(ids).logits
+    assert torch.allclose(expected, exact, atol=1e-5)
+    # 16-bit rounding of the LoRA weights moves the logits by far less than training moved them
+    adapter_effect = (expected - base).abs().max()
+    assert adapter_effect > 1e-3 and (reloaded - expected).abs().max() < 0.01 * adapter_effect
+
+
+def test_fp32_adapters_are_kept_on_request(tiny_qwen2, tmp_path):
+    from safetensors.torch import load_file
+
+    hp = Hyperparameters(max_steps=1, batch_size=2, max_seq_length=256, lora_rank=4, val_fraction=0, adapter_dtype="float32")
+    train(load_dataset(SAMPLE)[0][:4], tiny_qwen2, tmp_path / "adapter", hp)
+    assert {t.dtype for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
+    config = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
+    assert config["effective"]["adapter_dtype"] == "float32"
 
 
 def test_metrics_config_and_stop_tokens_are_saved(trained):
@@ -63,7 +88,8 @@ def test_metrics_config_and_stop_tokens_are_saved(trained):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics))
     assert metrics["steps"] == 3 and math.isfinite(metrics["train_loss_last"]) and math.isfinite(metrics["validation_loss"])
-    assert metrics["examples"] + metrics["validation_examples"] == 44 and metrics["validation_examples"] == 4
+    assert metrics["examples"] + metrics["validation_examples"] == 44 and metrics["validation_conversations"] == 1
+    assert metrics["validation_examples"] >= 1 and metrics["warnings"] == []
     assert 0 < metrics["token_efficiency"] <= 1 and metrics["trained_tokens"] < metrics["tokens"]
     config = json.loads((out / "training_config.json").read_text())
     assert config["seed"] == 42 and config["effective"]["gradient_accumulation_steps"] == 2
@@ -76,6 +102,9 @@ def test_metrics_config_and_stop_tokens_are_saved(trained):
     assert tokenizer.chat_template
     steps = [e["step"] for e in events if e.get("stage") == "training" and "loss" in e]
     assert steps == [1, 2, 3]
+    saving = [e for e in events if e.get("stage") == "saving"]  # training stopped mid-epoch: the final validation loss
+    assert saving and saving[0]["validation_loss"] == metrics["validation_loss"]
+    assert config["effective"]["adapter_dtype"] == "bfloat16"
     assert not list(out.parent.glob("*.tmp"))
 
 
@@ -197,3 +226,22 @@ def test_a_volume_that_cannot_hold_the_copy_costs_nothing_but_the_copy(tiny_qwen
     result = train(load_dataset(SAMPLE)[0][:4], tiny_qwen2, tmp_path / "adapter", hp, quantized_cache=blocked)
     assert result.metrics["steps"] == 1 and "could not keep a 4-bit copy" in caplog.text
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_default_validation_split_holds_out_whole_conversations():
+    from train_lora import split_validation
+
+    conversations, _ = load_dataset(SAMPLE)  # 44 BrightRun pairs of 12 conversations
+    for seed in range(20):
+        for fraction in (None, 0.25, 0.5):
+            train_part, held_out, warning = split_validation(conversations, fraction, seed)
+            trained_ids = {c["conversation_id"] for c in train_part}
+            held_ids = {c["conversation_id"] for c in held_out}
+            assert not trained_ids & held_ids and warning is None  # no pair of a held-out conversation is trained
+            assert len(train_part) + len(held_out) == 44
+            assert len(held_ids) == {None: 1, 0.25: 3, 0.5: 6}[fraction]
+    assert split_validation(conversations, 0, 1)[1] == []
+    small, held_out, warning = split_validation(conversations[:9], None, 1)  # the first 2 conversations' pairs
+    assert held_out == [] and len(small) == 9 and "fewer than the 10 needed" in warning and "val_fraction" in warning
+    lines = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(30)]
+    assert len(split_validation(lines, None, 1)[1]) == 3  # no conversation_id: each line is a conversation

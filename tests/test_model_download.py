@@ -1,0 +1,246 @@
+"""A base model that is not cached, downloaded on first use from a local server that speaks the Hub's file API
+(tests/hub_server.py, with the real huggingface_hub client): what is fetched, in which order, what is checked
+before any weight arrives, and that a download cut short is never used."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from base_models import HubDownload, files_to_load, find_base_model
+from conftest import SAMPLE, running_worker, runsync
+from hub_server import HubServer
+from job import JobError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "data" / "model-configs"
+
+
+def publish(tiny_qwen2: Path, repo: Path, extras: bool = True) -> Path:
+    """A Hub repo holding the tiny model, and the duplicates real repos carry (a .bin beside the safetensors,
+    an `original/` copy, a README), which a load does not need."""
+    shutil.copytree(tiny_qwen2, repo)
+    if extras:
+        (repo / "pytorch_model.bin").write_bytes(os.urandom(50_000))
+        (repo / "original").mkdir()
+        (repo / "original" / "consolidated.safetensors").write_bytes(os.urandom(40_000))
+        (repo / "README.md").write_text("# tiny chat model\n")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, tiny_qwen2):
+    root = tmp_path_factory.mktemp("hub")
+    for name in ("tiny-chat", "tiny-cut", "gated"):
+        publish(tiny_qwen2, root / "acme" / name)
+    with HubServer(root) as server:
+        server.gated["acme/gated"] = {"hf_good_token"}
+        yield server
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, hub, recorder):
+    env = {"HF_ENDPOINT": hub.endpoint, "PROGRESS_INTERVAL_S": "0", "RUNPOD_WEBHOOK_POST_OUTPUT": recorder.url("/progress?id=$ID")}
+    with running_worker(tmp_path_factory.mktemp("worker"), **env) as w:
+        w.models = w.jobs.parent / "models"
+        yield w
+
+
+def job(storage, job_id, base_model):
+    return {"job_id": job_id, "dataset_url": storage.url(SAMPLE.name, storage.good),
+            "hyperparameters": {"base_model": base_model, "max_steps": 2, "batch_size": 2, "max_seq_length": 512, "rank": 4}}
+
+
+def fetched(hub, repo_id):
+    """The files of `repo_id` the client asked for, in order (each download starts with a HEAD of the file;
+    the contents of LFS files then come from the hub's CDN, counted in `hub.bytes_served`)."""
+    order = [path.rsplit("/resolve/", 1)[1].split("/", 1)[1] for method, path in hub.requests
+             if method == "HEAD" and path.startswith(f"/{repo_id}/resolve/")]
+    return list(dict.fromkeys(order))
+
+
+def test_a_model_not_cached_is_downloaded_once_with_only_what_a_load_needs_and_reused(worker, hub, storage, recorder):
+    result = runsync(worker, job(storage, "download-1", "acme/tiny-chat"))
+    assert result["status"] == "COMPLETED", result
+    target = worker.models / "acme" / "tiny-chat"
+    assert result["output"]["model_metadata"]["base_model_path"] == str(target)
+    assert any("was downloaded into" in w for w in result["output"]["warnings"])
+    # config.json first; the weights once, as safetensors; no duplicate .bin, no original/, no README
+    order = fetched(hub, "acme/tiny-chat")
+    assert order[0] == "config.json" and order[-1] == "model.safetensors"
+    assert hub.bytes_served[("acme/tiny-chat", "model.safetensors")] == (target / "model.safetensors").stat().st_size
+    for unused in ("pytorch_model.bin", "original/consolidated.safetensors", "README.md"):
+        assert hub.bytes_served[("acme/tiny-chat", unused)] == 0, unused
+    assert sorted(p.name for p in target.iterdir()) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    assert not (worker.models / ".downloads" / "acme--tiny-chat").exists()
+    # the download is a stage of its own, between the dataset and the training
+    stages = [body["output"]["stage"] for path, body in recorder.posts if f"id={result['id']}&" in path]
+    assert "downloading_model" in stages and stages.index("loading_data") < stages.index("downloading_model") < stages.index("training")
+
+    requests_before = len(hub.requests)
+    again = runsync(worker, job(storage, "download-2", "acme/tiny-chat"))
+    assert again["status"] == "COMPLETED", again
+    assert len(hub.requests) == requests_before  # the next job loads it from the volume: the hub hears nothing
+    assert not any("was downloaded" in w for w in again["output"]["warnings"])
+
+
+def test_a_download_cut_short_is_never_used_and_the_next_attempt_completes_it(worker, hub, storage, tiny_qwen2):
+    hub.reset_after[("acme/tiny-cut", "model.safetensors")] = 200_000
+    failed = runsync(worker, job(storage, "cut-1", "acme/tiny-cut"))
+    assert failed["status"] == "FAILED"
+    assert failed["error"].startswith("downloading_model: downloading base model 'acme/tiny-cut' failed")
+    assert "Retry the job" in failed["error"]
+    target = worker.models / "acme" / "tiny-cut"
+    assert not target.exists()  # nothing half-downloaded is where jobs look for models
+    assert not any(p.name == "model.safetensors" for p in (worker.models / ".downloads").rglob("*"))
+
+    again = runsync(worker, job(storage, "cut-1", "acme/tiny-cut"))
+    assert again["status"] == "COMPLETED", again
+    assert (target / "model.safetensors").read_bytes() == (tiny_qwen2 / "model.safetensors").read_bytes()
+
+
+def test_a_gated_model_without_a_working_token_fails_in_seconds_naming_it(worker, hub, storage):
+    before = storage.hits[SAMPLE.name]
+    result = runsync(worker, job(storage, "gated-1", "acme/gated"))
+    assert result["status"] == "FAILED"
+    assert result["error"] == ("loading_model: base model 'acme/gated' is gated on the Hugging Face Hub: set HF_TOKEN on "
+                               "the endpoint to a token of an account that accepted its conditions on "
+                               "https://huggingface.co/acme/gated")
+    assert storage.hits[SAMPLE.name] == before  # failed before the dataset was downloaded
+    assert hub.bytes_served[("acme/gated", "model.safetensors")] == 0
+    assert not (worker.models / "acme" / "gated").exists()
+
+
+def test_a_token_without_access_and_a_missing_model_say_what_to_do(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    with pytest.raises(JobError, match="the account of HF_TOKEN has not been granted access: accept its conditions on "
+                                       "https://huggingface.co/acme/gated"):
+        HubDownload("acme/gated", tmp_path, token="hf_other_token").prepare()
+    with HubDownload("acme/gated", tmp_path, token="hf_good_token") as allowed:
+        assert (allowed.prepare() / "config.json").is_file()
+    with pytest.raises(JobError, match="'acme/nope' is not on the Hugging Face Hub .* check hyperparameters.base_model"):
+        HubDownload("acme/nope", tmp_path).prepare()
+
+
+def test_the_volume_is_checked_for_room_before_any_weight_is_fetched(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    served = hub.bytes_served[("acme/tiny-chat", "model.safetensors")]
+    with HubDownload("acme/tiny-chat", tmp_path / "models") as plan:
+        config_dir = plan.prepare()
+        assert json.loads((config_dir / "config.json").read_text())["model_type"] == "qwen2"
+        assert plan.missing_bytes() == (hub.root / "acme" / "tiny-chat" / "model.safetensors").stat().st_size
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 1024**3, 10 * 1024**3, 200 * 1024**2))
+        with pytest.raises(JobError, match=r"has 0\.2 GB free; base model 'acme/tiny-chat' needs 1\.0 GB more .* Enlarge the network volume"):
+            plan.check_free_space()
+    assert hub.bytes_served[("acme/tiny-chat", "model.safetensors")] == served  # no weight was fetched
+    assert not (tmp_path / "models" / "acme" / "tiny-chat").exists()
+
+
+def test_a_model_too_large_for_the_gpu_fails_on_its_config_before_the_dataset_or_a_weight(hub, storage, tiny_qwen2, tmp_path,
+                                                                                        monkeypatch):
+    """Qwen3-Next-80B's real config.json on a GPU with 24 GB free (the GPU's memory query is the only stand-in)."""
+    import handler
+    import train_lora
+    from job import WorkerSettings
+
+    repo = hub.root / "acme" / "next-80b"
+    repo.mkdir(parents=True)
+    shutil.copy(CONFIGS / "qwen3-next-80b-a3b.json", repo / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_qwen2 / name, repo / name)
+    shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+    for shard in shards:
+        (repo / shard).write_bytes(os.urandom(10_000))
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(train_lora, "select_precision", lambda: ("cuda", torch.bfloat16))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (24 * 1024**3, 80 * 1024**3))
+    settings = WorkerSettings.from_env({"JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(tmp_path / "models")})
+    spec = {"job_id": "too-big", "dataset_url": storage.url(SAMPLE.name, storage.good),
+            "hyperparameters": {"base_model": "acme/next-80b"}}
+    before = storage.hits[SAMPLE.name]
+    with pytest.raises(JobError) as refused:
+        handler.run_job({"id": "x", "input": spec}, settings, handler.ProgressReporter({}, enabled=False))
+    assert str(refused.value).startswith("loading_model: acme/next-80b needs ~4") and "the GPU has 24 GB free" in str(refused.value)
+    assert fetched(hub, "acme/next-80b")[0] == "config.json"
+    assert all(hub.bytes_served[("acme/next-80b", s)] == 0 for s in shards) and storage.hits[SAMPLE.name] == before
+    assert not (tmp_path / "models" / ".downloads" / "acme--next-80b.lock").exists()  # the download's lock was released
+
+
+def test_the_download_switch_and_the_allow_list_lock_it_down(hub, storage, tmp_path, monkeypatch):
+    import handler
+
+    for key, value in {"HF_ENDPOINT": hub.endpoint, "JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(tmp_path / "m"),
+                       "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true"}.items():
+        monkeypatch.setenv(key, value)
+    seen = len(hub.requests)
+    monkeypatch.setenv("ALLOW_MODEL_DOWNLOAD", "false")
+    off = handler.handler({"id": "a", "input": job(storage, "switch-off", "acme/tiny-chat")})
+    assert off["error"].startswith("loading_model: base model 'acme/tiny-chat' was not found") and "ALLOW_MODEL_DOWNLOAD=true" in off["error"]
+    monkeypatch.delenv("ALLOW_MODEL_DOWNLOAD")
+    monkeypatch.setenv("BASE_MODEL_ALLOWLIST", "Qwen/Qwen2.5-7B-Instruct, mistralai/Mistral-7B-v0.1")
+    listed = handler.handler({"id": "b", "input": job(storage, "not-listed", "acme/tiny-chat")})
+    assert listed["error"] == ("loading_model: base model 'acme/tiny-chat' is not on this worker's allow-list "
+                               "(Qwen/Qwen2.5-7B-Instruct, mistralai/Mistral-7B-v0.1); pick one of those")
+    assert len(hub.requests) == seen  # neither asked the hub anything
+
+
+def test_runpods_cached_models_are_found_before_the_volumes_and_the_hub(tiny_qwen2, tmp_path):
+    cache = tmp_path / "huggingface-cache" / "hub"
+    repo = cache / "models--acme--tiny-chat"
+    shutil.copytree(tiny_qwen2, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    volume = tmp_path / "models"
+    shutil.copytree(tiny_qwen2, volume / "acme" / "tiny-chat")
+    assert find_base_model("acme/tiny-chat", [volume], runpod_cache=cache) == repo / "snapshots" / "abc123"
+    assert find_base_model("acme/tiny-chat", [volume], runpod_cache=tmp_path / "none") == volume / "acme" / "tiny-chat"
+    assert find_base_model("acme/elsewhere", [volume], runpod_cache=cache) is None
+
+
+def test_only_one_copy_of_the_weights_is_chosen():
+    mistral_v03 = {"config.json": 1, "params.json": 1, "tokenizer.json": 1, "tokenizer.model": 1, "tokenizer.model.v3": 1,
+                   "consolidated.safetensors": 14, "model-00001-of-00003.safetensors": 5, "model-00002-of-00003.safetensors": 5,
+                   "model-00003-of-00003.safetensors": 4, "model.safetensors.index.json": 1, "README.md": 1}
+    index = {"weight_map": {"a": "model-00001-of-00003.safetensors", "b": "model-00002-of-00003.safetensors",
+                            "c": "model-00003-of-00003.safetensors"}}
+    assert files_to_load(mistral_v03, index) == [
+        "config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors", "model.safetensors.index.json", "params.json", "tokenizer.json", "tokenizer.model"]
+    assert files_to_load({"config.json": 1, "pytorch_model.bin": 9, "model.safetensors": 9}, None) == ["config.json", "model.safetensors"]
+    assert files_to_load({"config.json": 1, "pytorch_model.bin": 9, "original/model.pt": 9}, None) == ["config.json", "pytorch_model.bin"]
+
+
+def test_a_second_worker_waits_for_the_first_ones_download_and_uses_it(hub, tiny_qwen2, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    publish(tiny_qwen2, hub.root / "acme" / "shared", extras=False)
+    hub.slow_s = 0.05  # ~1 MB of weights in 64 KiB chunks: the first download takes about a second
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from base_models import HubDownload\n"
+        "with HubDownload('acme/shared', Path(sys.argv[1])) as d:\n    d.prepare(); d.complete()\n"), str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        lock = tmp_path / ".downloads" / "acme--shared.lock"
+        deadline = time.monotonic() + 60
+        while not lock.exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first worker never took the lock"
+            time.sleep(0.05)
+        waits = []
+        with HubDownload("acme/shared", tmp_path) as second:
+            assert second.prepare(on_wait=lambda: waits.append(1)) is None  # completed by the other worker meanwhile
+        assert first.wait(timeout=60) == 0 and waits
+    finally:
+        hub.slow_s = 0
+        first.kill()
+    assert (tmp_path / "acme" / "shared" / "config.json").is_file()
+    assert hub.bytes_served[("acme/shared", "model.safetensors")] == (tiny_qwen2 / "model.safetensors").stat().st_size
