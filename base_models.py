@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,14 +73,17 @@ def cached_models(cache_dirs: list[Path]) -> list[str]:
 
 
 def resolve_base_model(name: str, cache_dirs: list[Path], *, allowed: list[str] | None = None,
-                       runpod_cache: Path = RUNPOD_CACHED_MODELS) -> Path:
-    """A local directory holding `name` (with config.json), or JobError naming every place searched."""
+                       runpod_cache: Path = RUNPOD_CACHED_MODELS, downloads: bool = False) -> Path:
+    """A local directory holding `name` (with config.json), or JobError naming every place searched.
+    `downloads`: the worker downloads Hub ids it does not have (so `name` is not one)."""
     found = find_base_model(name, cache_dirs, allowed=allowed, runpod_cache=runpod_cache)
     if found is None:
+        how = ("name a Hugging Face Hub model as <org>/<name> to download it" if downloads
+               else "or set ALLOW_MODEL_DOWNLOAD=true")
         raise JobError(
             f"base model {name!r} was not found; searched {', '.join(str(p) for p in model_search_paths(name, cache_dirs, runpod_cache))} "
             f"and the Hugging Face cache. Cached models: {', '.join(cached_models(cache_dirs)) or 'none'}. Pick a cached "
-            "model in hyperparameters.base_model, put the model in the model cache directory, or set ALLOW_MODEL_DOWNLOAD=true")
+            f"model in hyperparameters.base_model, put the model in the model cache directory, {how}")
     return found
 
 
@@ -108,13 +112,14 @@ SMALL_FILE_SUFFIXES = (".json", ".model", ".txt", ".tiktoken", ".jinja")  # conf
 DOWNLOAD_MARGIN_BYTES = GB  # free space kept on the volume beyond the files themselves
 
 
-def files_to_load(listing: dict[str, int], weight_index: dict | None) -> list[str]:
+def files_to_load(listing: dict[str, int], weight_index: dict | None, with_code: bool = False) -> list[str]:
     """Of a repo's files (name -> size), those a 4-bit load needs: the top-level configs, tokenizer files
-    and chat templates, and one copy of the weights: the shards a `model.safetensors.index.json` names,
-    else `model.safetensors`, else (no safetensors at all) the PyTorch `.bin` shards. Duplicates
-    (`.bin` beside `.safetensors`, Mistral's `consolidated.safetensors`, `original/`) are left out."""
+    and chat templates (and its Python modelling code, `with_code`), and one copy of the weights: the shards
+    a `model.safetensors.index.json` names, else `model.safetensors`, else (no safetensors at all) the
+    PyTorch `.bin` shards. Duplicates (`.bin` beside `.safetensors`, Mistral's `consolidated.safetensors`,
+    `original/`) are left out."""
     top = [n for n in listing if "/" not in n]
-    small = [n for n in top if n.endswith(SMALL_FILE_SUFFIXES)]
+    small = [n for n in top if n.endswith(SMALL_FILE_SUFFIXES + ((".py",) if with_code else ()))]
     if weight_index is not None:
         weights = sorted(set(weight_index.get("weight_map", {}).values()))
     elif "model.safetensors" in top:
@@ -126,25 +131,34 @@ def files_to_load(listing: dict[str, int], weight_index: dict | None) -> list[st
     return sorted(set(small) | set(weights))
 
 
-class _Progress:
-    """The progress-bar class huggingface_hub drives (`tqdm_class`): counts bytes into `on_bytes`."""
+@contextmanager
+def _bytes_written(directory: Path, on_bytes, every_s: float = 2.0):
+    """Call `on_bytes(n)` every `every_s` seconds with the bytes written under `directory` since the start:
+    what the download client writes (its temporary files too), whichever transfer it uses (HTTP or Xet)."""
+    import threading
 
-    def __init__(self, on_bytes, initial: int = 0, **_):
-        self.on_bytes, self.n = on_bytes, initial
-        on_bytes(initial)
+    def size() -> int:
+        total = 0
+        for path in directory.rglob("*"):
+            try:
+                total += path.stat().st_size if path.is_file() else 0
+            except OSError:  # renamed or removed while we looked
+                pass
+        return total
 
-    def __enter__(self):
-        return self
+    start, stop = size(), threading.Event()
 
-    def __exit__(self, *exc):
-        return False
+    def watch() -> None:
+        while not stop.wait(every_s):
+            on_bytes(size() - start)
 
-    def update(self, n: int) -> None:
-        self.n += n
-        self.on_bytes(n)
-
-    def close(self) -> None:
-        pass
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class HubDownload:
@@ -155,12 +169,13 @@ class HubDownload:
     weights, checks every file's size against the listing, and renames the directory into place
     (`<cache>/<org>/<name>`), where later jobs find it. Until then it lives in
     `<cache>/.downloads/<org>--<name>/`, which no job reads; the files a killed worker completed there
-    are kept by the next one (a file cut short is fetched again whole). One worker downloads a model
-    at a time (a lock beside it); another one waits for it.
+    are kept by the next one while the repo is at the same commit (a file cut short is fetched again
+    whole; a new commit starts over). One worker downloads a model at a time (a lock beside it); another
+    one waits for it.
     """
 
-    def __init__(self, name: str, cache_dir: Path, token: str | None = None):
-        self.name, self.token = name, token
+    def __init__(self, name: str, cache_dir: Path, token: str | None = None, with_code: bool = False):
+        self.name, self.token, self.with_code = name, token, with_code  # with_code: the repo's *.py (remote code)
         self.endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it at import
         self.target = cache_dir / name
         self.partial = cache_dir / ".downloads" / name.replace("/", "--")
@@ -204,14 +219,11 @@ class HubDownload:
                            "Retry the job (the download resumes); if it persists, check the worker's network and the "
                            "volume, or put the model in MODEL_CACHE_DIR") from None
 
-    def _fetch(self, name: str, on_bytes=None) -> None:
-        from functools import partial
-
+    def _fetch(self, name: str) -> None:
         from huggingface_hub import hf_hub_download
 
-        bar = partial(_Progress, on_bytes) if on_bytes else None
         self._hub(hf_hub_download, self.name, name, revision=self.sha, local_dir=self.partial, token=self.token,
-                  endpoint=self.endpoint, tqdm_class=bar)
+                  endpoint=self.endpoint)
 
     def _take_lock(self, wait_s: float, on_wait) -> bool:
         """Hold the download's lock; False when another worker completed the model meanwhile."""
@@ -245,17 +257,24 @@ class HubDownload:
             return None
         self.sha = info.sha
         self.sizes = {s.rfilename: s.size for s in info.siblings}
+        marker = self.partial / ".commit"  # which commit the files already here came from (a killed download)
+        if self.partial.exists() and not (marker.is_file() and marker.read_text() == self.sha):
+            import shutil
+
+            shutil.rmtree(self.partial)  # another commit's files must not be mixed with this one's
+        self.partial.mkdir(parents=True, exist_ok=True)
+        marker.write_text(self.sha)
         if "config.json" not in self.sizes:
             raise JobError(f"base model {self.name!r} on the Hugging Face Hub has no config.json: it is not a transformers "
                            "model; pick another base model")
         index_name = "model.safetensors.index.json" if "model.safetensors.index.json" in self.sizes else (
             "pytorch_model.bin.index.json" if "pytorch_model.bin.index.json" in self.sizes
             and not any(n.endswith(".safetensors") for n in self.sizes) else None)
-        small = [n for n in files_to_load(self.sizes, None) if n.endswith(SMALL_FILE_SUFFIXES)]
+        small = [n for n in files_to_load(self.sizes, None, self.with_code) if n.endswith(SMALL_FILE_SUFFIXES + (".py",))]
         for name in ["config.json"] + [n for n in small if n != "config.json"]:  # config.json first, no weight
             self._fetch(name)
         index = json.loads((self.partial / index_name).read_text()) if index_name else None
-        self.files = files_to_load(self.sizes, index)
+        self.files = files_to_load(self.sizes, index, self.with_code)
         if not any(n.endswith(WEIGHT_SUFFIXES) for n in self.files):
             raise JobError(f"base model {self.name!r} on the Hugging Face Hub has no weights in safetensors or PyTorch "
                            "format; pick another base model")
@@ -283,25 +302,27 @@ class HubDownload:
         """Fetch the weights, check every file's size, and move the model into place; its directory."""
         import shutil
 
-        total, done = max(self.missing_bytes(), 1), 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal done
-            done += n
-            progress(min(done / total, 1.0))
-
-        for name in self.files:
-            if not self._complete(name):
-                self._fetch(name, on_bytes)
+        total = max(self.missing_bytes(), 1)
+        with _bytes_written(self.partial, lambda n: progress(min(n / total, 1.0))):
+            for name in self.files:
+                if not self._complete(name):
+                    self._fetch(name)
+        progress(1.0)
         wrong = [n for n in self.files if not self._complete(n)]
         if wrong:
             raise JobError(f"the download of base model {self.name!r} is incomplete ({', '.join(wrong[:3])} has the wrong "
                            "size); retry the job")
         shutil.rmtree(self.partial / ".cache", ignore_errors=True)  # huggingface_hub's own bookkeeping
+        (self.partial / ".commit").unlink(missing_ok=True)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         if (self.target / "config.json").is_file():  # another worker's copy, complete: keep it
             shutil.rmtree(self.partial, ignore_errors=True)
+        elif self.target.exists() and any(self.target.iterdir()):
+            raise JobError(f"{self.target} exists but holds no config.json (an unfinished copy?): remove it, or complete "
+                           f"it, then resubmit; the downloaded model waits in {self.partial}")
         else:
+            if self.target.exists():
+                self.target.rmdir()
             os.replace(self.partial, self.target)
         self.release()
         return self.target

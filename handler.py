@@ -58,7 +58,8 @@ class ProgressReporter:
     The app inserts a `metrics_points` row for each update that has `metrics`, with `training_loss`,
     `learning_rate`, the epoch and the step in NOT NULL columns: updates before training carry no
     `metrics`, and from the start of training on an update is sent only once they all hold numbers (the
-    first step's end); later stages carry the last values. `total_steps` is ours (the app's own
+    first step's end); later updates carry the last loss and learning rate, and the other figures only
+    in the update that measured them (a validation loss is not repeated as if measured again). `total_steps` is ours (the app's own
     count ignores packing). The SDK posts progress to RUNPOD_WEBHOOK_POST_OUTPUT from a thread; where
     that is unset (a local run) there is nobody to tell, so nothing is sent.
     """
@@ -66,13 +67,14 @@ class ProgressReporter:
     METRICS = {"training_loss": "loss", "validation_loss": "validation_loss", "learning_rate": "learning_rate",
                "throughput": "tokens_per_second", "gpu_utilization": "gpu_utilization", "gradient_norm": "grad_norm"}
     TRAINING_STAGES = ("training", "saving", "uploading")
+    CARRIED = {"training_loss", "learning_rate"}  # NOT NULL in the app's metrics_points: the last values, always
 
     def __init__(self, job: dict, enabled: bool, interval_s: float = 10.0):
         self.job, self.enabled, self.interval_s = job, enabled, interval_s
         self.on_event = lambda: None  # e.g. the job lock's heartbeat
         self.stage = None  # the stage the job is in (failures are labelled with it)
         self.sent_stage, self.last_sent = None, 0.0
-        self.metrics: dict = {}
+        self.carried: dict = {}
         self.payload = {"progress": 0.0, "current_epoch": 0, "current_step": 0, "total_steps": None, "stage": None}
 
     def __call__(self, event: dict) -> None:
@@ -80,17 +82,18 @@ class ProgressReporter:
         stage = self.stage = event.get("stage", self.stage)
         start, end = STAGE_START.get(stage, 0), _NEXT_START.get(stage, 0)
         metrics = {name: event[key] for name, key in self.METRICS.items() if event.get(key) is not None}
-        self.metrics.update(metrics)
+        self.carried.update({k: v for k, v in metrics.items() if k in self.CARRIED})
         self.payload = {
             "progress": round(start + (end - start) * event["percent"] / 100 if "percent" in event else start, 1),
             "current_epoch": event.get("epoch", self.payload["current_epoch"]),
             "current_step": event.get("step", self.payload["current_step"]),
             "total_steps": event.get("total_steps", self.payload["total_steps"]),
             "stage": stage,
-            # the app inserts a metrics row for every update that has `metrics`: none before the first step
-            **({"metrics": dict(self.metrics)} if self.metrics else {}),
+            # the app inserts a metrics row for every update that has `metrics`: none before the first step;
+            # a figure measured once (a validation loss, a step's throughput) is sent with that update only
+            **({"metrics": {**self.carried, **metrics}} if self.carried or metrics else {}),
         }
-        if stage in self.TRAINING_STAGES and not {"training_loss", "learning_rate"} <= self.metrics.keys():
+        if stage in self.TRAINING_STAGES and not self.CARRIED <= self.carried.keys():
             return  # no step has ended yet: the app could not store this update
         now = time.monotonic()
         if stage != self.sent_stage or "validation_loss" in metrics or now - self.last_sent >= self.interval_s:
@@ -156,11 +159,11 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         elif stored.is_file():
             return _stored_result(stored, job_id, input_fingerprint, settings)
         # Everything that can fail in seconds does, before the dataset or any weight is downloaded.
-        with _stage("loading_model", progress, announce=False):
-            base_path, model_download = _find_or_plan_download(base_model, hp, settings, trust_remote_code, progress)
         if settings.s3_configured:
             with _stage("starting", progress, announce=False):
                 check_storage(settings, job_id)
+        with _stage("loading_model", progress, announce=False):
+            base_path, model_download = _find_or_plan_download(base_model, hp, settings, trust_remote_code, progress)
         log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path or "to download",
                  redact_url(spec.dataset_url))
         with _stage("downloading", progress), _timed(seconds, "download"):
@@ -238,8 +241,9 @@ def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote
     if found is not None:
         return found, None
     if not settings.allow_model_download or "/" not in name or Path(name).is_absolute() or Path(name).exists():
-        resolve_base_model(name, cache_dirs, runpod_cache=settings.runpod_model_cache)  # raises, naming where it looked
-    plan = HubDownload(name, settings.model_cache_dir, token=settings.hf_token)
+        resolve_base_model(name, cache_dirs, runpod_cache=settings.runpod_model_cache,  # raises, naming where it looked
+                           downloads=settings.allow_model_download)
+    plan = HubDownload(name, settings.model_cache_dir, token=settings.hf_token, with_code=trust_remote_code)
     try:
         config_dir = plan.prepare(on_wait=progress.on_event)
         if config_dir is None:  # another worker completed it while this one waited
@@ -283,15 +287,26 @@ def _large_file_warnings(files: list[Path]) -> list[str]:
 
 
 def _stored_result(stored: Path, job_id: str, input_fingerprint: str, settings: WorkerSettings) -> dict:
-    """The result of this job's earlier, completed run, with fresh download links."""
+    """The result of this job's earlier, completed run, delivered as this deployment delivers: fresh
+    presigned links for files already uploaded, an upload of the adapter still on the volume when the
+    earlier run had no storage, or its paths (VOLUME_DELIVERY)."""
     saved = json.loads(stored.read_text())
     if saved.get("input_fingerprint") != input_fingerprint:
         raise JobError(f"job {job_id} already completed with other settings or another dataset: send retrain: true to "
                        "train it again with these, or use a new job_id", stage="starting")
     result = saved["result"]
-    links = result.get("model_files") or {}
+    links = result.pop("model_files", None) or {}
+    result.pop("volume_files", None)
     if settings.s3_configured and links and all(u.startswith(("http://", "https://")) for u in links.values()):
-        result["model_files"] = presigned_urls(list(result["model_files"]), job_id, settings)
+        result["model_files"] = presigned_urls(list(links), job_id, settings)
+    else:
+        adapter = Path(result["adapter_path"])
+        files = sorted(p for p in adapter.iterdir() if p.is_file()) if adapter.is_dir() else []
+        if not files:
+            raise JobError(f"job {job_id} completed earlier, but its adapter is gone from {adapter}: send retrain: true "
+                           "to train it again", stage="starting")
+        with _stage("uploading"):
+            result.update({k: v for k, v in _deliver(files, job_id, adapter, settings, None, {}).items() if k != "warnings"})
     result["warnings"] = result.get("warnings", []) + [
         f"job {job_id} had already completed: this is its stored result (send retrain: true to train again)"]
     log.info("job %s already completed; returning its stored result", job_id)
@@ -328,7 +343,7 @@ def handler(job: dict) -> dict:
     try:
         settings = WorkerSettings.from_env(os.environ)
     except JobError as exc:
-        return {"error": f"worker settings: {exc}. Fix the endpoint's environment variables"}
+        return {"error": f"worker settings: {str(exc).rstrip('.')}. Fix the endpoint's environment variables"}
     progress = ProgressReporter(job, enabled=bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
                                 interval_s=settings.progress_interval_s)
     try:

@@ -278,7 +278,7 @@ class WorkerSettings:
     max_dataset_bytes: int = _setting(2 * 1024**3, "largest dataset download accepted, in bytes", int)
     download_timeout_s: float = _setting(60.0, "seconds without data before a download attempt is abandoned", float)
     download_retries: int = _setting(4, "retries (exponential backoff) after connection errors, timeouts, short bodies, 429 and 5xx", int)
-    allow_file_urls: bool | None = _setting(None, "accept `file://` dataset URLs (a path relative to the working directory: `file:data/x.jsonl`); unset: yes on a local run, no on an endpoint", bool)
+    allow_file_urls: bool = _setting(False, "accept any `file://` dataset URL (a local run); without it, only the files bundled in the worker's `data/` (the smoke test's `file:data/brightrun-eq12-demo.jsonl`)", bool)
     s3_endpoint_url: str | None = _setting(None, f"S3-compatible storage that signs download links, for the adapter's files: {APP_STORAGE_HELP} (not RunPod's network-volume S3 API: it cannot sign them)", str, "BUCKET_ENDPOINT_URL")
     s3_access_key_id: str | None = _setting(None, "access key for S3_ENDPOINT_URL", str, "BUCKET_ACCESS_KEY_ID")
     s3_secret_access_key: str | None = _setting(None, "secret key for S3_ENDPOINT_URL", str, "BUCKET_SECRET_ACCESS_KEY")
@@ -287,7 +287,7 @@ class WorkerSettings:
     s3_region: str = _setting("us-east-1", "region used to sign S3 requests (Supabase: the project's region)", str)
     presigned_url_expiry_s: int = _setting(7 * 24 * 3600, "lifetime of the presigned GET URLs in `model_files` (seconds; SigV4 allows at most 7 days)", int)
     volume_delivery: bool = _setting(False, "deliver on the network volume only: no S3; the result lists each file's path in `volume_files` and has no `model_files` (the app cannot download these)", bool)
-    runpod_endpoint_id: str | None = _setting(None, "set by RunPod on an endpoint's workers; there a job fails at once unless S3 storage or VOLUME_DELIVERY is set, and `file://` datasets are refused", str)
+    runpod_endpoint_id: str | None = _setting(None, "set by RunPod on an endpoint's workers; there a job fails at once unless S3 storage or VOLUME_DELIVERY is set", str)
     progress_interval_s: float = _setting(10.0, "least seconds between two progress updates within a stage (stage changes are always sent)", float)
 
     @staticmethod
@@ -333,7 +333,6 @@ class WorkerSettings:
         if not endpoint and not Path("/runpod-volume").is_dir():
             values.setdefault("jobs_dir", LOCAL_VOLUME / "lora-jobs")
             values.setdefault("model_cache_dir", LOCAL_VOLUME / "models")
-        values.setdefault("allow_file_urls", not endpoint)
         settings = cls(**values)
         _check_delivery(settings, env)
         return settings
@@ -344,7 +343,11 @@ def _check_delivery(settings: WorkerSettings, env: Mapping[str, str]) -> None:
     volume_id = env.get("NETWORK_VOLUME_ID")
     named = (f" NETWORK_VOLUME_ID={volume_id!r} is not read by this worker: it names a RunPod network volume, "
              "whose S3 API cannot sign download links." if volume_id else "")
-    host = (urlsplit(settings.s3_endpoint_url).hostname or "") if settings.s3_endpoint_url else ""
+    endpoint = urlsplit(settings.s3_endpoint_url or "")
+    if settings.s3_endpoint_url and (endpoint.scheme not in ("http", "https") or not endpoint.hostname):
+        raise JobError(f"S3_ENDPOINT_URL={redact_url(settings.s3_endpoint_url)!r} is not an http(s) URL; give it whole, "
+                       "e.g. https://<project-ref>.supabase.co/storage/v1/s3")
+    host = endpoint.hostname or ""
     if re.fullmatch(r"s3api-[a-z0-9-]+\.runpod\.io", host):
         raise JobError(
             f"S3_ENDPOINT_URL points at RunPod's network-volume S3 API ({host}), which does not support presigned "
@@ -354,13 +357,16 @@ def _check_delivery(settings: WorkerSettings, env: Mapping[str, str]) -> None:
     partial = [n for n in ("s3_endpoint_url", "s3_bucket", "s3_access_key_id", "s3_secret_access_key")
                if getattr(settings, n)]
     if partial and not settings.s3_configured:
-        missing = "S3_BUCKET" if settings.s3_endpoint_url else "S3_ENDPOINT_URL"
-        raise JobError(f"S3 upload is half configured: {missing} is not set (set both S3_ENDPOINT_URL and "
-                       f"S3_BUCKET, or neither).{named}")
+        missing = " and ".join(n.upper() for n in ("s3_endpoint_url", "s3_bucket") if not getattr(settings, n))
+        raise JobError(f"S3 upload is half configured: {missing} not set (set both S3_ENDPOINT_URL and "
+                       f"S3_BUCKET, or neither){'.' + named if named else ''}")
+    if not 1 <= settings.presigned_url_expiry_s <= 7 * 24 * 3600:
+        raise JobError(f"PRESIGNED_URL_EXPIRY_S={settings.presigned_url_expiry_s} is outside 1..604800: S3 signatures "
+                       "(SigV4) last at most 7 days, so longer links would fail when the app fetches them")
     if settings.s3_configured and settings.volume_delivery:
         raise JobError("both S3 storage (S3_ENDPOINT_URL, S3_BUCKET) and VOLUME_DELIVERY=true are set: choose one")
     if settings.on_endpoint and not settings.s3_configured and not settings.volume_delivery:
         raise JobError(
             "no storage for the adapter's files: on a RunPod endpoint the app needs links it can download. Set "
             f"S3_ENDPOINT_URL, S3_BUCKET, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY ({APP_STORAGE_HELP}), or set "
-            f"VOLUME_DELIVERY=true to keep the files on the network volume (the app then gets no files).{named}")
+            f"VOLUME_DELIVERY=true to keep the files on the network volume (the app then gets no files){'.' + named if named else ''}")

@@ -27,6 +27,7 @@ from job import APP_STORAGE_HELP, JobError, WorkerSettings, redact_text, redact_
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+BUNDLED_DATA = (Path(__file__).parent / "data").resolve()  # the sample a smoke test reads as file:data/...
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
@@ -141,8 +142,10 @@ def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 6
     dest.parent.mkdir(parents=True, exist_ok=True)
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
-        if not allow_file_urls:
-            raise JobError("file:// dataset URLs are disabled: pass an http(s) URL, or set ALLOW_FILE_URLS=true for a local run")
+        bundled = Path(unquote(urlsplit(url).path)).resolve().is_relative_to(BUNDLED_DATA)
+        if not (allow_file_urls or bundled):
+            raise JobError("file:// dataset URLs are disabled (only the worker's bundled sample is readable): pass an "
+                           "http(s) URL, or set ALLOW_FILE_URLS=true for a local run")
         return _copy_local_file(url, dest, max_bytes)
     if scheme not in ("http", "https"):
         raise JobError(f"dataset_url must be http(s), got {scheme or 'no'} scheme")

@@ -609,7 +609,9 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                 "gradient_checkpointing": checkpointing_note}
 
     last_checkpoint = time.monotonic()
-    progress({"stage": "training", "percent": 100.0 * step / total_steps, "step": step, "total_steps": total_steps, "epoch": epoch})
+    resumed_figures = {k: history[-1][k] for k in ("loss", "learning_rate")} if history else {}  # the app's NOT NULLs
+    progress({"stage": "training", "percent": 100.0 * step / total_steps, "step": step, "total_steps": total_steps, "epoch": epoch,
+              **resumed_figures})
     with stop_on_sigterm() as (stop, previous_handler):
         while step < total_steps:
             if next_start == 0:  # a new epoch: remember the shuffle state it starts from

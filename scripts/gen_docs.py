@@ -119,7 +119,7 @@ def tests_json() -> dict:
     JobInput.model_validate(job)
     return {"tests": [{"name": "tiny_model_trains_on_the_bundled_sample", "input": job, "timeout": 600000}],
             "config": {"gpuTypeId": "NVIDIA A100 80GB PCIe", "gpuCount": 1, "allowedCudaVersions": CUDA_VERSIONS,
-                       "env": [{"key": "ALLOW_FILE_URLS", "value": "true"}, {"key": "VOLUME_DELIVERY", "value": "true"},
+                       "env": [{"key": "VOLUME_DELIVERY", "value": "true"},
                                {"key": "JOBS_DIR", "value": "/tmp/lora-jobs"}, {"key": "MODEL_CACHE_DIR", "value": "/tmp/models"}]}}
 
 

@@ -125,3 +125,25 @@ def test_a_store_whose_presigned_links_do_not_work_is_refused_before_any_work(ha
     assert "does not return the file it signs (HTTP 403)" in result["error"] and "supabase.co/storage/v1/s3" in result["error"]
     assert storage.hits[SAMPLE.name] == 0
     assert _NoPresignStore.objects == {}  # the check's test file was deleted again
+
+
+def test_a_stored_result_is_delivered_as_the_deployment_now_delivers(handler_env, storage, tiny_qwen2, s3, tmp_path):
+    """A job that completed with its files on the volume, submitted again once S3 storage is set: the app gets
+    presigned links that download the same bytes, never a volume path or a file:// link."""
+    import requests
+
+    handler, env = handler_env
+    env.setenv("RUNPOD_ENDPOINT_ID", "ep-test")
+    env.setenv("VOLUME_DELIVERY", "true")
+    first = handler.handler({"id": "r6", "input": job(storage, "redeliver", tiny_qwen2)})
+    assert "volume_files" in first and "model_files" not in first
+    env.delenv("VOLUME_DELIVERY")
+    for key, value in {"S3_ENDPOINT_URL": s3[0], "S3_BUCKET": "lora-models", **S3_KEYS}.items():
+        env.setenv(key, value)
+    again = handler.handler({"id": "r7", "input": job(storage, "redeliver", tiny_qwen2)})
+    assert "error" not in again and "volume_files" not in again
+    assert any("already completed" in w for w in again["warnings"])
+    adapter = tmp_path / "jobs" / "redeliver" / "adapter"
+    assert set(again["model_files"]) == {p.name for p in adapter.iterdir()}
+    for name, url in again["model_files"].items():
+        assert url.startswith(s3[0]) and requests.get(url, timeout=30).content == (adapter / name).read_bytes()

@@ -85,7 +85,7 @@ def test_a_missing_base_model_fails_before_anything_is_downloaded(worker, storag
                               "hyperparameters": {"base_model": "/models/not-cached-7B"}})  # a path: never downloaded
     assert result["status"] == "FAILED"
     assert result["error"].startswith("loading_model: base model '/models/not-cached-7B' was not found; searched ")
-    assert "ALLOW_MODEL_DOWNLOAD" in result["error"] and storage.hits[SAMPLE.name] == 0
+    assert "name a Hugging Face Hub model as <org>/<name> to download it" in result["error"] and storage.hits[SAMPLE.name] == 0
     # a hub id that is not cached is looked up on the Hub (here: nothing answers) before the dataset is downloaded
     result = runsync(worker, {"job_id": "e2e-no-hub", "dataset_url": storage.url(SAMPLE.name, storage.good),
                               "hyperparameters": {"base_model": "someone/not-cached-7B"}})

@@ -56,8 +56,11 @@ def test_a_job_reports_progress_and_returns_files_the_app_can_download(shape, wo
         assert all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers), p
         assert p["current_step"] >= 1 and p["total_steps"] == 3
     assert {"throughput", "gradient_norm"} <= set(started[0]["metrics"])
-    # a validation loss by default (one of the sample's 12 conversations held out), the final one in the result
-    assert started[-1]["metrics"]["validation_loss"] == output["metrics"]["validation_loss"] > 0
+    # a validation loss by default (one of the sample's 12 conversations held out): sent once, with the update that
+    # measured it (training stopped mid-epoch at max_steps: the final weights', as saving starts), and in the result
+    measured = [p for p in started if "validation_loss" in p["metrics"]]
+    assert [p["stage"] for p in measured] == ["saving"]
+    assert measured[0]["metrics"]["validation_loss"] == output["metrics"]["validation_loss"] > 0
     assert output["metrics"]["validation_conversations"] == 1
     assert [p["progress"] for p in payloads] == sorted(p["progress"] for p in payloads)
 
@@ -120,3 +123,32 @@ def test_importing_the_handler_loads_no_training_library():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["[]", "invalid job input: hyperparameters.rank=1 is below 4"]  # named as sent
+
+
+def test_progress_updates_follow_the_apps_columns(monkeypatch):
+    """The reporter alone, with the SDK's sender recorded: what each update carries, and when it is sent."""
+    import handler
+
+    sent = []
+    monkeypatch.setattr(handler.runpod.serverless, "progress_update", lambda job, payload: sent.append(payload))
+    report = handler.ProgressReporter({"id": "j"}, enabled=True, interval_s=3600)
+    step = {"stage": "training", "total_steps": 4, "epoch": 1, "learning_rate": 1e-4, "tokens_per_second": 900.0,
+            "grad_norm": 0.5}
+    report({"stage": "downloading"})
+    report({"stage": "training", "percent": 0.0, "step": 0, "total_steps": 4, "epoch": 0})  # held: no loss yet
+    report({**step, "percent": 25.0, "step": 1, "loss": 2.0})
+    report({**step, "percent": 50.0, "step": 2, "loss": 1.8, "validation_loss": 1.9})  # an epoch's end: sent at once
+    report({**step, "percent": 75.0, "step": 3, "loss": 1.7})  # within the interval: not sent
+    report({"stage": "saving", "validation_loss": 1.85})
+    report({"stage": "uploading"})
+    assert [p["stage"] for p in sent] == ["downloading", "training", "training", "saving", "uploading"]
+    assert "metrics" not in sent[0] and sent[1]["current_step"] == 1 and sent[1]["total_steps"] == 4
+    assert sent[2]["metrics"]["validation_loss"] == 1.9 and sent[2]["current_epoch"] == 1
+    assert sent[3]["metrics"] == {"training_loss": 1.7, "learning_rate": 1e-4, "validation_loss": 1.85}
+    assert sent[4]["metrics"] == {"training_loss": 1.7, "learning_rate": 1e-4} and sent[4]["current_step"] == 3
+    # a job resumed from its final checkpoint: the first training update carries the checkpoint's figures
+    resumed = handler.ProgressReporter({"id": "k"}, enabled=True, interval_s=3600)
+    sent.clear()
+    resumed({"stage": "training", "percent": 100.0, "step": 4, "total_steps": 4, "epoch": 2, "loss": 1.6, "learning_rate": 0.0})
+    resumed({"stage": "saving", "validation_loss": 1.8})
+    assert [p["stage"] for p in sent] == ["training", "saving"] and sent[1]["metrics"]["training_loss"] == 1.6

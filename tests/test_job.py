@@ -95,7 +95,7 @@ def test_storage_that_cannot_sign_download_links_is_refused_naming_what_to_set()
     assert "supabase.co/storage/v1/s3" in message and "S3_BUCKET" in message
     with pytest.raises(JobError, match="presigned"):  # a bucket named as the worker reads it does not help
         WorkerSettings.from_env(runpod_s3 | {"S3_BUCKET": "vol-123"})
-    with pytest.raises(JobError, match="half configured: S3_BUCKET is not set.*NETWORK_VOLUME_ID"):
+    with pytest.raises(JobError, match="half configured: S3_BUCKET not set.*NETWORK_VOLUME_ID"):
         WorkerSettings.from_env(runpod_s3 | {"S3_ENDPOINT_URL": "https://p.supabase.co/storage/v1/s3"})
 
 
@@ -103,13 +103,17 @@ def test_an_endpoint_needs_storage_or_explicit_volume_delivery_and_a_local_run_n
     with pytest.raises(JobError, match="no storage for the adapter's files.*S3_ENDPOINT_URL, S3_BUCKET.*VOLUME_DELIVERY=true"):
         WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep"})
     on_volume = WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep", "VOLUME_DELIVERY": "true"})
-    assert on_volume.volume_delivery and not on_volume.allow_file_urls  # file:// datasets only on local runs
+    assert on_volume.volume_delivery and not on_volume.allow_file_urls
     s3 = {"S3_ENDPOINT_URL": "https://p.supabase.co/storage/v1/s3", "S3_BUCKET": "lora-models"}
     assert WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep"} | s3).s3_configured
     with pytest.raises(JobError, match="choose one"):
         WorkerSettings.from_env(s3 | {"VOLUME_DELIVERY": "true"})
     local = WorkerSettings.from_env({"JOBS_DIR": str(tmp_path)})
-    assert local.allow_file_urls and not local.on_endpoint and not local.s3_configured
+    assert not local.allow_file_urls and not local.on_endpoint and not local.s3_configured
+    with pytest.raises(JobError, match="S3_ENDPOINT_URL='p.supabase.co/storage/v1/s3' is not an http"):
+        WorkerSettings.from_env(s3 | {"S3_ENDPOINT_URL": "p.supabase.co/storage/v1/s3"})
+    with pytest.raises(JobError, match="SigV4"):
+        WorkerSettings.from_env(s3 | {"PRESIGNED_URL_EXPIRY_S": "2000000"})
 
 
 def test_a_local_run_without_the_volume_keeps_its_files_in_the_checkout():

@@ -244,3 +244,32 @@ def test_a_second_worker_waits_for_the_first_ones_download_and_uses_it(hub, tiny
         first.kill()
     assert (tmp_path / "acme" / "shared" / "config.json").is_file()
     assert hub.bytes_served[("acme/shared", "model.safetensors")] == (tiny_qwen2 / "model.safetensors").stat().st_size
+
+
+def test_a_retry_after_the_repo_moved_to_a_new_commit_starts_over(hub, tmp_path, monkeypatch):
+    repo = hub.root / "acme" / "moving"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"model_type": "qwen2"}')
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+    for shard in shards:
+        (repo / shard).write_bytes(b"A" * 300_000)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    hub.reset_after[("acme/moving", shards[1])] = 1000
+    with pytest.raises(JobError, match="failed"), HubDownload("acme/moving", tmp_path) as plan:
+        plan.prepare()
+        plan.complete()
+    assert (tmp_path / ".downloads" / "acme--moving" / shards[0]).read_bytes() == b"A" * 300_000
+    for shard in shards:  # a new commit: same names, same sizes, other bytes
+        (repo / shard).write_bytes(b"B" * 300_000)
+    with HubDownload("acme/moving", tmp_path) as plan:
+        plan.prepare()
+        target = plan.complete()
+    assert [(target / shard).read_bytes() == b"B" * 300_000 for shard in shards] == [True, True]
+
+
+def test_a_model_that_runs_its_own_code_is_downloaded_with_it():
+    listing = {"config.json": 1, "configuration_acme.py": 1, "modeling_acme.py": 1, "model.safetensors": 9}
+    assert files_to_load(listing, None) == ["config.json", "model.safetensors"]
+    assert files_to_load(listing, None, with_code=True) == ["config.json", "configuration_acme.py", "model.safetensors",
+                                                             "modeling_acme.py"]

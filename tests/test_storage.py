@@ -75,10 +75,16 @@ def test_loopback_is_refused_without_the_private_switch_and_never_contacted(stor
     assert storage.good not in str(exc.value)
 
 
-def test_file_urls_need_the_setting(tmp_path):
-    with pytest.raises(JobError, match="ALLOW_FILE_URLS"):
-        fetch(SAMPLE.as_uri(), tmp_path)
-    assert fetch(SAMPLE.as_uri(), tmp_path, allow_file_urls=True).bytes == SAMPLE.stat().st_size
+def test_file_urls_need_the_setting_except_for_the_bundled_sample(tmp_path):
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_bytes(SAMPLE.read_bytes())
+    (tmp_path / "link.jsonl").symlink_to(outside)
+    escape = f"file://{SAMPLE.parent}/../../{outside.relative_to('/')}"  # data/../.. leads out of the bundled folder
+    for url in (outside.as_uri(), (tmp_path / "link.jsonl").as_uri(), escape, "file:/etc/hostname"):
+        with pytest.raises(JobError, match="only the worker's bundled sample is readable.*ALLOW_FILE_URLS"):
+            fetch(url, tmp_path / "d")
+    assert fetch(outside.as_uri(), tmp_path / "d", allow_file_urls=True).bytes == SAMPLE.stat().st_size
+    assert fetch(SAMPLE.as_uri(), tmp_path / "d").bytes == SAMPLE.stat().st_size  # the smoke test's sample
 
 
 def test_429_is_retried(storage, tmp_path, private_ok):
