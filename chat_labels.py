@@ -79,17 +79,125 @@ def render(tokenizer, messages: list[dict], tools: list | None = None, add_gener
     try:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as exc:
-        raise SkipExample(f"the chat template refuses this conversation: {exc}") from None
+        raise SkipExample(f"the chat template refuses this conversation ({exc}): change the conversation to what the "
+                          "template accepts, or train a base model whose template accepts it") from None
 
 
 def end_of_turn_text(tokenizer) -> str:
-    """The text the template writes right after an assistant message's content (e.g. `<|im_end|>`, `</s>`)."""
-    sentinel = "SENTINEL_7f3a"
-    text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}])
-    tail = text[text.rindex(sentinel) + len(sentinel):].rstrip()
-    if not tail:
+    """The text that closes every assistant turn (e.g. `<|im_end|>`, `</s>`, `<|end|>`): what the template
+    writes after an assistant message both in the middle of a conversation and at its end. Their common
+    start is the turn's own closer; what follows only one of them belongs to something else: the next
+    turn's header, or an end-of-text some templates add after the last turn (Phi-3.5's `<|endoftext|>`)."""
+    a1, u2, a2 = "SENTINEL_A1_7f3a", "SENTINEL_U2_7f3a", "SENTINEL_A2_7f3a"
+    single = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": a2}])
+    tail = single[single.rindex(a2) + len(a2):]
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": a1},
+                                  {"role": "user", "content": u2}, {"role": "assistant", "content": a2}])
+        between, last = text[text.index(a1) + len(a1):text.index(u2)], text[text.rindex(a2) + len(a2):]
+    except (SkipExample, ValueError):  # a template for single-turn chats only
+        return _non_empty(tail.rstrip())
+    # the common start in whole tokens: "<|end|>\n<|user|>" and "<|end|>\n<|endoftext|>" share "<|end|>\n"
+    return _non_empty(between[:_shared_start(tokenizer, between, last)].rstrip())
+
+
+def _shared_start(tokenizer, a: str, b: str) -> int:
+    """How many characters of `a` its common start with `b` covers, in whole tokens."""
+    encoded = tokenizer(a, add_special_tokens=False, return_offsets_mapping=True)
+    other = tokenizer(b, add_special_tokens=False)["input_ids"]
+    shared = 0
+    while shared < min(len(encoded["input_ids"]), len(other)) and encoded["input_ids"][shared] == other[shared]:
+        shared += 1
+    return encoded["offset_mapping"][shared - 1][1] if shared else 0
+
+
+def _non_empty(closer: str) -> str:
+    if not closer:
         raise SkipExample("the chat template writes nothing after an assistant message, so the model could not learn to stop")
-    return tail
+    return closer
+
+
+# Where a system prompt goes when the template itself drops or refuses it in a training conversation (one
+# that ends with the assistant's answer). A prelude run before the template moves it there, in training
+# and, saved with the adapter, at inference alike: merged into a user turn, "<system>\n\n<user>", as
+# Mistral's and Gemma's own formats do.
+_MERGE = "{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + messages[%s]['content']}"
+SYSTEM_PRELUDES = {
+    # Gemma's documentation puts instructions in the first user turn (Gemma-2 refuses a system role).
+    "first user turn": (
+        "{%- if messages and messages[0]['role'] == 'system' and messages|length > 1 and messages[1]['role'] == 'user'"
+        " and messages[0]['content'] is string and messages[1]['content'] is string -%}"
+        "{%- set messages = [" + _MERGE % "1" + "] + messages[2:] -%}"
+        "{%- endif -%}"),
+    # Mistral-Instruct's template puts it in the last user turn, but only when that turn ends the conversation.
+    "last user turn": (
+        "{%- if messages and messages[0]['role'] == 'system' and messages[0]['content'] is string -%}"
+        "{%- set ns_sys = namespace(last=0) -%}"
+        "{%- for m in messages -%}{%- if m['role'] == 'user' and m['content'] is string -%}"
+        "{%- set ns_sys.last = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+        "{%- if ns_sys.last > 0 -%}"
+        "{%- set messages = messages[1:ns_sys.last] + [" + _MERGE % "ns_sys.last" + "] + messages[ns_sys.last + 1:] -%}"
+        "{%- endif -%}{%- endif -%}"),
+}
+
+
+def system_prompt_placement(tokenizer) -> str:
+    """Where the template puts a system prompt in a training conversation: "template" when it renders the
+    text itself; else where the model's format puts it at inference: "last user turn" when the template
+    attaches it to the final user message (Mistral-Instruct v0.3), "first user turn" when it refuses or
+    drops it everywhere (Gemma-2)."""
+    system, u1, a1, u2 = "SENTINEL_SYS_7f3a", "SENTINEL_U1_7f3a", "SENTINEL_A1_7f3a", "SENTINEL_U2_7f3a"
+    head = [{"role": "system", "content": system}, {"role": "user", "content": u1}, {"role": "assistant", "content": a1}]
+    try:
+        if system in render(tokenizer, head):
+            return "template"
+        asked = render(tokenizer, head + [{"role": "user", "content": u2}], add_generation_prompt=True)
+    except SkipExample:  # refuses a system role
+        return "first user turn"
+    if system in asked and asked.index(system) > asked.index(a1):
+        return "last user turn"
+    return "first user turn"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a base model's conversations are rendered for training (and, saved with the adapter, at inference)."""
+
+    source: str  # where the template came from: "tokenizer", "default-chatml", "default-inst"
+    end_of_turn: str  # what closes every assistant turn; trained after each answer
+    system_prompt: str  # "template", or the user turn the prelude merges it into
+    non_thinking: bool = False  # a hybrid reasoning template, rendered (and saved) in its non-thinking mode
+
+    def describe(self) -> dict:
+        how = ("rendered by the template" if self.system_prompt == "template" else
+               f"merged into the {self.system_prompt} ('<system>\\n\\n<user>'): the template drops or refuses a "
+               "system role; the saved template does the same at inference")
+        described = {"template_source": self.source, "end_of_turn": self.end_of_turn, "system_prompt": how}
+        if self.non_thinking:
+            described["reasoning"] = ("non-thinking mode (enable_thinking false): the answers carry no reasoning; "
+                                      "the saved template defaults to it")
+        return described
+
+
+# Hybrid reasoning templates (Qwen3, SmolLM3) switch modes with `enable_thinking`, on by default. The answers
+# trained here carry no reasoning: they are rendered in the non-thinking mode (Qwen3: an empty think block before
+# the answer; SmolLM3: "/no_think"), and the template saved with the adapter defaults to it, so that a plain
+# apply_chat_template at inference prompts the model as it was trained.
+NON_THINKING_PRELUDE = "{%- if enable_thinking is not defined -%}{%- set enable_thinking = false -%}{%- endif -%}"
+
+
+def prepare_chat_template(tokenizer) -> ChatFormat:
+    """Give `tokenizer` the chat template training and inference use (its own, or a default from tokens it
+    has; with a prelude where the template would lose the system prompt or assume reasoning), and describe it."""
+    source = ensure_chat_template(tokenizer)
+    template = tokenizer.chat_template
+    non_thinking = isinstance(template, str) and "enable_thinking" in template
+    if non_thinking:
+        tokenizer.chat_template = template = NON_THINKING_PRELUDE + template
+    placement = system_prompt_placement(tokenizer)
+    if placement != "template" and isinstance(template, str):
+        tokenizer.chat_template = SYSTEM_PRELUDES[placement] + template
+    return ChatFormat(source, end_of_turn_text(tokenizer), placement, non_thinking)
 
 
 def end_of_turn_token(tokenizer, eot_text: str) -> str:
@@ -111,13 +219,23 @@ def trained_char_spans(tokenizer, messages: list[dict], tools: list | None, full
         before = render(tokenizer, messages[:k], tools, add_generation_prompt=True) if k else ""
         start = len(before) if before and full.startswith(before) else cursor
         if message.get("tool_calls"):
-            # A tool call is rendered by the template in its own syntax: its span is what rendering
-            # this message adds to the conversation before it (which must render as a prefix).
-            after = render(tokenizer, messages[:k + 1], tools).rstrip()
-            if not (before and full.startswith(before) and full.startswith(after) and after.endswith(eot_text)):
-                raise SkipExample(f"the chat template renders the tool call of assistant message {k} differently in context")
-            spans.append((len(before), len(after)))
-            cursor = len(after)
+            # A tool call is rendered in the template's own syntax: its span runs from the end of the assistant's
+            # header (the part of the generation prompt the conversation's rendering shares) to the turn's end.
+            prompt = render(tokenizer, messages[:k], tools)
+            if not full.startswith(prompt):
+                raise SkipExample(f"the chat template renders the conversation before assistant message {k} differently "
+                                  "once the message follows, so its tool call has no place to train from: remove the tool "
+                                  "calls, or train a base model whose template renders them in order")
+            start = len(prompt) + _shared_start(tokenizer, before[len(prompt):] if before.startswith(prompt) else "",
+                                                full[len(prompt):])
+            end = full.find(eot_text, start)
+            called = full[start:end if end >= 0 else len(full)]
+            if end < 0 or not all(str(c["function"]["name"]) in called for c in message["tool_calls"]):
+                raise SkipExample(f"the chat template does not render the tool calls of assistant message {k} (it drops "
+                                  "them or does not end them with its end of turn): remove them, or train a base model "
+                                  "whose template renders tool calls")
+            spans.append((start, end + len(eot_text)))
+            cursor = end + len(eot_text)
             continue
         content = (message.get("content") or "").strip()
         if not content:

@@ -1,7 +1,8 @@
 """Normalize what users upload into one canonical form of chat conversations, with a report.
 
 Canonical form (OpenAI fine-tuning JSONL): one conversation per line,
-    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight": 0|1 (assistant only)}, ...],
+    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight": 0|1 (assistant only),
+                   "tool_calls": [...] (assistant, optional)}, ...],
      "tools": [...] (optional), "conversation_id": str (optional)}
 An assistant message is trained unless it carries `"weight": 0`. `conversation_id` groups lines that
 share history (a BrightRun conversation's pairs), so that a validation split keeps them together.
@@ -269,6 +270,7 @@ def normalize_openai(record: dict) -> list[dict]:
             raise LineProblem(f"`messages[{i}].role` is {role!r}; expected system, user, assistant or tool")
         has_tool_calls = role == "assistant" and m.get("tool_calls") is not None
         content = _text(m.get("content"), f"messages[{i}].content", allow_none=has_tool_calls)
+        # "" beside tool calls, not null: transformers 5 drops null keys before rendering, and templates then fail
         out = {"role": role, "content": content if content is not None else ""}
         if "name" in m:
             if not isinstance(m["name"], str):
@@ -392,7 +394,8 @@ def finalize(messages: list[dict]) -> tuple[list[dict], int]:
             merged += 1
         else:
             out.append(m)  # the normalizers build fresh dicts: no copy needed
-    if not any(m["role"] == "assistant" and m.get("weight", 1) and m["content"].strip() for m in out):
+    if not any(m["role"] == "assistant" and m.get("weight", 1) and ((m["content"] or "").strip() or m.get("tool_calls"))
+               for m in out):
         raise LineProblem("no assistant message to train on (none, empty, or all weight 0)", kind="skipped")
     return out, merged
 

@@ -216,7 +216,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             },
             "metrics": metrics,
             "adapter_path": str(adapter_dir),
-            "dataset_report": report.to_dict(),
+            "dataset_report": {**report.to_dict(), "chat_format": metrics["chat_format"]},
             "warnings": warnings + report.warnings + metrics["warnings"],
         }
         _write_json_atomically(stored, {"input_fingerprint": input_fingerprint, "result": result})

