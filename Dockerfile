@@ -6,7 +6,7 @@
 # official tags pullable. Bump it deliberately to pick up Python and Debian security fixes.
 # torch==2.13.0 comes from PyPI: its Linux x86_64 wheel is the CUDA 13.0 build (2.13.0+cu130) and brings
 # the CUDA user-space libraries as pip packages (cuda-toolkit==13.0.3, cuDNN, NCCL); the GPU driver
-# (>= 580 for CUDA 13) comes from the host. No apt packages: every dependency installs as a wheel.
+# (>= 580 for CUDA 13) comes from the host. Every Python dependency installs as a wheel.
 # Re-check the resolved set without Docker: scripts/check_image_deps.sh. At run time the dataset is
 # downloaded, and a base model not yet on the network volume (ALLOW_MODEL_DOWNLOAD, on by default).
 FROM python:3.11.16-slim-bookworm
@@ -19,6 +19,14 @@ ENV PYTHONUNBUFFERED=1 \
     MODEL_CACHE_DIR=/runpod-volume/models
 
 WORKDIR /app
+
+# A C compiler: Triton (torch's compiler for flex attention, the packed-sequence attention on the GPU) builds a
+# small launcher for its kernels with it at run time. Without one the worker falls back to sdpa with a dense mask.
+# Debian stable's point releases move these versions, so they are not pinned (the base image tag is).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 
 # Dependencies first, in their own cached layer. Then fail the build unless torch is the version
 # requirements.txt pins, built for CUDA 13.0, and the GPU stack imports (no GPU at build time: import only).

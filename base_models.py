@@ -13,6 +13,7 @@ that cannot fit fails in seconds.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -371,6 +372,26 @@ def load_config(model: str | Path) -> dict:
     return config.get("text_config", config)  # multimodal wrappers keep the decoder's settings here
 
 
+def meta_model(c: dict):
+    """transformers' own architecture for config `c`, on the meta device: no memory, no weights."""
+    return _meta_model(json.dumps(c, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)  # the fit check and the packing check both look at it
+def _meta_model(config_json: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    c = json.loads(config_json)
+    try:
+        config = AutoConfig.for_model(**c)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (KeyError, ValueError) as exc:
+        raise JobError(f"cannot size model type {c.get('model_type')!r} from its config.json ({exc}); "
+                       "the estimate needs an architecture this transformers knows") from None
+
+
 def count_parameters(c: dict, *, quantize_experts: bool = True) -> dict:
     """Parameters by kind, counted on transformers' own architecture for config `c`, built on the
     meta device (no memory, no weights), so that any architecture transformers knows is counted
@@ -382,15 +403,8 @@ def count_parameters(c: dict, *, quantize_experts: bool = True) -> dict:
     Embeddings, lm_head, biases, norms, routers and convolutions stay in 16-bit.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.for_model(**c)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (KeyError, ValueError) as exc:
-        raise JobError(f"cannot size model type {c.get('model_type')!r} from its config.json ({exc}); "
-                       "the estimate needs an architecture this transformers knows") from None
+    model = meta_model(c)
     output = model.get_output_embeddings()
     linear = 0
     lora_shapes: list[tuple[int, int]] = []  # (in, out) of each linear layer LoRA can target
@@ -613,3 +627,94 @@ def per_expert_model_class(model_class, names: tuple[str, str, str]):
 
     PerExpertModel.__name__ = PerExpertModel.__qualname__ = model_class.__name__
     return PerExpertModel
+
+
+# ---------------------------------------------------------------------------- packed examples, kept apart
+
+# Layers that mix tokens with a causal convolution or a recurrent scan from a zero state (linear attention,
+# state-space models). The 4D block-diagonal mask that keeps packed examples apart in attention layers never
+# reaches them (transformers passes them a 2D padding mask or none), so their conv and state run across the
+# whole packed row. These classes are run per example instead (`isolate_packed_examples`): their forward takes
+# (hidden_states, ..., attention_mask, **kwargs), their decoder layer hands them the model's **kwargs, and every
+# other op in them is per token, so one call per example is exactly that example alone (packed == alone on a tiny
+# random model of each type: tests/test_packing.py).
+ISOLATED_TOKEN_MIXERS = {
+    "Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet", "OlmoHybridGatedDeltaNet",
+    "KimiLinearDeltaAttention", "Lfm2ShortConv", "Lfm2MoeShortConv", "FalconH1Mixer", "GraniteMoeHybridMambaLayer",
+    "BambaMixer", "NemotronHMamba2Mixer", "Zamba2MambaMixer",
+}
+# How other such layers are recognised (Jamba's and Mamba's mixers are called without **kwargs, MiniMax's lightning
+# attention and RecurrentGemma's block with other arguments, RWKV and xLSTM are recurrent throughout): their jobs
+# train unpacked.
+TOKEN_MIXER_NAMES = ("Mamba", "Mixer", "ShortConv", "DeltaNet", "DeltaAttention", "LinearAttention", "Lightning",
+                     "RecurrentBlock", "Rwkv", "xLSTM", "Mlstm", "Slstm")
+NOT_TOKEN_MIXERS = {"KimiLinearAttention"}  # Kimi Linear's full (MLA) attention, named after the model: takes the mask
+PACKED_CHUNK = 64  # the chunked delta rule pads each call to this many tokens: examples are grouped by it
+
+
+def packing_support(config: dict) -> tuple[bool, str]:
+    """Whether packed examples can be kept apart in every layer of this architecture, and how (for metrics)."""
+    mixers = {name for name in (type(m).__name__ for m in meta_model(config).modules())
+              if any(k in name for k in TOKEN_MIXER_NAMES) and not name.endswith("DecoderLayer")
+              and name not in NOT_TOKEN_MIXERS}
+    others = sorted(mixers - ISOLATED_TOKEN_MIXERS)
+    if others:
+        return False, (f"off: {config.get('model_type')} has layers ({', '.join(others)}) whose convolution or recurrent "
+                       "state would run across packed examples and cannot be run per example: one conversation per sequence")
+    how = "on: a block-diagonal attention mask" + (f"; {', '.join(sorted(mixers))} run per example" if mixers else "")
+    return True, how
+
+
+def _per_example_forward(original, hidden_states, *args, packed_segments=None, **kwargs):
+    """The layer's own forward, run on each packed example on its own (its conv and scan start from zero).
+
+    The examples become the rows of a batch, right-padded with zeros (a causal conv and a causal scan never read
+    what comes after), grouped by length so that a group pads to at most 1.5x its tokens; each output token goes
+    back to its place. Rows holding one example, and calls without spans (generation), run as they are."""
+    import torch
+
+    if packed_segments is None or all(len(row) <= 1 for row in packed_segments):
+        return original(hidden_states, *args, **kwargs)
+    if args or kwargs.get("cache_params") is not None or kwargs.get("past_key_values") is not None:
+        raise ValueError("packed examples cannot run with a generation cache or positional arguments: use_cache=False")
+    batch, length = hidden_states.shape[:2]
+    mask_key = next((k for k in ("attention_mask", "conv_mask") if k in kwargs), None)
+    mask = kwargs.pop(mask_key) if mask_key else None
+    spans = sorted(((b, s, e) for b, row in enumerate(packed_segments) for s, e in row), key=lambda t: t[1] - t[2])
+    groups, current, real = [], [], 0
+    for span in spans:  # longest first: a group's first span is its longest
+        n = -(-(span[2] - span[1]) // PACKED_CHUNK) * PACKED_CHUNK
+        if current and (len(current) + 1) * (-(-(current[0][2] - current[0][1]) // PACKED_CHUNK) * PACKED_CHUNK) > 1.5 * (real + n):
+            groups.append(current)
+            current, real = [], 0
+        current.append(span)
+        real += n
+    groups.append(current)
+    zero = batch * length  # the index of an all-zero token appended below
+    flat = torch.cat([hidden_states.reshape(zero, -1), hidden_states.new_zeros(1, hidden_states.shape[-1])])
+    flat_mask = None if mask is None else torch.cat([mask.reshape(-1), mask.new_zeros(1)])
+    out = flat.new_empty(zero, flat.shape[-1])
+    for group in groups:
+        longest = group[0][2] - group[0][1]
+        gather = torch.full((len(group), longest), zero, dtype=torch.long)
+        for i, (b, s, e) in enumerate(group):
+            gather[i, :e - s] = torch.arange(b * length + s, b * length + e)
+        gather = gather.to(hidden_states.device)
+        y = original(flat[gather], **kwargs, **({mask_key: flat_mask[gather]} if mask_key and mask is not None else {}))
+        keep = gather.reshape(-1) != zero
+        out = out.index_copy(0, gather.reshape(-1)[keep], y.reshape(-1, y.shape[-1])[keep])
+    return out.reshape(batch, length, -1)
+
+
+def isolate_packed_examples(model) -> int:
+    """Run each linear-attention / state-space layer of `model` per packed example when the model's forward is
+    given `packed_segments=` (`collate`'s "segments", which the trainer passes down; transformers hands the
+    model's extra keyword arguments on to these layers, also when gradient checkpointing recomputes them).
+    Returns how many layers were wrapped (0: the model has none)."""
+    wrapped = 0
+    for module in model.modules():
+        if type(module).__name__ in ISOLATED_TOKEN_MIXERS and not getattr(module, "_per_example", False):
+            module.forward = functools.partial(_per_example_forward, module.forward)
+            module._per_example = True
+            wrapped += 1
+    return wrapped

@@ -336,15 +336,36 @@ def pack_examples(examples: list[Example], max_seq_length: int) -> list[list[Exa
     return bins
 
 
-def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cpu"):
-    """Tensors for one micro-batch of (packed) sequences.
+def segment_spans(lengths_per_row: list[list[int]], length: int) -> tuple:
+    """Per row of a micro-batch, the (start, end) spans of its examples in order, and its padding as one more
+    span: what layers that cannot take the attention mask need to run each example on its own."""
+    rows = []
+    for lengths in lengths_per_row:
+        spans, start = [], 0
+        for n in lengths:
+            spans.append((start, start + n))
+            start += n
+        if start < length:
+            spans.append((start, length))
+        rows.append(tuple(spans))
+    return tuple(rows)
+
+
+def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cpu", attention: str = "sdpa",
+            pad_to: int | None = None):
+    """Tensors for one micro-batch of (packed) sequences, `pad_to` tokens long when given.
 
     Returns input_ids and labels (B, L), position_ids restarting at 0 for each example, and an
-    attention mask: when a row holds several examples, a boolean 4D mask (B, 1, L, L) that is causal
-    within each example and blocks attention across examples (position_ids alone do not isolate
-    packed examples under sdpa or eager); with one example per row, the plain (B, L) padding mask.
+    attention mask: when a row holds several examples, a mask that is causal within each example and
+    blocks attention across examples (position_ids alone do not isolate packed examples under sdpa or
+    eager): for `attention="flex_attention"` a BlockMask (a document mask: flex attention skips the
+    blocks it rules out), else a boolean 4D mask (B, 1, L, L); with one example per row, the plain (B, L)
+    padding mask.
     Padding is never trained. The (B, L) tensors are filled on the CPU and moved to `device`; the
     L x L mask is built there (on a GPU: no 8 x 2048 x 2048 mask crossing the bus every step).
+
+    `segments` (plain ints, on the CPU): each row's example spans, for linear-attention layers that the mask
+    does not reach (base_models.isolate_packed_examples).
 
     For the loss: `loss_index`, the flat (B x L) positions whose next token is trained, and
     `loss_targets`, those tokens; found here on the CPU, so that selecting them on the GPU is an
@@ -352,7 +373,7 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     """
     import torch
 
-    length = max(sum(len(e.input_ids) for e in seq) for seq in sequences)
+    length = max(pad_to or 0, max(sum(len(e.input_ids) for e in seq) for seq in sequences))
     batch = len(sequences)
     input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, length), IGNORE, dtype=torch.long)
@@ -378,10 +399,18 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     # so these CPU tensors may be dropped at once)
     input_ids, labels, position_ids, segment, loss_index, loss_targets = (
         t.to(device, non_blocking=True) for t in (input_ids, labels, position_ids, segment, loss_index, loss_targets))
+    segments = segment_spans([[len(e.input_ids) for e in seq] for seq in sequences], length)
     real = segment >= 0
     if all(len(seq) == 1 for seq in sequences):
         # One example per row: a plain padding mask lets attention use its fast causal kernels.
         mask = real.long()
+    elif attention == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_example_causal(b, h, q, kv):  # padding attends to padding: never trained
+            return (segment[b, q] == segment[b, kv]) & (q >= kv)
+
+        mask = create_block_mask(same_example_causal, batch, None, length, length, device=device)
     else:
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
         same = segment[:, :, None] == segment[:, None, :]
@@ -389,6 +418,6 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
         mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding rows attend to themselves
         mask = mask[:, None]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": mask, "loss_index": loss_index, "loss_targets": loss_targets,
+            "attention_mask": mask, "segments": segments, "loss_index": loss_index, "loss_targets": loss_targets,
             "real_tokens": real_tokens, "trained_tokens": trained_tokens,
             "computed_tokens": batch * length}

@@ -37,8 +37,9 @@ from typing import Any, Callable
 
 from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_token, pack_examples, prepare_chat_template,
                          tokenize_conversation, trained_runs)
-from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, experts_in_4bit, load_config,
-                         per_expert_model_class, per_expert_names, resolve_base_model)
+from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, experts_in_4bit,
+                         isolate_packed_examples, load_config, meta_model, packing_support, per_expert_model_class,
+                         per_expert_names, resolve_base_model)
 from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from dataset_loader import DatasetError, load_dataset
 from job import VALIDATION_MAX_HELD_OUT, VALIDATION_MIN_CONVERSATIONS, VALIDATION_SHARE, Hyperparameters, JobError, parse_hyperparameters
@@ -50,24 +51,35 @@ ProgressFn = Callable[[dict], None]
 
 # ---------------------------------------------------------------------------- setup: base model
 
-def select_precision():
-    """(device, compute dtype): bf16 on GPUs with compute capability >= 8.0, fp16 below, fp32 on CPU."""
+def select_precision(setting: str = "auto"):
+    """(device, compute dtype): for "auto", bf16 on GPUs with compute capability >= 8.0, fp16 below, fp32 on the
+    CPU; another setting names the dtype (bf16 on the CPU runs the GPU's 16-bit path there, for tests)."""
     import torch
 
-    if torch.cuda.is_available():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting != "auto":
+        return device, getattr(torch, setting)
+    if device == "cuda":
         major, _ = torch.cuda.get_device_capability()
         return "cuda", torch.bfloat16 if major >= 8 else torch.float16
     return "cpu", torch.float32
 
 
-def select_attention(device: str, micro_batch_size: int) -> str:
-    """flash-attention 2 where it is installed on a GPU and micro-batches hold one sequence (transformers
-    5.23 separates packed examples by position_ids, its varlen path, only at batch size 1); sdpa
-    otherwise (packed examples are separated by a block-diagonal 4D mask)."""
+def select_attention(device: str, micro_batch_size: int, packing: bool, supports_flex: bool) -> str:
+    """How attention keeps packed examples apart, computing only within each one where the GPU allows it:
+    flash-attention 2 where it is installed and micro-batches hold one sequence (transformers 5.23 separates
+    packed examples by position_ids, its varlen path, only at batch size 1); else on a GPU PyTorch's flex
+    attention with a document mask (`collate`'s BlockMask; compiled by Triton, which needs a C compiler), for
+    the architectures transformers supports it on (`supports_flex`; not Qwen3-Next in 5.23);
+    else sdpa with a block-diagonal 4D mask, which computes every pair and masks them (the CPU: flex attention
+    has no backward there)."""
     import importlib.util
+    import shutil
 
-    fa2 = device == "cuda" and micro_batch_size == 1 and importlib.util.find_spec("flash_attn")
-    return "flash_attention_2" if fa2 else "sdpa"
+    if device == "cuda" and micro_batch_size == 1 and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    flex = importlib.util.find_spec("triton") and (shutil.which("cc") or shutil.which("gcc"))
+    return "flex_attention" if device == "cuda" and packing and supports_flex and flex else "sdpa"
 
 
 def quantization_config(compute_dtype):
@@ -344,7 +356,7 @@ def check_fits(base_path: Path, hp: Hyperparameters, name: str, trust_remote_cod
     worker's GPU; JobError naming what to change when even micro-batch 1 cannot fit. No limit on the CPU."""
     import torch
 
-    device, compute_dtype = select_precision()
+    device, compute_dtype = select_precision(hp.compute_dtype)
     if device == "cuda":
         # A warm worker's previous job may still hold GPU memory: its model until collected (reference
         # cycles), and blocks cached by PyTorch's allocator, which mem_get_info counts as used.
@@ -408,8 +420,8 @@ def split_validation(conversations: list[dict], fraction: float | None, seed: in
             [c for i, c in enumerate(conversations) if i in validation], None)
 
 
-def _sequences(examples: list[Example], hp: Hyperparameters) -> list[list[Example]]:
-    return pack_examples(examples, hp.max_seq_length) if hp.packing else [[e] for e in examples]
+def _sequences(examples: list[Example], hp: Hyperparameters, packing: bool) -> list[list[Example]]:
+    return pack_examples(examples, hp.max_seq_length) if packing else [[e] for e in examples]
 
 
 # ---------------------------------------------------------------------------- train
@@ -426,6 +438,16 @@ def _chunk_cross_entropy(lm_head, hidden, targets):
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
+def hidden_states(model, batch, use_mask: bool = True):
+    """The decoder's last hidden states for a collated micro-batch (B, L, hidden): packed examples kept apart
+    by the 4D mask in attention layers, and by their spans in the layers it does not reach (linear attention,
+    run per example: base_models.isolate_packed_examples)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    per_example = {"packed_segments": batch["segments"]} if getattr(causal_lm, "per_example_layers", 0) else {}
+    return causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if use_mask else None,
+                                position_ids=batch["position_ids"], **per_example).last_hidden_state
+
+
 def _loss_sum(model, batch, use_mask: bool = True):
     """Sum of the cross-entropy over the trained tokens of one micro-batch.
 
@@ -437,9 +459,8 @@ def _loss_sum(model, batch, use_mask: bool = True):
     from torch.utils.checkpoint import checkpoint
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if use_mask else None,
-                                  position_ids=batch["position_ids"]).last_hidden_state
     # The positions that predict a trained token (found by `collate` on the CPU: no read-back here).
+    hidden = hidden_states(model, batch, use_mask)
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["loss_index"])
     targets = batch["loss_targets"]
     lm_head = causal_lm.get_output_embeddings()
@@ -465,7 +486,8 @@ def _accumulate(model, batches, n_trained: int, use_mask: bool):
     return total
 
 
-def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str, use_mask: bool = True) -> float | None:
+def evaluate(model, sequences, micro_batch_size: int, make_batch, use_mask: bool = True) -> float | None:
+    """Mean loss over the trained tokens of `sequences` (batched by `make_batch`, as in training)."""
     import torch
 
     if not sequences:
@@ -474,7 +496,7 @@ def evaluate(model, sequences, micro_batch_size: int, pad_id: int, device: str, 
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(sequences), micro_batch_size):
-            batch = collate(sequences[i:i + micro_batch_size], pad_id, device)
+            batch = make_batch(sequences[i:i + micro_batch_size])
             total += float(_loss_sum(model, batch, use_mask))
             count += _trained_in(batch)
     model.train()
@@ -529,14 +551,19 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     eot_text = chat_format.end_of_turn
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_convs, val_convs, split_warning = split_validation(conversations, hp.val_fraction, hp.seed)
+    data_warnings = [split_warning] if split_warning else []
     train_examples, length_report = label_conversations(tokenizer, train_convs, hp.max_seq_length, eot_text)
     val_examples, _ = label_conversations(tokenizer, val_convs, hp.max_seq_length, eot_text)
     if not train_examples:
         quoted = "; ".join(p["message"] for p in length_report["problems"][:3])
         raise JobError(f"no example could be tokenized for training: {quoted}")
-    train_seqs, val_seqs = _sequences(train_examples, hp), _sequences(val_examples, hp)
+    # -- setup: can packed examples be kept apart in every layer of this architecture?
+    packing, packing_note = (*packing_support(load_config(base_path)),) if hp.packing else (False, "off (packing: false)")
+    if hp.packing and not packing:
+        data_warnings.append(f"packing {packing_note}")
+    train_seqs, val_seqs = _sequences(train_examples, hp, packing), _sequences(val_examples, hp, packing)
     # -- setup: does it fit? (config.json only: fail in seconds, before any weight is read)
-    device, compute_dtype = select_precision()
+    device, compute_dtype = select_precision(hp.compute_dtype)
     estimate = check_fits(base_path, hp, Path(str(base_model)).name, trust_remote_code)
     micro, checkpointing = estimate.micro_batch_size, estimate.gradient_checkpointing
     checkpointing_note = "on" if checkpointing else "off"
@@ -554,10 +581,18 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     progress({"stage": "loading_model"})
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    attention = select_attention(device, micro)
+    attention = select_attention(device, micro, packing, getattr(type(meta_model(load_config(base_path))), "_supports_flex_attn", False))
     use_mask = attention != "flash_attention_2"
+    # flex attention compiles per row length: packed rows are padded to max_seq_length (they are nearly full anyway)
+    pad_to = hp.max_seq_length if attention == "flex_attention" else None
+
+    def make_batch(seqs):
+        return collate(seqs, pad_id, device, attention=attention, pad_to=pad_to)
+
     model, base_weights = load_model(base_path, hp, device, compute_dtype, trust_remote_code, attention, quantized_cache,
                                      checkpointing)
+    if packing:  # linear-attention / state-space layers: each packed example on its own
+        model.get_base_model().per_example_layers = isolate_packed_examples(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # 8-bit AdamW states. Not the paged variant: LoRA's states are small (~80 MB for a 7B model at
@@ -629,7 +664,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                     break
                 t0 = time.monotonic()
                 step_seqs = [train_seqs[i] for i in order[start:start + hp.batch_size]]
-                batches = [collate(step_seqs[i:i + micro], pad_id, device) for i in range(0, len(step_seqs), micro)]
+                batches = [make_batch(step_seqs[i:i + micro]) for i in range(0, len(step_seqs), micro)]
                 n_trained = sum(_trained_in(b) for b in batches)
                 while True:
                     try:
@@ -670,7 +705,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                           "trained_tokens": n_trained,
                           "gpu_utilization": _gpu_utilization(device)}
                 if next_start == 0 and val_seqs:
-                    record["validation_loss"] = evaluate(model, val_seqs, micro, pad_id, device, use_mask)
+                    record["validation_loss"] = evaluate(model, val_seqs, micro, make_batch, use_mask)
                 history.append(record)
                 log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", step, total_steps, epoch,
                          loss_total, lr, grad_norm, record["tokens_per_second"])
@@ -696,7 +731,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     if history and "validation_loss" in history[-1]:
         validation_loss = history[-1]["validation_loss"]
     else:
-        validation_loss = evaluate(model, val_seqs, micro, pad_id, device, use_mask) if val_seqs else None
+        validation_loss = evaluate(model, val_seqs, micro, make_batch, use_mask) if val_seqs else None
 
     # -- save (the final state is checkpointed first: a failed save is resumed without training again)
     progress({"stage": "saving", "validation_loss": validation_loss})
@@ -716,7 +751,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
         "peak_memory_gb": _peak_memory_gb(device), "gradient_checkpointing": checkpointing_note, "device": device, "attention": attention, "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "length_report": length_report, "chat_format": chat_format.describe(), "memory_estimate": estimate.to_dict(),
         "resumed_from_step": resumed_from,
-        "warnings": ([split_warning] if split_warning else []) + warnings,
+        "packing": packing_note, "warnings": data_warnings + warnings,
     }
     save_dtype = adapter_save_dtype(hp.adapter_dtype, compute_dtype)
     config = {
