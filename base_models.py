@@ -649,14 +649,26 @@ ISOLATED_TOKEN_MIXERS = {
 TOKEN_MIXER_NAMES = ("Mamba", "Mixer", "ShortConv", "DeltaNet", "DeltaAttention", "LinearAttention", "Lightning",
                      "RecurrentBlock", "Rwkv", "xLSTM", "Mlstm", "Slstm")
 NOT_TOKEN_MIXERS = {"KimiLinearAttention"}  # Kimi Linear's full (MLA) attention, named after the model: takes the mask
-PACKED_CHUNK = 64  # the chunked delta rule pads each call to this many tokens: examples are grouped by it
+
+
+def token_mixers(model) -> set[str]:
+    """Class names of the layers of `model` that mix tokens without the attention mask: named like linear attention
+    or state-space layers, or holding a 1D convolution (a causal conv over the sequence, as ZAYA's attention has)."""
+    import torch
+
+    found = set()
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("DecoderLayer") or name in NOT_TOKEN_MIXERS:
+            continue
+        if any(k in name for k in TOKEN_MIXER_NAMES) or any(isinstance(c, torch.nn.Conv1d) for c in module.children()):
+            found.add(name)
+    return found
 
 
 def packing_support(config: dict) -> tuple[bool, str]:
     """Whether packed examples can be kept apart in every layer of this architecture, and how (for metrics)."""
-    mixers = {name for name in (type(m).__name__ for m in meta_model(config).modules())
-              if any(k in name for k in TOKEN_MIXER_NAMES) and not name.endswith("DecoderLayer")
-              and name not in NOT_TOKEN_MIXERS}
+    mixers = token_mixers(meta_model(config))
     others = sorted(mixers - ISOLATED_TOKEN_MIXERS)
     if others:
         return False, (f"off: {config.get('model_type')} has layers ({', '.join(others)}) whose convolution or recurrent "
@@ -665,50 +677,31 @@ def packing_support(config: dict) -> tuple[bool, str]:
     return True, how
 
 
-def _per_example_forward(original, hidden_states, *args, packed_segments=None, **kwargs):
-    """The layer's own forward, run on each packed example on its own (its conv and scan start from zero).
-
-    The examples become the rows of a batch, right-padded with zeros (a causal conv and a causal scan never read
-    what comes after), grouped by length so that a group pads to at most 1.5x its tokens; each output token goes
-    back to its place. Rows holding one example, and calls without spans (generation), run as they are."""
+def _per_example_forward(original, hidden_states, *args, packed_examples=None, **kwargs):
+    """The layer's own forward, run on each packed example on its own (its conv and scan start from zero): the
+    examples as the rows of a batch, right-padded with zeros (a causal conv and a causal scan never read what comes
+    after), in the groups `chat_labels.per_example_groups` made; each output token goes back to its place. Calls
+    without groups (no row packed; generation) run as they are."""
     import torch
 
-    if packed_segments is None or all(len(row) <= 1 for row in packed_segments):
+    if packed_examples is None:
         return original(hidden_states, *args, **kwargs)
     if args or kwargs.get("cache_params") is not None or kwargs.get("past_key_values") is not None:
         raise ValueError("packed examples cannot run with a generation cache or positional arguments: use_cache=False")
-    batch, length = hidden_states.shape[:2]
-    mask_key = next((k for k in ("attention_mask", "conv_mask") if k in kwargs), None)
-    mask = kwargs.pop(mask_key) if mask_key else None
-    spans = sorted(((b, s, e) for b, row in enumerate(packed_segments) for s, e in row), key=lambda t: t[1] - t[2])
-    groups, current, real = [], [], 0
-    for span in spans:  # longest first: a group's first span is its longest
-        n = -(-(span[2] - span[1]) // PACKED_CHUNK) * PACKED_CHUNK
-        if current and (len(current) + 1) * (-(-(current[0][2] - current[0][1]) // PACKED_CHUNK) * PACKED_CHUNK) > 1.5 * (real + n):
-            groups.append(current)
-            current, real = [], 0
-        current.append(span)
-        real += n
-    groups.append(current)
-    zero = batch * length  # the index of an all-zero token appended below
-    flat = torch.cat([hidden_states.reshape(zero, -1), hidden_states.new_zeros(1, hidden_states.shape[-1])])
-    flat_mask = None if mask is None else torch.cat([mask.reshape(-1), mask.new_zeros(1)])
-    out = flat.new_empty(zero, flat.shape[-1])
-    for group in groups:
-        longest = group[0][2] - group[0][1]
-        gather = torch.full((len(group), longest), zero, dtype=torch.long)
-        for i, (b, s, e) in enumerate(group):
-            gather[i, :e - s] = torch.arange(b * length + s, b * length + e)
-        gather = gather.to(hidden_states.device)
-        y = original(flat[gather], **kwargs, **({mask_key: flat_mask[gather]} if mask_key and mask is not None else {}))
-        keep = gather.reshape(-1) != zero
-        out = out.index_copy(0, gather.reshape(-1)[keep], y.reshape(-1, y.shape[-1])[keep])
-    return out.reshape(batch, length, -1)
+    if any(kwargs.get(k) is not None for k in ("attention_mask", "conv_mask")):
+        raise ValueError("a linear-attention layer got a padding mask beside packed examples; the 4D mask turns it off")
+    batch, length, width = hidden_states.shape
+    flat = torch.cat([hidden_states.reshape(batch * length, width), hidden_states.new_zeros(1, width)])
+    out = flat.new_empty(batch * length, width)
+    for gather, source, destination in packed_examples:
+        y = original(flat[gather], **kwargs)
+        out = out.index_copy(0, destination, y.reshape(-1, width).index_select(0, source))
+    return out.reshape(batch, length, width)
 
 
 def isolate_packed_examples(model) -> int:
     """Run each linear-attention / state-space layer of `model` per packed example when the model's forward is
-    given `packed_segments=` (`collate`'s "segments", which the trainer passes down; transformers hands the
+    given `packed_examples=` (`collate`'s "per_example", which the trainer passes down; transformers hands the
     model's extra keyword arguments on to these layers, also when gradient checkpointing recomputes them).
     Returns how many layers were wrapped (0: the model has none)."""
     wrapped = 0

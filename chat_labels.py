@@ -15,6 +15,7 @@ special token is ever added (QLoRA does not train the embeddings).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 IGNORE = -100
@@ -190,14 +191,20 @@ def prepare_chat_template(tokenizer) -> ChatFormat:
     """Give `tokenizer` the chat template training and inference use (its own, or a default from tokens it
     has; with a prelude where the template would lose the system prompt or assume reasoning), and describe it."""
     source = ensure_chat_template(tokenizer)
-    template = tokenizer.chat_template
-    non_thinking = isinstance(template, str) and "enable_thinking" in template
+    non_thinking = "enable_thinking" in str(tokenizer.chat_template)
     if non_thinking:
-        tokenizer.chat_template = template = NON_THINKING_PRELUDE + template
+        _prepend(tokenizer, NON_THINKING_PRELUDE)
     placement = system_prompt_placement(tokenizer)
-    if placement != "template" and isinstance(template, str):
-        tokenizer.chat_template = SYSTEM_PRELUDES[placement] + template
+    if placement != "template":
+        _prepend(tokenizer, SYSTEM_PRELUDES[placement])
     return ChatFormat(source, end_of_turn_text(tokenizer), placement, non_thinking)
+
+
+def _prepend(tokenizer, prelude: str) -> None:
+    """Put `prelude` before the chat template (each of them, for a tokenizer with named templates)."""
+    template = tokenizer.chat_template
+    tokenizer.chat_template = ({name: prelude + t for name, t in template.items()} if isinstance(template, dict)
+                               else prelude + template)
 
 
 def end_of_turn_token(tokenizer, eot_text: str) -> str:
@@ -210,96 +217,149 @@ def supports_tools(tokenizer) -> bool:
     return "tool" in (tokenizer.chat_template or "")
 
 
-def trained_char_spans(tokenizer, messages: list[dict], tools: list | None, full: str, eot_text: str) -> list[tuple[int, int]]:
-    """Character spans of `full` (the whole rendering) to train: each trained assistant content + end-of-turn."""
-    spans, cursor = [], 0
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight", 1) == 0:
-            continue
-        before = render(tokenizer, messages[:k], tools, add_generation_prompt=True) if k else ""
-        start = len(before) if before and full.startswith(before) else cursor
-        if message.get("tool_calls"):
-            # A tool call is rendered in the template's own syntax: its span runs from the end of the assistant's
-            # header (the part of the generation prompt the conversation's rendering shares) to the turn's end.
-            prompt = render(tokenizer, messages[:k], tools)
-            if not full.startswith(prompt):
-                raise SkipExample(f"the chat template renders the conversation before assistant message {k} differently "
-                                  "once the message follows, so its tool call has no place to train from: remove the tool "
-                                  "calls, or train a base model whose template renders them in order")
-            start = len(prompt) + _shared_start(tokenizer, before[len(prompt):] if before.startswith(prompt) else "",
-                                                full[len(prompt):])
-            end = full.find(eot_text, start)
-            called = full[start:end if end >= 0 else len(full)]
-            if end < 0 or not all(str(c["function"]["name"]) in called for c in message["tool_calls"]):
-                raise SkipExample(f"the chat template does not render the tool calls of assistant message {k} (it drops "
-                                  "them or does not end them with its end of turn): remove them, or train a base model "
-                                  "whose template renders tool calls")
-            spans.append((start, end + len(eot_text)))
-            cursor = end + len(eot_text)
-            continue
-        content = (message.get("content") or "").strip()
-        if not content:
-            continue
-        a = full.find(content, max(start, cursor))
-        if a < 0:
-            raise SkipExample(f"the chat template does not render assistant message {k} verbatim")
-        b = a + len(content)
+# Answers are found in the rendering exactly: the conversation is rendered once with each trained answer replaced by
+# a placeholder (private-use characters no template writes), so where each answer sits is known, whatever else in
+# the conversation repeats its words; the real rendering must then be the placeholder rendering with the answers put
+# back (a template that rewrites an answer as it renders it is named, not guessed at).
+_PLACEHOLDER = "\ue000{}\ue001"
+_PLACEHOLDERS = re.compile("\ue000(\\d+)\ue001")
+
+
+def trained_char_spans(tokenizer, messages: list[dict], tools: list | None, eot_text: str) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's rendering, and its character spans to train: each trained answer and the end of its turn,
+    each trained tool call from the end of the assistant's header to the end of its turn. Two renderings, plus one
+    of the conversation before each trained tool call."""
+    answers = [k for k, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1)
+               and not m.get("tool_calls") and (m.get("content") or "").strip()]
+    if any("\ue000" in str(m.get("content") or "") for m in messages):
+        raise SkipExample("the conversation contains the private-use character U+E000, which the worker uses to mark "
+                          "answers: remove it")
+    texts = {k: messages[k]["content"].strip() for k in answers}
+    marked = render(tokenizer, [dict(m, content=_PLACEHOLDER.format(k)) if k in texts else m
+                                for k, m in enumerate(messages)], tools)
+    pieces, spans, position = [], {}, 0
+    for match in _PLACEHOLDERS.finditer(marked):
+        k = int(match.group(1))
+        pieces.append(marked[position:match.start()])
+        start = sum(map(len, pieces))
+        if k in spans or k not in texts:
+            raise SkipExample(f"the chat template writes assistant message {k} more than once")
+        pieces.append(texts[k])
+        spans[k] = (start, start + len(texts[k]))
+        position = match.end()
+    full = "".join(pieces) + marked[position:]
+    missing = [k for k in texts if k not in spans]
+    if missing or full != render(tokenizer, [dict(m, content=texts[k]) if k in texts else m for k, m in enumerate(messages)], tools):
+        k = missing[0] if missing else next(iter(texts))
+        raise SkipExample(f"the chat template rewrites assistant message {k} as it renders it (e.g. a <think> part moved "
+                          "out of its text), so its tokens cannot be told from the template's: remove that part of the "
+                          "answer, or train a base model whose template renders answers as written")
+    result = []
+    for k, (a, b) in sorted(spans.items()):
         gap = full.find(eot_text, b)
         if gap < 0 or full[b:gap].strip():
             raise SkipExample(f"the chat template does not end assistant message {k} with {eot_text!r}")
-        b = gap + len(eot_text)
-        spans.append((a, b))
-        cursor = b
-    return spans
+        result.append((a, gap + len(eot_text)))
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant" and message.get("weight", 1) and message.get("tool_calls"):
+            result.append(_tool_call_span(tokenizer, messages, tools, k, full, eot_text))
+    return full, sorted(result)
+
+
+def _tool_call_span(tokenizer, messages, tools, k: int, full: str, eot_text: str) -> tuple[int, int]:
+    """A tool call is rendered in the template's own syntax: its span runs from the end of the assistant's header
+    (the part of the generation prompt the conversation's rendering shares) to the end of the turn."""
+    prompt = render(tokenizer, messages[:k], tools)
+    if not full.startswith(prompt):
+        raise SkipExample(f"the chat template renders the conversation before assistant message {k} differently once "
+                          "the message follows, so its tool call has no place to train from: remove the tool calls, or "
+                          "train a base model whose template renders them in order")
+    before = render(tokenizer, messages[:k], tools, add_generation_prompt=True)
+    start = len(prompt) + _shared_start(tokenizer, before[len(prompt):] if before.startswith(prompt) else "",
+                                        full[len(prompt):])
+    end = full.find(eot_text, start)
+    called = full[start:end if end >= 0 else len(full)]
+    if end < 0 or not all(str(c["function"]["name"]) in called for c in messages[k]["tool_calls"]):
+        raise SkipExample(f"the chat template does not render the tool calls of assistant message {k} (it drops them or "
+                          "does not end them with its end of turn): remove them, or train a base model whose template "
+                          "renders tool calls")
+    return start, end + len(eot_text)
 
 
 def _labelled(tokenizer, messages: list[dict], tools: list | None, eot_text: str) -> tuple[list[int], list[int]]:
-    full = render(tokenizer, messages, tools)
-    spans = trained_char_spans(tokenizer, messages, tools, full, eot_text)
+    full, spans = trained_char_spans(tokenizer, messages, tools, eot_text)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = encoded["input_ids"], []
-    for token, (s, e) in zip(ids, encoded["offset_mapping"]):
-        trained = any(s < b and e > a for a, b in spans)
-        labels.append(token if trained else IGNORE)
+    ids, labels, spans = encoded["input_ids"], [], iter(spans)
+    span = next(spans, None)
+    for token, (s, e) in zip(ids, encoded["offset_mapping"]):  # tokens and spans both in order: one pass
+        while span is not None and s >= span[1]:
+            span = next(spans, None)
+        labels.append(token if span is not None and s < span[1] and e > span[0] else IGNORE)
     return ids, labels
 
 
-def _drop_oldest_turn(messages: list[dict]) -> list[dict] | None:
-    """Remove the oldest user turn (and the replies up to the next user message), keeping the system
-    message and at least one trained assistant message. None when nothing more can be dropped."""
+# The longest token of the vocabularies seen (Qwen's and Llama 3's: 128 spaces), in characters: a message longer than
+# max_seq_length times this cannot fit, so it is cut to that before rendering (the sequence is then truncated, and
+# says so), and a 10 MB message costs what a fitting one costs. Likewise a conversation keeps at most max_seq_length
+# messages (every message takes a token at least): its oldest turns beyond those could never fit.
+MAX_CHARS_PER_TOKEN = 128
+
+
+def _fit_bounds(messages: list[dict], max_seq_length: int) -> tuple[list[dict], bool]:
+    """`messages` with what can never fit left out (the oldest turns beyond max_seq_length messages, the text of a
+    message beyond max_seq_length x MAX_CHARS_PER_TOKEN characters); and whether any text was cut."""
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(head):]
-    next_user = next((i for i, m in enumerate(body) if i > 0 and m["role"] == "user"), None)
-    if next_user is None:
-        return None
-    rest = body[next_user:]
-    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in rest):
-        return None
-    return head + rest
+    if len(body) > max_seq_length:
+        users = [i for i, m in enumerate(body) if m["role"] == "user" and i >= len(body) - max_seq_length]
+        body = body[users[0]:] if users else body[-max_seq_length:]
+    limit, cut = max_seq_length * MAX_CHARS_PER_TOKEN, False
+    kept = []
+    for m in head + body:
+        if isinstance(m.get("content"), str) and len(m["content"]) > limit:
+            m, cut = dict(m, content=m["content"][:limit]), True
+        kept.append(m)
+    return kept, cut
 
 
 def tokenize_conversation(tokenizer, conversation: dict, max_seq_length: int, eot_text: str) -> Example:
     """Token ids and labels for one canonical conversation, shortened to fit `max_seq_length`.
 
-    Too long: the oldest history turns go first (system message and trained target kept); if the
-    rest still does not fit, the sequence is cut at its end. Raises SkipExample when nothing is left
-    to train or the template cannot render the conversation.
+    Too long: the oldest history turns go first (system message and a trained answer kept); how many is found by
+    bisection over the turns, a few labellings whatever the conversation's length. If the rest still does not fit,
+    the sequence is cut at its end. Raises SkipExample when nothing is left to train or the template cannot render
+    the conversation.
     """
-    messages, tools = conversation["messages"], conversation.get("tools")
+    tools = conversation.get("tools")
+    messages, cut = _fit_bounds(conversation["messages"], max_seq_length)
     uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
     if uses_tools and not supports_tools(tokenizer):
         raise SkipExample("the conversation uses tools but the chat template cannot render tool messages")
-    original = len(messages)
-    ids, labels = _labelled(tokenizer, messages, tools, eot_text)
-    while len(ids) > max_seq_length:
-        shorter = _drop_oldest_turn(messages)
-        if shorter is None:
-            break
-        messages = shorter
-        ids, labels = _labelled(tokenizer, messages, tools, eot_text)
-    truncated = len(ids) > max_seq_length
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    # where a turn may be dropped up to: each later user message, while a trained answer remains after it
+    trained_after = [i for i, m in enumerate(body) if m["role"] == "assistant" and m.get("weight", 1)]
+    starts = [0] + [i for i, m in enumerate(body) if i > 0 and m["role"] == "user" and trained_after
+                    and trained_after[-1] > i]
+
+    def labelled(t: int):
+        return _labelled(tokenizer, head + body[starts[t]:], tools, eot_text)
+
+    t, (ids, labels) = 0, labelled(0)
+    if len(ids) > max_seq_length and len(starts) > 1:
+        low, high, best = 1, len(starts) - 1, None  # the fewest dropped turns that fit; else the most
+        while low <= high:
+            middle = (low + high) // 2
+            attempt = labelled(middle)
+            if len(attempt[0]) <= max_seq_length:
+                best, high = (middle, attempt), middle - 1
+            else:
+                low = middle + 1
+        t, (ids, labels) = best if best is not None else (len(starts) - 1, labelled(len(starts) - 1))
+    truncated = cut or len(ids) > max_seq_length
     ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-    example = Example(ids, labels, dropped_messages=original - len(messages), truncated=truncated)
+    dropped = len(conversation["messages"]) - len(head) - (len(body) - starts[t])
+    example = Example(ids, labels, dropped_messages=dropped, truncated=truncated)
     if example.num_trained == 0:
         raise SkipExample("no trained token is left after fitting the conversation into max_seq_length")
     return example
@@ -336,24 +396,55 @@ def pack_examples(examples: list[Example], max_seq_length: int) -> list[list[Exa
     return bins
 
 
-def segment_spans(lengths_per_row: list[list[int]], length: int) -> tuple:
-    """Per row of a micro-batch, the (start, end) spans of its examples in order, and its padding as one more
-    span: what layers that cannot take the attention mask need to run each example on its own."""
-    rows = []
-    for lengths in lengths_per_row:
-        spans, start = [], 0
-        for n in lengths:
-            spans.append((start, start + n))
-            start += n
-        if start < length:
-            spans.append((start, length))
-        rows.append(tuple(spans))
-    return tuple(rows)
+PACKED_CHUNK = 64  # the chunked delta rule pads each call to this many tokens: examples are grouped by it
+
+
+def per_example_groups(lengths_per_row: list[list[int]], length: int, device: str = "cpu") -> tuple | None:
+    """How a micro-batch's packed examples run one at a time in the layers the attention mask does not reach
+    (base_models.isolate_packed_examples): the examples (and each row's padding) as the rows of a batch, in groups of
+    similar length, each group a (gather, source, destination) triple of token indices into the flat (B x L)
+    sequence, with B x L standing for an all-zero padding token. A group pads to at most 1.5x its real tokens
+    (lengths rounded up to PACKED_CHUNK). Built here on the CPU and sent ahead: the layers read nothing back.
+    None when no row holds more than one example."""
+    import torch
+
+    if all(len(lengths) <= 1 for lengths in lengths_per_row):
+        return None
+    spans = []
+    for b, lengths in enumerate(lengths_per_row):
+        start = 0
+        for n in [*lengths, length - sum(lengths)]:
+            if n:
+                spans.append((b * length + start, n))
+                start += n
+    spans.sort(key=lambda span: -span[1])  # longest first: a group's first span is its longest
+
+    def padded(n: int) -> int:
+        return -(-n // PACKED_CHUNK) * PACKED_CHUNK
+
+    groups, current, real = [], [], 0
+    for span in spans:
+        if current and (len(current) + 1) * padded(current[0][1]) > 1.5 * (real + padded(span[1])):
+            groups.append(current)
+            current, real = [], 0
+        current.append(span)
+        real += padded(span[1])
+    groups.append(current)
+    built = []
+    for group in groups:
+        longest = group[0][1]
+        gather = torch.full((len(group), longest), len(lengths_per_row) * length, dtype=torch.long)
+        for i, (first, n) in enumerate(group):
+            gather[i, :n] = torch.arange(first, first + n)
+        source = torch.cat([torch.arange(i * longest, i * longest + n) for i, (_, n) in enumerate(group)])
+        destination = torch.cat([torch.arange(first, first + n) for first, n in group])
+        built.append(tuple(t.to(device, non_blocking=True) for t in (gather, source, destination)))
+    return tuple(built)
 
 
 def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cpu", attention: str = "sdpa",
             pad_to: int | None = None):
-    """Tensors for one micro-batch of (packed) sequences, `pad_to` tokens long when given.
+    """Tensors for one micro-batch of (packed) sequences (`pad_to` tokens long when given and a row is packed).
 
     Returns input_ids and labels (B, L), position_ids restarting at 0 for each example, and an
     attention mask: when a row holds several examples, a mask that is causal within each example and
@@ -364,8 +455,8 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     Padding is never trained. The (B, L) tensors are filled on the CPU and moved to `device`; the
     L x L mask is built there (on a GPU: no 8 x 2048 x 2048 mask crossing the bus every step).
 
-    `segments` (plain ints, on the CPU): each row's example spans, for linear-attention layers that the mask
-    does not reach (base_models.isolate_packed_examples).
+    `per_example`: the index groups that run each packed example on its own in linear-attention layers,
+    which the mask does not reach (per_example_groups; None when no row is packed).
 
     For the loss: `loss_index`, the flat (B x L) positions whose next token is trained, and
     `loss_targets`, those tokens; found here on the CPU, so that selecting them on the GPU is an
@@ -373,7 +464,9 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     """
     import torch
 
-    length = max(pad_to or 0, max(sum(len(e.input_ids) for e in seq) for seq in sequences))
+    length = max(sum(len(e.input_ids) for e in seq) for seq in sequences)
+    if pad_to and any(len(seq) > 1 for seq in sequences):  # only rows that get the BlockMask: a fixed shape
+        length = max(length, pad_to)
     batch = len(sequences)
     input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, length), IGNORE, dtype=torch.long)
@@ -399,7 +492,7 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     # so these CPU tensors may be dropped at once)
     input_ids, labels, position_ids, segment, loss_index, loss_targets = (
         t.to(device, non_blocking=True) for t in (input_ids, labels, position_ids, segment, loss_index, loss_targets))
-    segments = segment_spans([[len(e.input_ids) for e in seq] for seq in sequences], length)
+    per_example = per_example_groups([[len(e.input_ids) for e in seq] for seq in sequences], length, device)
     real = segment >= 0
     if all(len(seq) == 1 for seq in sequences):
         # One example per row: a plain padding mask lets attention use its fast causal kernels.
@@ -418,6 +511,6 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
         mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding rows attend to themselves
         mask = mask[:, None]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": mask, "segments": segments, "loss_index": loss_index, "loss_targets": loss_targets,
+            "attention_mask": mask, "per_example": per_example, "loss_index": loss_index, "loss_targets": loss_targets,
             "real_tokens": real_tokens, "trained_tokens": trained_tokens,
             "computed_tokens": batch * length}

@@ -54,23 +54,58 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-_URL_IN_TEXT = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+)")
+# A scheme starts where the run of scheme characters starts (the lookbehind): without it the pattern was tried
+# again at every position of a long run of letters or digits, quadratic in the run's length.
+_URL_IN_TEXT = re.compile(r"(?<![a-zA-Z0-9+.-])([a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+)")
 _QUERY_VALUE = re.compile(r"([?&][A-Za-z0-9_.~-]+=)[^\s&'\"<>)]+")
+MAX_MESSAGE_CHARS = 2000  # an error message the app shows; longer ones keep their start and end
 
 
-def redact_text(text: str) -> str:
+def redact_text(text: str, limit: int | None = None) -> str:
     """Redact every URL found in free text (exception messages, log lines), and any query-string value
-    left over (libraries quote a request's path and query without its host).
+    left over (libraries quote a request's path and query without its host); in time linear in the text.
+    With `limit`, the scrubbed text is shortened to about that many characters.
 
     >>> redact_text("GET /cb?sig=s3cr3t failed")
     'GET /cb?sig=<redacted> failed'
     """
-    return _QUERY_VALUE.sub(r"\1<redacted>", _URL_IN_TEXT.sub(lambda m: redact_url(m.group(1)), text))
+    scrubbed = _QUERY_VALUE.sub(r"\1<redacted>", _URL_IN_TEXT.sub(lambda m: redact_url(m.group(1)), text))
+    return shorten(scrubbed, limit) if limit else scrubbed
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text`, or its start and end around a note of how much was left out.
+
+    >>> shorten("a" * 50, 20)
+    'aaaaaa … [38 characters left out] … aaaaaa'
+    """
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 20, 1)
+    return f"{text[:keep]} … [{len(text) - 2 * keep} characters left out] … {text[-keep:]}"
+
+
+def quoted(value: Any, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, shortened.
+
+    >>> quoted("9" * 1000)
+    "'99999999999999999999999999999999999… (a string of 1000 characters)"
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as written"
+    return f"{text[:limit - 24]}… (a {type(value).__name__.replace('str', 'string')} of {size})"
 
 
 class _Section(BaseModel):
     # Unknown keys are kept (and reported as warnings), never rejected: the app adds fields over time.
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    # Numbers must be finite: 1e999 or NaN would pass the bounds and reach the output as Infinity/NaN,
+    # which strict JSON parsers (the app's) refuse.
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 class Hyperparameters(_Section):
@@ -120,10 +155,14 @@ class Hyperparameters(_Section):
 
     @field_validator("lora_target_modules")
     @classmethod
-    def _targets_not_empty(cls, value):
-        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
-            raise ValueError("must be 'all-linear' or a non-empty list of module names")
-        return value
+    def _plain_module_names(cls, value):
+        # PEFT reads any other string as a regular expression (matched against every module name: a pattern
+        # can take minutes, or fail inside the library); the worker takes plain names only.
+        if value == "all-linear" or (isinstance(value, list) and value and all(
+                isinstance(v, str) and _MODULE_NAME.fullmatch(v) for v in value)):
+            return value
+        raise ValueError("must be 'all-linear' or a list of module names such as ['q_proj', 'v_proj'] (letters, digits "
+                         "and '_', joined by '.'); patterns are not accepted")
 
 
 class GpuConfig(_Section):
@@ -135,13 +174,14 @@ class GpuConfig(_Section):
     cost_per_gpu_hour: float | None = Field(None, ge=0, description="Price the app assumed (shape B)")
 
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 JOB_ID_RULE = "must be 1-128 letters, digits, '.', '_' or '-' (no path separators, no '..')"
 
 
 def is_safe_job_id(value: str) -> bool:
-    """A job id names a directory: no separators, no '..', nothing hidden."""
-    return bool(_JOB_ID.match(value)) and ".." not in value
+    """A job id names a directory: no separators, no '..', nothing hidden, no line break (a full match:
+    `$` would match before a final newline)."""
+    return bool(_JOB_ID.fullmatch(value)) and ".." not in value
 
 
 class JobInput(_Section):
@@ -181,11 +221,13 @@ def _describe(error: dict) -> str:
     if kind == "missing":
         return f"{loc} is missing"
     if kind in ("less_than_equal", "less_than"):
-        return f"{loc}={value!r} is above {ctx.get('le', ctx.get('lt'))}"
+        return f"{loc}={quoted(value)} is above {ctx.get('le', ctx.get('lt'))}"
     if kind in ("greater_than_equal", "greater_than"):
-        return f"{loc}={value!r} is below {ctx.get('ge', ctx.get('gt'))}"
+        return f"{loc}={quoted(value)} is below {ctx.get('ge', ctx.get('gt'))}"
+    if kind == "finite_number":
+        return f"{loc}={quoted(value)}: must be a finite number"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{loc}={value!r}: {message}" if not isinstance(value, dict) else f"{loc}: {message}"
+    return f"{loc}={quoted(value)}: {message}" if not isinstance(value, dict) else f"{loc}: {message}"
 
 
 def _conflicting_aliases(raw: Mapping[str, Any]) -> list[str]:

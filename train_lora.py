@@ -39,7 +39,7 @@ from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_toke
                          tokenize_conversation, trained_runs)
 from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, experts_in_4bit,
                          isolate_packed_examples, load_config, meta_model, packing_support, per_expert_model_class,
-                         per_expert_names, resolve_base_model)
+                         per_expert_names, resolve_base_model, token_mixers)
 from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from dataset_loader import DatasetError, load_dataset
 from job import VALIDATION_MAX_HELD_OUT, VALIDATION_MIN_CONVERSATIONS, VALIDATION_SHARE, Hyperparameters, JobError, parse_hyperparameters
@@ -443,7 +443,7 @@ def hidden_states(model, batch, use_mask: bool = True):
     by the 4D mask in attention layers, and by their spans in the layers it does not reach (linear attention,
     run per example: base_models.isolate_packed_examples)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    per_example = {"packed_segments": batch["segments"]} if getattr(causal_lm, "per_example_layers", 0) else {}
+    per_example = {"packed_examples": batch["per_example"]} if getattr(causal_lm, "per_example_layers", 0) else {}
     return causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if use_mask else None,
                                 position_ids=batch["position_ids"], **per_example).last_hidden_state
 
@@ -581,7 +581,11 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     progress({"stage": "loading_model"})
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    attention = select_attention(device, micro, packing, getattr(type(meta_model(load_config(base_path))), "_supports_flex_attn", False))
+    # flex attention where transformers has it for the architecture, and not beside linear-attention layers (their
+    # masks cannot be a BlockMask in transformers 5.23)
+    architecture = meta_model(load_config(base_path))
+    supports_flex = getattr(type(architecture), "_supports_flex_attn", False) and not token_mixers(architecture)
+    attention = select_attention(device, micro, packing, supports_flex)
     use_mask = attention != "flash_attention_2"
     # flex attention compiles per row length: packed rows are padded to max_seq_length (they are nearly full anyway)
     pad_to = hp.max_seq_length if attention == "flex_attention" else None

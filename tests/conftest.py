@@ -19,10 +19,6 @@ import requests
 # The tests are CPU tests (fp32, exact comparisons), also on a machine with a GPU: hide it from
 # torch here and in every process the tests start. GPU figures are the benchmark's (`make bench`).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-# Bitwise-reproducible CPU runs: MKL and OpenMP may otherwise use fewer threads when the machine is busy,
-# which changes the order of a matmul's sums (a run next to other work differed in the 6th digit).
-os.environ["MKL_DYNAMIC"] = "FALSE"
-os.environ["OMP_DYNAMIC"] = "FALSE"
 # No test reaches the Hugging Face Hub: a download goes to a closed loopback port and fails at once, unless
 # the test starts tests/hub_server.py and points HF_ENDPOINT (or endpoint=) at it.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"

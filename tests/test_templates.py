@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from chat_labels import (IGNORE, NON_THINKING_PRELUDE, SkipExample, prepare_chat_template, render, supports_tools,
-                         tokenize_conversation, trained_runs)
+                         tokenize_conversation, trained_char_spans, trained_runs)
 from conftest import SAMPLE
 from dataset_loader import load_dataset
 from tiny_model import CHAT_TEMPLATE_VOCABULARIES, chat_template_tokenizer
@@ -60,6 +60,33 @@ def test_each_published_template_trains_exactly_the_answers_and_keeps_the_system
     assert tokenizer.convert_tokens_to_ids(tokenizer.tokenize(fmt.end_of_turn)) != [tokenizer.unk_token_id]
 
 
+ECHO = {"messages": [  # the answer's words are in the question too: its own copy must be trained, not the user's
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "Is the sky green? Reply with one word: no"},
+    {"role": "assistant", "content": "no", "weight": 1},
+    {"role": "user", "content": "Thanks."},
+    {"role": "assistant", "content": "You are welcome.", "weight": 1},
+]}
+REPEATED = {"messages": [  # a weight-0 answer identical to the trained one, earlier in the conversation
+    {"role": "user", "content": "Can you check my budget?"},
+    {"role": "assistant", "content": "Sure.", "weight": 0},
+    {"role": "user", "content": "Please do."},
+    {"role": "assistant", "content": "Sure.", "weight": 1},
+]}
+
+
+def test_the_answer_trained_is_the_assistants_own_copy_of_its_words(chat):
+    name, tokenizer, fmt = chat
+    full, spans = trained_char_spans(tokenizer, ECHO["messages"], None, fmt.end_of_turn)
+    question = "Reply with one word: no"
+    assert [full[a:b].lstrip() for a, b in spans] == ["no" + fmt.end_of_turn, "You are welcome." + fmt.end_of_turn]
+    assert full.index(question) + len(question) <= spans[0][0], name
+    full, spans = trained_char_spans(tokenizer, REPEATED["messages"], None, fmt.end_of_turn)
+    assert len(spans) == 1 and full.index("Please do.") < spans[0][0], name
+    example = tokenize_conversation(tokenizer, REPEATED, 4096, fmt.end_of_turn)
+    assert [run.lstrip() for run in trained_runs(tokenizer, example)] == ["Sure." + fmt.end_of_turn]
+
+
 def test_tool_calls_are_trained_and_tool_results_are_not_or_the_reason_is_given(chat):
     name, tokenizer, fmt = chat
     if not supports_tools(tokenizer):
@@ -96,12 +123,13 @@ def test_a_template_that_drops_or_refuses_the_system_prompt_gets_it_where_its_fo
         assert tokenizer.chat_template in (published, NON_THINKING_PRELUDE + published)
     # the template saved with the adapter renders a chat at inference as training rendered it: the prompt up to
     # the user's last question, then the generation prompt, is what the trained answer followed (non-thinking
-    # mode for Qwen3's hybrid template: answers train with its empty think block)
+    # mode for the hybrid reasoning templates, by default: answers train with Qwen3's empty think block)
     tokenizer.save_pretrained(tmp_path)
     saved = AutoTokenizer.from_pretrained(tmp_path)
-    asked = saved.apply_chat_template(MULTI_TURN["messages"][:6], tokenize=False, add_generation_prompt=True,
-                                      enable_thinking=False)
-    assert SYSTEM in asked
+    asked = saved.apply_chat_template(MULTI_TURN["messages"][:6], tokenize=False, add_generation_prompt=True)
+    assert SYSTEM in asked  # by default: a hybrid reasoning template's saved prelude turns thinking off
+    assert asked == saved.apply_chat_template(MULTI_TURN["messages"][:6], tokenize=False, add_generation_prompt=True,
+                                              enable_thinking=False)
     if name in GENERATION_PROMPT_DIFFERS:
         assert not text.startswith(asked)
         return
@@ -142,3 +170,13 @@ def test_where_the_system_prompt_went_is_recorded_in_the_report_and_the_training
     saved = AutoTokenizer.from_pretrained(tmp_path / "adapter")  # the adapter's template takes a system prompt
     assert SYSTEM in saved.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
                                                tokenize=False, add_generation_prompt=True)
+
+
+def test_named_templates_each_get_the_prelude():
+    tokenizer = chat_template_tokenizer("google-gemma-2-2b-it")
+    tokenizer.chat_template = {"default": tokenizer.chat_template, "tool_use": tokenizer.chat_template}
+    fmt = prepare_chat_template(tokenizer)
+    assert fmt.system_prompt == "first user turn"
+    assert all(t.startswith("{%- if messages and messages[0]['role'] == 'system'") for t in tokenizer.chat_template.values())
+    example = tokenize_conversation(tokenizer, MULTI_TURN, 4096, fmt.end_of_turn)  # no longer refused
+    assert SYSTEM in tokenizer.decode(example.input_ids)
