@@ -4,8 +4,8 @@ A checkpoint is a directory `checkpoint-<step>/state.pt` holding everything need
 exactly where training stopped: the LoRA weights, the optimizer and scheduler states, every RNG
 state, the data position (epoch, the shuffle state at that epoch's start, the next batch), the
 loss history and the token counters, plus a fingerprint of the job (settings, dataset, base model).
-It is written to `<name>.tmp` and renamed into place, so a crash mid-write leaves the previous one;
-the last two are kept.
+It is written into a fresh directory and renamed into place (files.atomic_dir), so a crash mid-write leaves
+the previous one; the last two are kept.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from files import atomic_dir, private_dir
 from job import JobError
 
 log = logging.getLogger(__name__)
@@ -34,25 +35,20 @@ def save_checkpoint(directory: Path, step: int, state: dict) -> Path:
     """Write `state` as checkpoint-<step> atomically and keep the newest KEEP checkpoints."""
     import torch
 
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"checkpoint-{step}"
-    tmp = directory / f"checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        with open(tmp / "state.pt", "wb") as f:
+        private_dir(directory)
+        for leftover in directory.glob("checkpoint-*.tmp-*"):  # what a killed worker was writing (one worker per job)
+            shutil.rmtree(leftover, ignore_errors=True)
+        with atomic_dir(final) as tmp, open(tmp / "state.pt", "wb") as f:  # a fresh directory: nothing in it to follow
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = _checkpoints(directory)
+    except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError, not OSError
+        previous = _checkpoints(directory) if directory.is_dir() else []
         kept = f"checkpoint {previous[0].name} is intact" if previous else "no earlier checkpoint exists"
-        raise JobError(f"could not write the checkpoint of step {step} ({exc.strerror or exc}): free space on the "
-                       f"volume and resubmit the job to resume; {kept}") from None
+        raise JobError(f"could not write the checkpoint of step {step} ({getattr(exc, 'strerror', None) or exc}): free "
+                       f"space on the volume and resubmit the job to resume; {kept}") from None
     for old in _checkpoints(directory)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint %s written", final)

@@ -22,6 +22,7 @@ import argparse
 import gzip
 import io
 import json
+import re
 import sys
 import zlib
 from collections import Counter
@@ -34,6 +35,7 @@ ROLES = ("system", "user", "assistant", "tool")
 MAX_DECOMPRESSED_BYTES = 4 * 1024**3
 MAX_LINE_BYTES = 64 * 1024**2  # one conversation; far beyond any context window
 MAX_QUOTED_PROBLEMS = 5
+MAX_REPORTED = 100  # problems (and warnings) kept in the report; the rest are counted
 
 
 class DatasetError(ValueError):
@@ -50,6 +52,9 @@ class LineProblem(Exception):
 
 @dataclass
 class Report:
+    """What the loader did with every line: every count, and the first MAX_REPORTED problems and warnings (a
+    million bad lines would otherwise make a report larger than a job's result can be)."""
+
     examples: int = 0
     skipped: int = 0
     invalid: int = 0
@@ -58,11 +63,22 @@ class Report:
     merged_messages: int = 0
     formats: Counter = field(default_factory=Counter)
     problems: list[dict] = field(default_factory=list)
+    problems_left_out: int = 0
     warnings: list[str] = field(default_factory=list)
+
+    def problem(self, kind: str, number: int, message: str) -> None:
+        """Count a line that cannot be used (`kind`: "invalid" or "skipped"), and keep its message while few."""
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.problems) < MAX_REPORTED:
+            self.problems.append({"line": number, "message": message})
+        else:
+            self.problems_left_out += 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["formats"] = dict(self.formats)
+        d["warnings"] = self.warnings[:MAX_REPORTED] + (
+            [f"... and {len(self.warnings) - MAX_REPORTED} more warnings"] if len(self.warnings) > MAX_REPORTED else [])
         return d
 
 
@@ -138,17 +154,21 @@ def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPR
         lines = buffered
         if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             data = buffered.read()
-            items = _parse_array(data)
+            items = _array_items(data)
             if items is not None:
                 report.warnings.append("the file is one JSON array: problems are numbered by item, not by line")
-                yield from enumerate(items, start=1)
+                for number, (item, size) in enumerate(items, start=1):
+                    if size > max_line_bytes:
+                        report.problem("invalid", number, f"item {number}: the item is longer than {max_line_bytes} "
+                                       "bytes; split this conversation or shorten it")
+                    else:
+                        yield number, item
                 return
             lines = io.BytesIO(data)  # not one array: JSON Lines whose first line happens to be an array
         for number, raw in enumerate(_lines(lines, max_line_bytes), start=1):
             if raw is None:
-                report.invalid += 1
-                report.problems.append({"line": number, "message": f"line {number}: the line is longer than "
-                                        f"{max_line_bytes} bytes; split this conversation or shorten it"})
+                report.problem("invalid", number, f"line {number}: the line is longer than {max_line_bytes} bytes; "
+                               "split this conversation or shorten it")
                 continue
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -164,20 +184,40 @@ def iter_records(path: Path, report: Report, max_decompressed: int = MAX_DECOMPR
             try:
                 yield number, _parse_json(text)
             except RecursionError:
-                report.invalid += 1
-                report.problems.append({"line": number, "message": f"line {number}: nested too deeply to read"})
+                report.problem("invalid", number, f"line {number}: nested too deeply to read")
             except ValueError as exc:
-                report.invalid += 1
-                report.problems.append({"line": number, "message": f"line {number}: not valid JSON: {exc}"})
+                report.problem("invalid", number, f"line {number}: not valid JSON: {exc}")
 
 
-def _parse_array(data: bytes) -> list | None:
-    """The items of a file that is one JSON array, or None when it is not one."""
+def _array_items(data: bytes) -> list[tuple[Any, int]] | None:
+    """The items of a file that is one JSON array, each with its size in characters (held to the line limit), or
+    None when the file is not one array."""
     try:
-        items = _parse_json(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError):
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
         return None
-    return items if isinstance(items, list) else None
+    position = len(text) - len(text.lstrip())
+    if not text.startswith("[", position):
+        return None
+    items, position = [], _skip_space(text, position + 1)
+    try:
+        while not text.startswith("]", position):
+            item, end = _DECODER.raw_decode(text, position)
+            items.append((item, end - position))
+            position = _skip_space(text, end)
+            if text.startswith(",", position):
+                position = _skip_space(text, position + 1)
+            elif not text.startswith("]", position):
+                return None
+    except (ValueError, RecursionError):
+        return None
+    return items if not text[position + 1:].strip() else None
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
 
 
 # ---------------------------------------------------------------------------- formats
@@ -423,12 +463,13 @@ def _meta_header(record: dict, number: int, report: Report) -> dict:
 
 
 def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1, check: bool = True,
-                 max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
-                 max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], Report]:
+                 max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES, max_line_bytes: int = MAX_LINE_BYTES,
+                 max_examples: int | None = None, max_chars: int | None = None) -> tuple[list[dict], Report]:
     """Read `path` and return (canonical conversations, report).
 
-    Raises DatasetError when the file cannot be read, or (with `check`) when it is unusable: nothing
-    loaded, or more than `max_invalid_fraction` of its non-blank lines invalid.
+    Raises DatasetError when the file cannot be read, holds more than `max_examples` conversations or `max_chars`
+    characters of messages (what the worker can hold in memory), or (with `check`) when it is unusable: nothing
+    loaded, or more than `max_invalid_fraction` of its non-blank lines invalid or skipped.
     """
     path = Path(path)
     if not path.is_file():
@@ -437,22 +478,48 @@ def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1, check: 
         raise DatasetError("the dataset file is empty (0 bytes): export the dataset again and resubmit")
     report = Report()
     try:
-        return _load(path, report, max_invalid_fraction, check, max_decompressed_bytes, max_line_bytes)
+        return _load(path, report, max_invalid_fraction, check, max_decompressed_bytes, max_line_bytes, max_examples, max_chars)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DatasetError(f"the gzip file is corrupt or truncated ({exc}): export and upload it again") from None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a pair from JSON decodes to one character: what is left is unpaired
+
+
+def _surrogate_at(value: Any, where: str = "") -> str | None:
+    """Where in a parsed line an unpaired UTF-16 surrogate sits (UTF-8 cannot encode it), or None."""
+    if isinstance(value, str):
+        return where or "the line" if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _SURROGATE.search(str(key)):
+                return f"a key of {where or 'the line'}"
+            found = _surrogate_at(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _surrogate_at(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def _load(path: Path, report: Report, max_invalid_fraction: float, check: bool, max_decompressed_bytes: int,
-          max_line_bytes: int) -> tuple[list[dict], Report]:
+          max_line_bytes: int, max_examples: int | None, max_chars: int | None) -> tuple[list[dict], Report]:
     conversations: list[dict] = []
     seen: set[tuple] = set()
     meta: dict = {}
-    brightrun_lines = 0
+    brightrun_lines = chars = 0
     for number, record in iter_records(path, report, max_decompressed_bytes, max_line_bytes):
         if isinstance(record, dict) and "_meta" in record and detect_format(record) is None:
             meta = _meta_header(record, number, report)
             continue
         try:
+            surrogate = _surrogate_at(record)
+            if surrogate:
+                raise LineProblem(f"`{surrogate}` holds an unpaired UTF-16 surrogate (a character cut in half, e.g. an "
+                                  "emoji split by a JavaScript export): fix or remove that character")
             if not isinstance(record, dict):
                 raise LineProblem(f"expected a JSON object, got {_kind(record)}")
             fmt = detect_format(record)
@@ -467,8 +534,7 @@ def _load(path: Path, report: Report, max_invalid_fraction: float, check: bool, 
                 brightrun_lines += 1
             messages, merged = finalize(NORMALIZERS[fmt](record))
         except LineProblem as problem:
-            setattr(report, problem.kind, getattr(report, problem.kind) + 1)
-            report.problems.append({"line": number, "message": f"line {number}: {problem}"})
+            report.problem(problem.kind, number, f"line {number}: {problem}")
             continue
         conversation = {"messages": messages}
         if fmt == "openai" and isinstance(record.get("tools"), list):
@@ -484,6 +550,15 @@ def _load(path: Path, report: Report, max_invalid_fraction: float, check: bool, 
         report.merged_messages += merged
         report.formats[fmt] += 1
         conversations.append(conversation)
+        chars += sum(len(m["content"]) for m in messages)
+        if max_examples is not None and len(conversations) > max_examples:
+            raise DatasetError(f"the dataset holds more than {max_examples} conversations, more than this worker loads at "
+                               "once (MAX_DATASET_EXAMPLES): split it into several jobs, or raise the limit on a worker "
+                               "with more memory")
+        if max_chars is not None and chars > max_chars:
+            raise DatasetError(f"the dataset holds more than {max_chars} characters of messages, more than this worker "
+                               "loads at once (MAX_DATASET_CHARS): split it into several jobs, or raise the limit on a "
+                               "worker with more memory")
     report.examples = len(conversations)
     if meta:
         declared = meta.get("total_pairs")
@@ -495,24 +570,29 @@ def _load(path: Path, report: Report, max_invalid_fraction: float, check: bool, 
 
 
 def check_usable(report: Report, max_invalid_fraction: float) -> None:
+    """Refuse a dataset with nothing to train, or with more than `max_invalid_fraction` of its lines unusable:
+    invalid ones (not understood) and skipped ones (understood, but with nothing to train) alike."""
     considered = report.examples + report.skipped + report.invalid + report.duplicates
     quoted = "; ".join(p["message"] for p in report.problems[:MAX_QUOTED_PROBLEMS])
-    more = f" (and {len(report.problems) - MAX_QUOTED_PROBLEMS} more)" if len(report.problems) > MAX_QUOTED_PROBLEMS else ""
+    left = len(report.problems) + report.problems_left_out - MAX_QUOTED_PROBLEMS
+    more = f" (and {left} more)" if left > 0 else ""
     if report.examples == 0:
         raise DatasetError(f"no usable example in the dataset{': ' + quoted + more if quoted else ''}")
-    if considered and report.invalid / considered > max_invalid_fraction:
+    unusable = report.invalid + report.skipped
+    if considered and unusable / considered > max_invalid_fraction:
         raise DatasetError(
-            f"{report.invalid} of {considered} lines are invalid (more than {max_invalid_fraction:.0%}): {quoted}{more}. "
-            "Fix these lines and resubmit"
+            f"{unusable} of {considered} lines cannot be used ({report.skipped} skipped, {report.invalid} invalid; more "
+            f"than {max_invalid_fraction:.0%}): {quoted}{more}. Fix these lines, or raise max_invalid_fraction, and resubmit"
         )
 
 
 def write_jsonl(conversations: list[dict], path: str | Path) -> None:
-    tmp = Path(f"{path}.part")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """The canonical JSONL, written whole or not at all (files.atomic_file)."""
+    from files import atomic_file
+
+    with atomic_file(Path(path), "w") as f:
         for c in conversations:
             f.write(json.dumps(c, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -28,7 +29,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings fro
 import runpod  # noqa: E402
 
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
-from job import JOB_ID_RULE, JobError, WorkerSettings, is_safe_job_id, parse_job_input, redact_text, redact_url  # noqa: E402
+from job import (JOB_ID_RULE, MAX_MESSAGE_CHARS, JobError, WorkerSettings, is_safe_job_id, parse_job_input,  # noqa: E402
+                 redact_text, redact_url)
+from files import new_file, private_dir, write_atomically  # noqa: E402
 from storage import JobLock, check_storage, download_dataset, post_callback, presigned_urls, upload_files  # noqa: E402
 from base_models import HubDownload, find_base_model, resolve_base_model, trust_remote_code_for  # noqa: E402
 
@@ -104,7 +107,7 @@ class ProgressReporter:
 
 
 def _job_log(job_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(job_dir / "job.log", encoding="utf-8")
+    handler = logging.StreamHandler(os.fdopen(new_file(job_dir / "job.log", append=True), "a", encoding="utf-8"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     handler.addFilter(RedactingFilter())
     logging.getLogger().addHandler(handler)
@@ -138,9 +141,9 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
     base_model = hp.base_model or settings.default_base_model
     trust_remote_code = trust_remote_code_for(base_model, settings.remote_code_models)
     job_dir = settings.jobs_dir / job_id
-    job_dir.mkdir(parents=True, exist_ok=True)
-    lock = JobLock(job_dir / "job.lock")
     with _stage("starting"):
+        _job_directory(job_dir)
+        lock = JobLock(job_dir / "job.lock")
         lock.acquire()
     progress.on_event = lock.heartbeat
     file_log = _job_log(job_dir)
@@ -157,7 +160,15 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             stored.unlink(missing_ok=True)
             shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
         elif stored.is_file():
-            return _stored_result(stored, job_id, input_fingerprint, settings)
+            try:
+                saved = json.loads(stored.read_text())
+            except (OSError, ValueError):  # empty or cut short (a crash mid-write): set aside, never a wedged job id
+                aside = stored.with_name(f"result.json.bad-{int(time.time())}")
+                os.replace(stored, aside)
+                warnings.append(f"the stored result of job {job_id} could not be read; it was set aside as {aside.name} "
+                                "and the job runs again")
+            else:
+                return _stored_result(saved, job_id, input_fingerprint, settings)
         # Everything that can fail in seconds does, before the dataset or any weight is downloaded.
         if settings.s3_configured:
             with _stage("starting", progress, announce=False):
@@ -173,7 +184,9 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
                 allow_file_urls=settings.allow_file_urls,
             )
         with _stage("loading_data", progress):
-            conversations, report = load_dataset(download.path, max_invalid_fraction=spec.max_invalid_fraction)
+            conversations, report = load_dataset(download.path, max_invalid_fraction=spec.max_invalid_fraction,
+                                                 max_examples=settings.max_dataset_examples,
+                                                 max_chars=settings.max_dataset_chars)
             write_jsonl(conversations, job_dir / "dataset.canonical.jsonl")
         log.info("dataset: %d bytes, sha256 %s; %d examples %s, %d skipped, %d invalid, %d duplicates",
                  download.bytes, download.sha256, report.examples, dict(report.formats), report.skipped,
@@ -219,7 +232,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             "dataset_report": {**report.to_dict(), "chat_format": metrics["chat_format"]},
             "warnings": warnings + report.warnings + metrics["warnings"],
         }
-        _write_json_atomically(stored, {"input_fingerprint": input_fingerprint, "result": result})
+        write_atomically(stored, json.dumps(sendable({"input_fingerprint": input_fingerprint, "result": result}), indent=2))
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # the adapter is complete: checkpoints are spent
         return result
     except Exception:
@@ -230,6 +243,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             model_download.release()
         logging.getLogger().removeHandler(file_log)
         file_log.close()
+        file_log.stream.close()  # a StreamHandler leaves its stream open
         lock.release()
 
 
@@ -286,11 +300,26 @@ def _large_file_warnings(files: list[Path]) -> list[str]:
             for p in files if p.stat().st_size > APP_FILE_WARN_BYTES]
 
 
-def _stored_result(stored: Path, job_id: str, input_fingerprint: str, settings: WorkerSettings) -> dict:
+def _job_directory(job_dir: Path) -> None:
+    """The job's directory, a real one of the worker's own, with no link in it: a link planted there (by anyone
+    who can write to the volume) would make the job write, as root, wherever it points."""
+    if job_dir.is_symlink():
+        raise JobError(f"the job directory {job_dir} is a symbolic link; remove it (or use another job_id) and resubmit")
+    try:
+        private_dir(job_dir)
+    except OSError as exc:
+        raise JobError(f"cannot create the job directory {job_dir} ({exc.strerror or exc}): check that JOBS_DIR is on a "
+                       "writable volume with free space") from None
+    for entry in job_dir.iterdir():
+        if entry.is_symlink():
+            log.warning("removed a symbolic link planted in the job directory: %s -> %s", entry, os.readlink(entry))
+            entry.unlink()
+
+
+def _stored_result(saved: dict, job_id: str, input_fingerprint: str, settings: WorkerSettings) -> dict:
     """The result of this job's earlier, completed run, delivered as this deployment delivers: fresh
     presigned links for files already uploaded, an upload of the adapter still on the volume when the
     earlier run had no storage, or its paths (VOLUME_DELIVERY)."""
-    saved = json.loads(stored.read_text())
     if saved.get("input_fingerprint") != input_fingerprint:
         raise JobError(f"job {job_id} already completed with other settings or another dataset: send retrain: true to "
                        "train it again with these, or use a new job_id", stage="starting")
@@ -313,12 +342,6 @@ def _stored_result(stored: Path, job_id: str, input_fingerprint: str, settings: 
     return result
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 @contextmanager
 def _timed(seconds: dict, name: str):
     t0 = time.monotonic()
@@ -338,6 +361,35 @@ def _gpu_warnings(gpu_config) -> list[str]:
     return [f"gpu_config asked for {gpu_config.count} GPU(s); this worker trained on {used}"]
 
 
+MAX_RESULT_BYTES = 1_000_000  # a job's output as JSON; the SDK refuses about 20 MB, and the app reads it whole
+
+
+def sendable(result: dict) -> dict:
+    """The output as the SDK can always send it and strict JSON parsers read it: non-finite numbers as null (a
+    diverging loss), and within MAX_RESULT_BYTES (the lists of problems are the only parts that grow with the
+    input: they are cut first, keeping every count)."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [finite(v) for v in value]
+        return value
+
+    result = finite(result)
+    for keep in (20, 0):
+        if len(json.dumps(result, ensure_ascii=False).encode("utf-8", "replace")) <= MAX_RESULT_BYTES:
+            break
+        for section, key in (("dataset_report", "problems"), ("metrics", "length_report")):
+            part = result.get(section) or {}
+            problems = part.get("problems") if key == "problems" else (part.get(key) or {}).get("problems")
+            if isinstance(problems, list) and len(problems) > keep:
+                del problems[keep:]
+        result.setdefault("warnings", []).append("the lists of problems were shortened to keep the result small")
+    return result
+
+
 def handler(job: dict) -> dict:
     """RunPod entry point: the job's result, or {"error": "<stage>: <message>"}."""
     try:
@@ -349,11 +401,12 @@ def handler(job: dict) -> dict:
     try:
         result = run_job(job, settings, progress)
     except JobError as exc:
-        result = {"error": redact_text(str(exc))}
+        result = {"error": redact_text(str(exc), MAX_MESSAGE_CHARS)}
     except Exception as exc:  # a bug: the job's log has the traceback; give the user the job id to report
         log.error("internal error in job %s:\n%s", job.get("id"), redact_text(traceback.format_exc()))
-        result = {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: {redact_text(str(exc))}) "
-                           f"in job {job.get('id')}. Retry once; if it fails again, report the job id"}
+        result = {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: "
+                           f"{redact_text(str(exc), 500)}) in job {job.get('id')}. Retry once; if it fails again, report the job id"}
+    result = sendable(result)
     callback = (job.get("input") or {}).get("callback_url") if isinstance(job.get("input"), dict) else None
     if isinstance(callback, str) and callback:
         status = "FAILED" if "error" in result else "COMPLETED"

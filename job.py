@@ -76,12 +76,12 @@ def redact_text(text: str, limit: int | None = None) -> str:
 def shorten(text: str, limit: int) -> str:
     """`text`, or its start and end around a note of how much was left out.
 
-    >>> shorten("a" * 50, 20)
-    'aaaaaa … [38 characters left out] … aaaaaa'
+    >>> shorten("a" * 500, 100)
+    'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa … [440 characters left out] … aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'
     """
     if len(text) <= limit:
         return text
-    keep = max(limit // 2 - 20, 1)
+    keep = max(limit // 2 - 20, 1)  # room for the note
     return f"{text[:keep]} … [{len(text) - 2 * keep} characters left out] … {text[-keep:]}"
 
 
@@ -319,6 +319,8 @@ class WorkerSettings:
     base_model_allowlist: str = _setting("", "comma-separated base models a job may use; empty: any", str)
     trust_remote_code_models: str = _setting("", "comma-separated base models allowed to run their own modelling code; empty: none", str)
     max_dataset_bytes: int = _setting(2 * 1024**3, "largest dataset download accepted, in bytes", int)
+    max_dataset_examples: int = _setting(500_000, "most conversations a job loads (memory: about 1 KB each and their text); more fails at once", int)
+    max_dataset_chars: int = _setting(2 * 1024**3, "most characters of messages a job loads; more fails at once", int)
     download_timeout_s: float = _setting(60.0, "seconds without data before a download attempt is abandoned", float)
     download_retries: int = _setting(4, "retries (exponential backoff) after connection errors, timeouts, short bodies, 429 and 5xx", int)
     allow_file_urls: bool = _setting(False, "accept any `file://` dataset URL (a local run); without it, only the files bundled in the worker's `data/` (the smoke test's `file:data/brightrun-eq12-demo.jsonl`)", bool)

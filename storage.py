@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 from runpod.serverless.utils import rp_ssrf
 
+from files import new_file
 from job import APP_STORAGE_HELP, JobError, WorkerSettings, redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float) -> tupl
         declared = response.headers.get("Content-Length")
         digest, received = hashlib.sha256(), 0
         try:
-            with open(part, "wb") as out:
+            with os.fdopen(new_file(part), "wb") as out:
                 for chunk in rp_ssrf.iter_content_capped(response, CHUNK_BYTES, max_bytes):
                     out.write(chunk)
                     digest.update(chunk)
@@ -123,7 +124,7 @@ def _copy_local_file(url: str, dest: Path, max_bytes: int) -> Download:
         raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES")
     part = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
-    with open(source, "rb") as src, open(part, "wb") as out:
+    with open(source, "rb") as src, os.fdopen(new_file(part), "wb") as out:
         for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):  # streamed: never the whole file in memory
             out.write(chunk)
             digest.update(chunk)

@@ -376,17 +376,19 @@ def check_fits(base_path: Path, hp: Hyperparameters, name: str, trust_remote_cod
 
 def label_conversations(tokenizer, conversations: list[dict], max_seq_length: int, eot_text: str):
     """Tokenize and label every conversation; returns (examples, length report)."""
-    examples, skipped = [], []
+    examples, skipped, dropped = [], [], 0
     for i, conversation in enumerate(conversations):
         try:
             examples.append(tokenize_conversation(tokenizer, conversation, max_seq_length, eot_text))
         except SkipExample as exc:
-            skipped.append({"example": i + 1, "message": f"example {i + 1}: {exc}"})
+            dropped += 1
+            if len(skipped) < 100:  # every one counted, the first ones quoted
+                skipped.append({"example": i + 1, "message": f"example {i + 1}: {exc}"})
     report = {
         "examples": len(examples),
         "shortened": sum(1 for e in examples if e.dropped_messages),
         "truncated": sum(1 for e in examples if e.truncated),
-        "dropped": len(skipped),
+        "dropped": dropped,
         "problems": skipped,
     }
     return examples, report
@@ -694,6 +696,9 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                     if device == "cuda":
                         torch.cuda.empty_cache()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
+                if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):  # before the step spoils the weights
+                    raise JobError(f"training diverged at step {step + 1} (loss {loss_total}, gradient norm {grad_norm}): "
+                                   f"lower hyperparameters.learning_rate (now {hp.learning_rate:g}) and resubmit")
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
@@ -797,20 +802,17 @@ def _library_versions() -> dict:
 
 def save_adapter(model, tokenizer, eot_text: str, output_dir: Path, config: dict, metrics: dict, history: list[dict],
                  dtype=None) -> None:
-    """Write everything into `<output>.tmp`, then rename it to `output_dir`: never a half-written adapter."""
+    """Write everything into a fresh directory beside `output_dir`, then rename it there: never a half-written adapter."""
     from safetensors import SafetensorError
 
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from files import atomic_dir
+
     try:
-        _write_adapter(model, tokenizer, eot_text, tmp, config, metrics, history, dtype)
+        with atomic_dir(output_dir) as tmp:
+            _write_adapter(model, tokenizer, eot_text, tmp, config, metrics, history, dtype)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as SafetensorError
-        shutil.rmtree(tmp, ignore_errors=True)
         raise JobError(f"could not save the adapter ({getattr(exc, 'strerror', None) or exc}): free space on the volume and resubmit "
                        "the job; it resumes from its final checkpoint without training again") from None
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
 
 
 def _write_adapter(model, tokenizer, eot_text: str, tmp: Path, config: dict, metrics: dict, history: list[dict],
@@ -818,7 +820,6 @@ def _write_adapter(model, tokenizer, eot_text: str, tmp: Path, config: dict, met
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig
 
-    tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     if dtype is not None:  # PEFT saves the weights as they train (fp32)
         weights = tmp / "adapter_model.safetensors"

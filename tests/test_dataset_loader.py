@@ -63,7 +63,7 @@ def test_bad_lines_are_named_with_the_field_and_the_fix(tmp_path):
         "",
         {"id": "x", "conversation_history": [], "current_user_input": "q", "target_response": None},
     ]
-    _, report = load_dataset(write(tmp_path, lines))
+    _, report = load_dataset(write(tmp_path, lines), max_invalid_fraction=0.2)  # 3 of 24 cannot be used
     messages = {p["line"]: p["message"] for p in report.problems}
     assert messages[22] == "line 22: `messages[1].role` is 'bot'; expected system, user, assistant or tool"
     assert "line 23: not valid JSON" in messages[23] and "NaN" in messages[23]
@@ -73,7 +73,7 @@ def test_bad_lines_are_named_with_the_field_and_the_fix(tmp_path):
 
 def test_a_mostly_invalid_file_fails_quoting_the_first_problems(tmp_path):
     lines = [chat(("user", "q"), ("assistant", "a")), {"foo": 1}, {"foo": 2}]
-    with pytest.raises(DatasetError, match=r"2 of 3 lines are invalid .*line 2: unrecognized format \(keys: foo\)"):
+    with pytest.raises(DatasetError, match=r"2 of 3 lines cannot be used \(0 skipped, 2 invalid; .*line 2: unrecognized format \(keys: foo\)"):
         load_dataset(write(tmp_path, lines))
 
 
@@ -205,7 +205,7 @@ def test_jsonl_whose_first_line_is_an_array_is_still_jsonl(tmp_path):
 def test_cli_prints_the_report_even_when_the_dataset_is_unusable(tmp_path):
     bad = write(tmp_path, [{"foo": 1}, chat(("user", "q"), ("assistant", "a"))], "bad.jsonl")
     run = subprocess.run([sys.executable, "dataset_loader.py", str(bad), "--json"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 2 and "1 of 2 lines are invalid" in run.stderr
+    assert run.returncode == 2 and "1 of 2 lines cannot be used" in run.stderr
     assert json.loads(run.stdout)["invalid"] == 1
 
 

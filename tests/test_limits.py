@@ -95,3 +95,160 @@ def test_a_ten_megabyte_message_costs_what_a_fitting_one_does(tiny_qwen2):
     assert seconds(tokenize_conversation, tokenizer, huge, 2048, eot) < 10.0  # it took 26 s and 1.9 GB
     example = tokenize_conversation(tokenizer, huge, 2048, eot)
     assert example.truncated and len(example.input_ids) == 2048
+
+
+def write_lines(path, lines):
+    import json as _json
+
+    path.write_text("".join((l if isinstance(l, str) else _json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+
+
+def test_a_lone_surrogate_is_an_invalid_line_not_a_result_the_sdk_cannot_send(tmp_path):
+    """JSON "\\ud800" escapes (an emoji cut in half by a JavaScript export) decode to a string UTF-8 cannot encode."""
+    import json as _json
+
+    from dataset_loader import load_dataset, write_jsonl
+
+    lines = [GOOD] * 20 + ['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "half \\ud83d"}]}',
+                           '{"\\ud800": 1}']
+    conversations, report = load_dataset(write_lines(tmp_path / "d.jsonl", lines))
+    assert report.invalid == 2 and report.examples == 1  # the 20 good lines are duplicates of one
+    assert [p["line"] for p in report.problems] == [21, 22]
+    assert "unpaired UTF-16 surrogate" in report.problems[0]["message"] and "messages[1].content" in report.problems[0]["message"]
+    _json.dumps(report.to_dict(), ensure_ascii=False).encode("utf-8")  # sendable
+    write_jsonl(conversations, tmp_path / "canonical.jsonl")
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_the_report_keeps_every_count_but_bounded_lists_and_skipped_lines_count_in_the_policy(tmp_path):
+    import json as _json
+
+    from dataset_loader import DatasetError, load_dataset
+
+    skipped = [{"prompt": f"p{i}", "completion": ""} for i in range(20_000)]
+    with pytest.raises(DatasetError, match=r"20000 of 20001 lines cannot be used \(20000 skipped, 0 invalid"):
+        load_dataset(write_lines(tmp_path / "d.jsonl", [GOOD] + skipped))
+    many = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20_000)] + skipped[:1500] + ["{"] * 500
+    _, report = load_dataset(write_lines(tmp_path / "e.jsonl", many), max_invalid_fraction=0.1)
+    data = report.to_dict()
+    assert (data["skipped"], data["invalid"]) == (1500, 500) and len(data["problems"]) <= 100
+    assert data["problems_left_out"] == 2000 - len(data["problems"])
+    assert len(_json.dumps(data)) < 50_000
+
+
+def test_an_array_file_holds_its_items_to_the_line_limit(tmp_path):
+    import json as _json
+
+    from dataset_loader import load_dataset
+
+    big = {"messages": [{"role": "user", "content": "x" * 5000}, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "d.json"
+    path.write_text(_json.dumps([GOOD] * 30 + [big]))
+    _, report = load_dataset(path, max_line_bytes=1000, max_invalid_fraction=0.5)
+    assert report.invalid == 1 and report.problems[0]["line"] == 31
+    assert "longer than 1000 bytes" in report.problems[0]["message"]
+
+
+def test_a_dataset_larger_than_the_memory_budget_fails_early_saying_what_to_do(tmp_path):
+    from dataset_loader import DatasetError, load_dataset
+
+    lines = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3000)]
+    with pytest.raises(DatasetError, match=r"more than 1000 conversations.*MAX_DATASET_EXAMPLES"):
+        load_dataset(write_lines(tmp_path / "d.jsonl", lines), max_examples=1000)
+    with pytest.raises(DatasetError, match=r"more than 20000 characters of messages.*MAX_DATASET_CHARS"):
+        load_dataset(write_lines(tmp_path / "d.jsonl", lines), max_chars=20_000)
+
+
+def test_the_output_is_strict_json_and_bounded_whatever_the_job_produced():
+    import json as _json
+
+    from handler import MAX_RESULT_BYTES, sendable
+
+    problems = [{"line": i, "message": f"line {i}: " + "x" * 200} for i in range(20_000)]
+    result = sendable({"metrics": {"train_loss_last": float("nan"), "grad": float("inf"), "ok": 1.5,
+                                   "length_report": {"dropped": 20_000, "problems": list(problems)}},
+                       "dataset_report": {"invalid": 20_000, "problems": list(problems)}, "warnings": []})
+    text = _json.dumps(result, allow_nan=False)  # strict JSON: no NaN, no Infinity
+    assert len(text.encode()) <= MAX_RESULT_BYTES
+    assert result["metrics"]["train_loss_last"] is None and result["metrics"]["ok"] == 1.5
+    assert result["dataset_report"]["invalid"] == 20_000 and result["metrics"]["length_report"]["dropped"] == 20_000
+    assert any("shortened" in w for w in result["warnings"])
+
+
+def test_a_diverging_loss_fails_the_job_before_the_step_spoils_the_adapter(tiny_qwen2, tmp_path, monkeypatch):
+    import torch
+
+    import train_lora
+    from dataset_loader import load_dataset
+    from job import Hyperparameters
+    from conftest import SAMPLE
+
+    monkeypatch.setattr(train_lora, "_accumulate", lambda *a, **k: torch.tensor(float("nan")))  # the numerics' fault
+    with pytest.raises(JobError, match=r"training diverged at step 1 \(loss nan.*lower hyperparameters.learning_rate"):
+        train_lora.train(load_dataset(SAMPLE)[0][:4], tiny_qwen2, tmp_path / "adapter",
+                         Hyperparameters(max_steps=2, batch_size=2, max_seq_length=256, val_fraction=0))
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_links_planted_in_a_job_directory_are_never_followed(tiny_qwen2, storage, tmp_path, monkeypatch):
+    """Anyone with write access to the volume can plant links where a job writes; the job runs as root. Each link
+    here pointed at a file the job must not touch, or at another job's checkpoints, which it must not set aside."""
+    import handler
+    from conftest import SAMPLE
+
+    for key, value in {"JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(tmp_path / "models"),
+                       "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true"}.items():
+        monkeypatch.setenv(key, value)
+    job_dir, other = tmp_path / "jobs" / "planted", tmp_path / "jobs" / "other-job" / "checkpoints" / "checkpoint-2"
+    other.mkdir(parents=True)
+    (other / "state.pt").write_bytes(b"another job's state")
+    job_dir.mkdir(parents=True)
+    victims = {}
+    for name in ("dataset.download.part", "dataset.download", "dataset.canonical.jsonl.part", "result.json.tmp",
+                 "job.log", "adapter.tmp"):
+        victim = tmp_path / f"victim-{name}"
+        victim.write_text("precious")
+        (job_dir / name).symlink_to(victim)
+        victims[name] = victim
+    (job_dir / "checkpoints").symlink_to(other.parent)
+    result = handler.handler({"id": "p1", "input": {
+        "job_id": "planted", "dataset_url": storage.url(SAMPLE.name, storage.good),
+        "hyperparameters": {"base_model": str(tiny_qwen2), "max_steps": 1, "batch_size": 2, "max_seq_length": 256}}})
+    assert "error" not in result, result
+    assert all(v.read_text() == "precious" for v in victims.values())
+    assert (other / "state.pt").read_bytes() == b"another job's state" and not list(other.parent.glob("*.bad"))
+    assert not any(p.is_symlink() for p in job_dir.iterdir()) and (job_dir / "adapter").is_dir()
+
+
+def test_a_job_directory_that_is_a_link_is_refused(tmp_path, monkeypatch, storage):
+    import handler
+    from conftest import SAMPLE
+
+    monkeypatch.setenv("JOBS_DIR", str(tmp_path / "jobs"))
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "jobs" / "linked").symlink_to(tmp_path / "elsewhere")
+    result = handler.handler({"id": "p2", "input": {"job_id": "linked", "dataset_url": storage.url(SAMPLE.name, storage.good)}})
+    assert result["error"].startswith("starting: the job directory") and "symbolic link" in result["error"]
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_an_unreadable_stored_result_is_set_aside_and_the_job_trains_again(tiny_qwen2, storage, tmp_path, monkeypatch):
+    import handler
+    from conftest import SAMPLE
+
+    for key, value in {"JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(tmp_path / "models"),
+                       "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true"}.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "jobs" / "truncated").mkdir(parents=True)
+    (tmp_path / "jobs" / "truncated" / "result.json").write_text('{"input_fingerprint": "ab')  # cut short by a crash
+    result = handler.handler({"id": "p3", "input": {
+        "job_id": "truncated", "dataset_url": storage.url(SAMPLE.name, storage.good),
+        "hyperparameters": {"base_model": str(tiny_qwen2), "max_steps": 1, "batch_size": 2, "max_seq_length": 256}}})
+    assert "error" not in result, result
+    assert any("could not be read" in w for w in result["warnings"])
+    assert list((tmp_path / "jobs" / "truncated").glob("result.json.bad-*"))

@@ -1,0 +1,84 @@
+"""Writing on a shared volume: never a half-written file where a reader looks, never through a planted link.
+
+Anyone with write access to the network volume can plant a symbolic link where the worker will write (a job's
+`dataset.download.part` pointing at a file in site-packages, say), and the worker writes as root. So a new file is
+created exclusively (`O_EXCL`), without following a link (`O_NOFOLLOW`), readable by the worker only, after whatever
+was at its name (a file or a link: the link itself, never its target) is removed; a file that must not be seen
+half-written is written under a temporary name, flushed to the disk and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
+
+
+def remove(path: Path) -> None:
+    """Remove what is at `path`: a file, a link (not what it points to) or a directory tree."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def new_file(path: Path, append: bool = False) -> int:
+    """A file descriptor of `path` opened for writing: created anew and exclusively, or (`append`) an existing
+    regular file; a link at `path` is removed first, never followed."""
+    path = Path(path)
+    if path.is_symlink() or (not append and path.exists()):
+        remove(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_EXCL)
+    return os.open(path, flags, PRIVATE_FILE)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "wb"):
+    """Write `path` through a temporary file: readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with os.fdopen(new_file(tmp), mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # replaces a link at `path` itself, never its target
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
+@contextmanager
+def atomic_dir(path: Path):
+    """Build a directory under a temporary name beside `path` (a fresh private one: mkdtemp), and rename it into
+    place when the block ends without an error, replacing what was there; on an error nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.tmp-"))
+    try:
+        yield tmp
+        if path.is_symlink() or path.exists():
+            remove(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a real directory of the worker's own: created if missing; a link there is refused."""
+    path = Path(path)
+    if path.is_symlink():
+        raise NotADirectoryError(f"{path} is a symbolic link, not a directory: remove it")
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    return path
