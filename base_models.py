@@ -200,6 +200,8 @@ class HubDownload:
         page = f"https://huggingface.co/{self.name}"
         try:
             return call(*args, **kwargs)
+        except JobError:  # SIGTERM (checkpoints.Stopped): the job ends, as it is
+            raise
         except GatedRepoError:
             how = ("the account of HF_TOKEN has not been granted access: accept its conditions on " + page +
                    " with that account, or set HF_TOKEN to a token of an account that has" if self.token else
@@ -238,7 +240,9 @@ class HubDownload:
                 return False
             try:
                 lock.acquire()
-            except JobError:
+            except JobError as exc:
+                if "already running" not in str(exc):  # SIGTERM, or a lock that cannot be taken at all
+                    raise
                 if time.monotonic() > deadline:
                     raise JobError(f"another worker has been downloading base model {self.name!r} for too long; "
                                    "resubmit the job later") from None

@@ -83,32 +83,61 @@ def load_latest_checkpoint(directory: Path, fingerprint: str) -> tuple[dict | No
     return None, warnings
 
 
-class StopRequested:
-    """Set by SIGTERM while training; the trainer checks it after each step."""
+class Stopped(JobError):
+    """SIGTERM ended the job (its message says where, and that a resubmission resumes it)."""
 
-    def __init__(self):
+
+class StopRequested:
+    """What SIGTERM did: `signal` once it arrived; while training (`checkpointing`) the trainer checks it after each
+    step, to write a checkpoint first; elsewhere the signal raised Stopped where the main thread was."""
+
+    def __init__(self, previous=None):
         self.signal: int | None = None
+        self.previous, self.checkpointing = previous, False
 
     def __bool__(self) -> bool:
         return self.signal is not None
 
 
+_job_stop: StopRequested | None = None  # the outermost block's: one per job, on the main thread
+
+
 @contextmanager
-def stop_on_sigterm():
-    """Turn SIGTERM into a flag for the duration of training (main thread only); the previous handler
-    is restored afterwards and returned with the flag, so the caller can hand the signal on."""
-    flag = StopRequested()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag, None
+def stop_on_sigterm(checkpointing: bool = True):
+    """SIGTERM during the block ends the job promptly. The outermost block (the whole job: the handler's) installs
+    the handler; a nested one (training, `checkpointing`) turns it into a flag the trainer checks after each step.
+    Outside training it raises Stopped at once, wherever the main thread is (a download, a model load). The handler
+    that was there before is handed the signal: at once when it is a function (the runpod SDK's, which stops the
+    worker taking jobs), at the block's end when it is the default (the process then exits, after the checkpoint).
+    Yields the StopRequested; in other threads signals cannot be caught, and the flag never rises."""
+    global _job_stop
+    if _job_stop is not None:
+        outer, _job_stop.checkpointing = _job_stop.checkpointing, checkpointing
+        try:
+            yield _job_stop
+        finally:
+            _job_stop.checkpointing = outer
         return
-    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        yield StopRequested()
+        return
+    flag = _job_stop = StopRequested(signal.getsignal(signal.SIGTERM))
+    flag.checkpointing = checkpointing
 
     def request_stop(signum, frame):
+        first = flag.signal is None
         flag.signal = signum
+        if first and callable(flag.previous):
+            flag.previous(signum, frame)
+        if not flag.checkpointing:
+            raise Stopped("the worker was asked to stop (SIGTERM); resubmit the job")
         log.warning("SIGTERM received: stopping after this step with a checkpoint")
 
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        yield flag, previous
+        yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, flag.previous)
+        _job_stop = None
+        if flag and flag.previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGTERM)

@@ -28,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings fro
 
 import runpod  # noqa: E402
 
+from checkpoints import stop_on_sigterm  # noqa: E402
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
 from job import (JOB_ID_RULE, MAX_MESSAGE_CHARS, JobError, WorkerSettings, is_safe_job_id, parse_job_input,  # noqa: E402
                  redact_text, redact_url)
@@ -399,7 +400,8 @@ def handler(job: dict) -> dict:
     progress = ProgressReporter(job, enabled=bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
                                 interval_s=settings.progress_interval_s)
     try:
-        result = run_job(job, settings, progress)
+        with stop_on_sigterm(checkpointing=False):  # SIGTERM ends the job at any stage (training: after a checkpoint)
+            result = run_job(job, settings, progress)
     except JobError as exc:
         result = {"error": redact_text(str(exc), MAX_MESSAGE_CHARS)}
     except Exception as exc:  # a bug: the job's log has the traceback; give the user the job id to report

@@ -295,8 +295,9 @@ class JobLock:
     refreshed by a background thread while the lock is held (downloads and model loads included). A
     lock is stale, and taken over, when its heartbeat is older than `stale_after_s`, or when its owner
     is a process of this host that no longer exists (a pid equal to ours that is not our lock counts:
-    container restarts reuse pids). A takeover renames the stale file away first, so of two workers
-    that both saw it stale only one can win; ownership is checked by token, never by pid.
+    container restarts reuse pids). A takeover happens under an exclusive marker file and judges the
+    lock again there, so of two workers that both saw it stale only one can win, and a late one never
+    removes the winner's fresh lock; ownership is checked by token, never by pid.
     """
 
     def __init__(self, path: Path, stale_after_s: float = 600.0, heartbeat_s: float = 30.0):
@@ -337,7 +338,7 @@ class JobLock:
         import socket
         import threading
 
-        for _ in range(3):
+        for _ in range(50):  # each round either takes the lock, finds it held, or waits out a takeover
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -347,13 +348,7 @@ class JobLock:
                     raise JobError(f"job {self.path.parent.name} is already running on another worker (pid "
                                    f"{owner.get('pid')} on {owner.get('host')}, since {since}); wait for it to finish, "
                                    "or submit with another job_id") from None
-                aside = self.path.with_name(f"{self.path.name}.stale-{self.token}")
-                try:
-                    os.rename(self.path, aside)  # atomic: of two workers taking over, one rename succeeds
-                except FileNotFoundError:
-                    continue
-                log.warning("took over the stale lock of job %s (%s)", self.path.parent.name, owner or "unreadable")
-                aside.unlink(missing_ok=True)
+                self._take_over(owner)
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
@@ -361,6 +356,28 @@ class JobLock:
             threading.Thread(target=self._beat, daemon=True).start()
             return
         raise JobError(f"could not take the lock of job {self.path.parent.name}; retry in a minute")
+
+    def _take_over(self, owner: dict) -> None:
+        """Remove a stale lock, under an exclusive marker: a worker that judged the lock stale and then paused must
+        not remove the fresh lock another worker has taken meanwhile, so the lock is judged again under the marker."""
+        marker = self.path.with_name(f"{self.path.name}.takeover")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:  # a marker left by a worker that died while taking over
+                if time.time() - marker.stat().st_mtime > 60:
+                    marker.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)
+            return
+        try:
+            owner = self._owner()
+            if self.path.exists() and self._is_stale(owner):
+                self.path.unlink(missing_ok=True)
+                log.warning("took over the stale lock of job %s (%s)", self.path.parent.name, owner or "unreadable")
+        finally:
+            marker.unlink(missing_ok=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

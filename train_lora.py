@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from chat_labels import (IGNORE, Example, SkipExample, collate, end_of_turn_toke
 from base_models import (LOSS_CHUNK_TOKENS, does_not_fit_message, estimate_job_memory, experts_in_4bit,
                          isolate_packed_examples, load_config, meta_model, packing_support, per_expert_model_class,
                          per_expert_names, resolve_base_model, token_mixers)
-from checkpoints import load_latest_checkpoint, save_checkpoint, stop_on_sigterm
+from checkpoints import Stopped, load_latest_checkpoint, save_checkpoint, stop_on_sigterm
 from dataset_loader import DatasetError, load_dataset
 from job import VALIDATION_MAX_HELD_OUT, VALIDATION_MIN_CONVERSATIONS, VALIDATION_SHARE, Hyperparameters, JobError, parse_hyperparameters
 
@@ -247,6 +246,8 @@ def _keep_quantized_copy(model, copy: Path) -> None:
             _set_aside(copy)  # an incomplete leftover would block the rename forever
         os.replace(tmp, copy)
         log.info("kept a 4-bit copy of the base model at %s for later jobs", copy)
+    except JobError:  # SIGTERM ended the job
+        raise
     except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as SafetensorError, not OSError
         if tmp is not None and (tmp / "config.json").is_file() and (copy / "config.json").is_file():
             log.info("another worker kept the 4-bit copy at %s first", copy)
@@ -301,7 +302,7 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
                 return (same_kernels_in_eval(model) if device == "cpu" else model), "4-bit copy"
             del model
             reason = f"keys that do not match the model: {wrong}"
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, JobError):  # JobError: SIGTERM ended the job
             raise
         except Exception as exc:  # noqa: BLE001 - judged below: bad if the base model loads where the copy did not
             reason = f"{type(exc).__name__}: {exc}"
@@ -657,7 +658,7 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     resumed_figures = {k: history[-1][k] for k in ("loss", "learning_rate")} if history else {}  # the app's NOT NULLs
     progress({"stage": "training", "percent": 100.0 * step / total_steps, "step": step, "total_steps": total_steps, "epoch": epoch,
               **resumed_figures})
-    with stop_on_sigterm() as (stop, previous_handler):
+    with stop_on_sigterm() as stop:
         while step < total_steps:
             if next_start == 0:  # a new epoch: remember the shuffle state it starts from
                 epoch += 1
@@ -729,12 +730,9 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
                     break
             if stop:
                 break
-    if stop:
-        # The checkpoint is on disk: hand SIGTERM on to whoever handled it before (the SDK, or the default: exit).
-        if previous_handler not in (signal.SIG_IGN, None):
-            signal.raise_signal(signal.SIGTERM)
-        raise JobError(f"the worker was asked to stop (SIGTERM) at step {step} of {total_steps}; "
-                       + ("a checkpoint was saved: resubmit the same job to resume" if checkpoint_dir else "resubmit the job"))
+    if stop:  # the checkpoint is on disk; stop_on_sigterm hands the signal on
+        raise Stopped(f"the worker was asked to stop (SIGTERM) at step {step} of {total_steps}; "
+                      + ("a checkpoint was saved: resubmit the same job to resume" if checkpoint_dir else "resubmit the job"))
     train_seconds = time.monotonic() - loaded_at
     # the validation loss of the final weights (measured already if training ended at an epoch's end)
     if history and "validation_loss" in history[-1]:

@@ -252,3 +252,87 @@ def test_an_unreadable_stored_result_is_set_aside_and_the_job_trains_again(tiny_
     assert "error" not in result, result
     assert any("could not be read" in w for w in result["warnings"])
     assert list((tmp_path / "jobs" / "truncated").glob("result.json.bad-*"))
+
+
+def test_sigterm_during_the_download_ends_the_job_at_once_and_reaches_the_sdk(storage, tiny_qwen2, tmp_path, monkeypatch):
+    """Under the SDK, SIGTERM only asked the SDK to stop taking jobs: a job in its download (or model load) ran on to
+    its end, and the later SIGKILL found no checkpoint. Now it ends the job at once, and the SDK still hears it."""
+    import os
+    import signal
+    import threading
+
+    import handler
+    from conftest import SAMPLE
+
+    for key, value in {"JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(tmp_path / "models"),
+                       "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true"}.items():
+        monkeypatch.setenv(key, value)
+    heard = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))  # as the SDK's handler
+    storage.delay[SAMPLE.name] = 30  # the dataset server takes its time
+    try:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        start = time.monotonic()
+        result = handler.handler({"id": "t1", "input": {"job_id": "stopped", "dataset_url": storage.url(SAMPLE.name, storage.good),
+                                                        "hyperparameters": {"base_model": str(tiny_qwen2)}}})
+        took = time.monotonic() - start
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result["error"] == "downloading: the worker was asked to stop (SIGTERM); resubmit the job"
+    assert took < 10 and heard == [signal.SIGTERM]
+    assert not list((tmp_path / "jobs" / "stopped").glob("dataset.download*"))
+
+
+def test_two_workers_taking_over_one_stale_lock_leave_one_owner(tmp_path, monkeypatch):
+    """B judged the dead worker's lock stale, then paused; A took it over meanwhile. B must not then move A's fresh
+    lock away (it did: both ran the job)."""
+    import json as _json
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import ROOT
+    from storage import JobLock
+
+    lock_path = tmp_path / "job" / "job.lock"
+    lock_path.parent.mkdir()
+    lock_path.write_text(_json.dumps({"token": "dead", "host": "gone-host", "pid": 1, "started": 0}))
+    os.utime(lock_path, (0, 0))  # its heartbeat stopped long ago
+    judged, go_on = threading.Event(), threading.Event()
+    real_is_stale = JobLock._is_stale
+
+    def judging_then_pausing(self, owner):
+        verdict = real_is_stale(self, owner)
+        if not judged.is_set():
+            judged.set()
+            go_on.wait(60)
+        return verdict
+
+    monkeypatch.setattr(JobLock, "_is_stale", judging_then_pausing)
+    b, outcome = JobLock(lock_path), {}
+
+    def worker_b():
+        try:
+            b.acquire()
+            outcome["b"] = "acquired"
+        except Exception as exc:  # noqa: BLE001
+            outcome["b"] = str(exc)
+
+    thread = threading.Thread(target=worker_b)
+    thread.start()
+    assert judged.wait(30)
+    a = subprocess.Popen([sys.executable, "-c", (  # worker A, another process: takes over and holds the lock
+        "import sys, time; from pathlib import Path; from storage import JobLock\n"
+        "lock = JobLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(60)\n"), str(lock_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert a.stdout.readline().strip() == "held"
+        a_token = _json.loads(lock_path.read_text())["token"]
+        go_on.set()
+        thread.join(30)
+        assert "already running on another worker" in outcome["b"]
+        assert _json.loads(lock_path.read_text())["token"] == a_token and not b.held  # A still owns it, alone
+    finally:
+        go_on.set()
+        a.kill()
