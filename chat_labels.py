@@ -16,6 +16,8 @@ special token is ever added (QLoRA does not train the embeddings).
 from __future__ import annotations
 
 import re
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 IGNORE = -100
@@ -45,11 +47,17 @@ class SkipExample(Exception):
 
 @dataclass
 class Example:
-    input_ids: list[int]
-    labels: list[int]
+    """One tokenized conversation. Its ids and labels are stored as 32-bit integer arrays (4 bytes a token; a list of
+    Python ints took about 42 bytes a token, 20 GB for a 250k-example dataset at 1,000 tokens each)."""
+
+    input_ids: Sequence[int]
+    labels: Sequence[int]
     dropped_messages: int = 0
     truncated: bool = False
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.input_ids, self.labels = array("i", self.input_ids), array("i", self.labels)
 
     @property
     def num_trained(self) -> int:
@@ -476,8 +484,8 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
         offset = 0
         for index, example in enumerate(seq):
             n = len(example.input_ids)
-            input_ids[row, offset:offset + n] = torch.tensor(example.input_ids)
-            example_labels = torch.tensor(example.labels)
+            input_ids[row, offset:offset + n] = torch.frombuffer(example.input_ids, dtype=torch.int32)
+            example_labels = torch.frombuffer(example.labels, dtype=torch.int32).long()  # a copy: the example stays
             example_labels[0] = IGNORE  # never predict an example's first token from the previous one
             labels[row, offset:offset + n] = example_labels
             position_ids[row, offset:offset + n] = torch.arange(n)

@@ -30,12 +30,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from job import quoted, shorten
+
 FORMATS = ("brightrun", "turns", "openai", "sharegpt", "alpaca", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
 MAX_DECOMPRESSED_BYTES = 4 * 1024**3
 MAX_LINE_BYTES = 64 * 1024**2  # one conversation; far beyond any context window
 MAX_QUOTED_PROBLEMS = 5
 MAX_REPORTED = 100  # problems (and warnings) kept in the report; the rest are counted
+MAX_PROBLEM_CHARS = 300  # one problem's message (a quoted value or a key in a path could be megabytes)
 
 
 class DatasetError(ValueError):
@@ -70,7 +73,7 @@ class Report:
         """Count a line that cannot be used (`kind`: "invalid" or "skipped"), and keep its message while few."""
         setattr(self, kind, getattr(self, kind) + 1)
         if len(self.problems) < MAX_REPORTED:
-            self.problems.append({"line": number, "message": message})
+            self.problems.append({"line": number, "message": shorten(message, MAX_PROBLEM_CHARS)})
         else:
             self.problems_left_out += 1
 
@@ -280,7 +283,7 @@ def normalize_brightrun(record: dict) -> list[dict]:
             raise LineProblem(f"`conversation_history[{i}]` must be an object, got {_kind(turn)}")
         role = turn.get("role")
         if role not in ("user", "assistant"):
-            raise LineProblem(f"`conversation_history[{i}].role` is {role!r}; expected user or assistant")
+            raise LineProblem(f"`conversation_history[{i}].role` is {quoted(role)}; expected user or assistant")
         content = turn.get("content")
         if not isinstance(content, str):
             raise LineProblem(f"`conversation_history[{i}].content` must be a string, got {_kind(content)}")
@@ -307,7 +310,7 @@ def normalize_openai(record: dict) -> list[dict]:
             raise LineProblem(f"`messages[{i}]` must be an object, got {_kind(m)}")
         role = m.get("role")
         if role not in ROLES:
-            raise LineProblem(f"`messages[{i}].role` is {role!r}; expected system, user, assistant or tool")
+            raise LineProblem(f"`messages[{i}].role` is {quoted(role)}; expected system, user, assistant or tool")
         has_tool_calls = role == "assistant" and m.get("tool_calls") is not None
         content = _text(m.get("content"), f"messages[{i}].content", allow_none=has_tool_calls)
         # "" beside tool calls, not null: transformers 5 drops null keys before rendering, and templates then fail
@@ -327,7 +330,7 @@ def normalize_openai(record: dict) -> list[dict]:
         if "weight" in m:
             weight = m["weight"]
             if weight not in (0, 1) or isinstance(weight, bool):
-                raise LineProblem(f"`messages[{i}].weight` is {weight!r}; expected 0 or 1")
+                raise LineProblem(f"`messages[{i}].weight` is {quoted(weight)}; expected 0 or 1")
             if role != "assistant" and weight != 0:
                 raise LineProblem(f"`messages[{i}].weight` is 1 on a {role} message; only assistant messages can be trained")
             if role == "assistant":
@@ -355,7 +358,7 @@ def _speaker_turns(raw: Any, field: str, speaker_key: str, text_key: str, expect
         speaker = turn.get(speaker_key)
         role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
         if role is None:
-            raise LineProblem(f"`{field}[{i}].{speaker_key}` is {speaker!r}; expected {expected}")
+            raise LineProblem(f"`{field}[{i}].{speaker_key}` is {quoted(speaker)}; expected {expected}")
         content = _text(turn.get(text_key), f"{field}[{i}].{text_key}")
         messages.append({"role": role, "content": content} | ({"weight": 1} if role == "assistant" else {}))
     return messages

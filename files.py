@@ -9,6 +9,7 @@ half-written is written under a temporary name, flushed to the disk and renamed 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -82,3 +83,26 @@ def private_dir(path: Path) -> Path:
         raise NotADirectoryError(f"{path} is a symbolic link, not a directory: remove it")
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
     return path
+
+
+_FIXES = {
+    errno.EROFS: "the volume is mounted read-only: attach the network volume read-write (or set JOBS_DIR, or "
+                 "MODEL_CACHE_DIR if the path is a model's, to a writable directory) and resubmit",
+    errno.ENOSPC: "the volume is full: free space on it, or enlarge it, and resubmit",
+    errno.EDQUOT: "the volume's quota is used up: free space on it, or enlarge it, and resubmit",
+    errno.EFBIG: "the file is larger than the volume allows: free space or enlarge the volume, and resubmit",
+    errno.EACCES: "the worker may not write there: give it write access (or set JOBS_DIR, or MODEL_CACHE_DIR if "
+                  "the path is a model's, to a writable directory) and resubmit",
+    errno.EPERM: "the worker may not write there: give it write access (or set JOBS_DIR, or MODEL_CACHE_DIR if "
+                 "the path is a model's, to a writable directory) and resubmit",
+    errno.EIO: "the volume failed to read or write: resubmit; if it happens again, check the network volume",
+}
+
+
+def volume_fault(exc: BaseException) -> str | None:
+    """What to tell the user when `exc` is a fault of the volume (read-only, full, not ours), not of the worker's
+    code; None otherwise."""
+    if not isinstance(exc, OSError) or exc.errno not in _FIXES:
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"could not use{where} ({exc.strerror or os.strerror(exc.errno)}): {_FIXES[exc.errno]}"

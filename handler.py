@@ -32,7 +32,7 @@ from checkpoints import stop_on_sigterm  # noqa: E402
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
 from job import (JOB_ID_RULE, MAX_MESSAGE_CHARS, JobError, WorkerSettings, is_safe_job_id, parse_job_input,  # noqa: E402
                  redact_text, redact_url)
-from files import new_file, private_dir, write_atomically  # noqa: E402
+from files import new_file, private_dir, volume_fault, write_atomically  # noqa: E402
 from storage import JobLock, check_storage, download_dataset, post_callback, presigned_urls, upload_files  # noqa: E402
 from base_models import HubDownload, find_base_model, resolve_base_model, trust_remote_code_for  # noqa: E402
 
@@ -130,6 +130,10 @@ def _stage(name: str, progress: "ProgressReporter | None" = None, announce: bool
         raise
     except DatasetError as exc:
         raise JobError(str(exc), stage=name) from None
+    except OSError as exc:
+        if fault := volume_fault(exc):
+            raise JobError(fault, stage=name) from None
+        raise
 
 
 def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> dict:
@@ -182,7 +186,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             download = download_dataset(
                 spec.dataset_url, job_dir / "dataset.download", max_bytes=settings.max_dataset_bytes,
                 timeout=settings.download_timeout_s, retries=settings.download_retries,
-                allow_file_urls=settings.allow_file_urls,
+                deadline_s=settings.download_deadline_s, allow_file_urls=settings.allow_file_urls,
             )
         with _stage("loading_data", progress):
             conversations, report = load_dataset(download.path, max_invalid_fraction=spec.max_invalid_fraction,
@@ -404,10 +408,14 @@ def handler(job: dict) -> dict:
             result = run_job(job, settings, progress)
     except JobError as exc:
         result = {"error": redact_text(str(exc), MAX_MESSAGE_CHARS)}
-    except Exception as exc:  # a bug: the job's log has the traceback; give the user the job id to report
-        log.error("internal error in job %s:\n%s", job.get("id"), redact_text(traceback.format_exc()))
-        result = {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: "
-                           f"{redact_text(str(exc), 500)}) in job {job.get('id')}. Retry once; if it fails again, report the job id"}
+    except Exception as exc:  # a bug (or a fault of the volume): the job's log has the traceback
+        if fault := volume_fault(exc):
+            result = {"error": redact_text(f"{progress.stage or 'starting'}: {fault}", MAX_MESSAGE_CHARS)}
+        else:
+            log.error("internal error in job %s:\n%s", job.get("id"), redact_text(traceback.format_exc()))
+            result = {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: "
+                               f"{redact_text(str(exc), 500)}) in job {job.get('id')}. Retry once; if it fails again, "
+                               "report the job id"}
     result = sendable(result)
     callback = (job.get("input") or {}).get("callback_url") if isinstance(job.get("input"), dict) else None
     if isinstance(callback, str) and callback:

@@ -243,12 +243,16 @@ def _conflicting_aliases(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _unknown_keys(model: BaseModel, prefix: str = "") -> list[str]:
+def _drop_unknown_keys(model: BaseModel, prefix: str = "") -> list[str]:
+    """The keys no field declares, removed (they are warned about, never carried into a fingerprint or an output:
+    a 500-deep value there made serialization fail)."""
     unknown = [f"{prefix}{k}" for k in (model.model_extra or {})]
+    if model.model_extra:
+        model.model_extra.clear()
     for name in type(model).model_fields:
         child = getattr(model, name)
         if isinstance(child, BaseModel):
-            unknown += _unknown_keys(child, f"{prefix}{name}.")
+            unknown += _drop_unknown_keys(child, f"{prefix}{name}.")
     return unknown
 
 
@@ -270,7 +274,7 @@ def parse_job_input(raw: Any) -> tuple[JobInput, list[str]]:
         problems = [_describe(e) for e in exc.errors()] + problems
     if problems:
         raise JobError("invalid job input: " + "; ".join(problems))
-    warnings = [f"unknown input key ignored: {k}" for k in _unknown_keys(job)]
+    warnings = [f"unknown input key ignored: {k}" for k in _drop_unknown_keys(job)]
     return job, warnings
 
 
@@ -322,6 +326,7 @@ class WorkerSettings:
     max_dataset_examples: int = _setting(500_000, "most conversations a job loads (memory: about 1 KB each and their text); more fails at once", int)
     max_dataset_chars: int = _setting(2 * 1024**3, "most characters of messages a job loads; more fails at once", int)
     download_timeout_s: float = _setting(60.0, "seconds without data before a download attempt is abandoned", float)
+    download_deadline_s: float = _setting(1800.0, "seconds a dataset download may take in all, retries included (a server sending a byte at a time is cut off)", float)
     download_retries: int = _setting(4, "retries (exponential backoff) after connection errors, timeouts, short bodies, 429 and 5xx", int)
     allow_file_urls: bool = _setting(False, "accept any `file://` dataset URL (a local run); without it, only the files bundled in the worker's `data/` (the smoke test's `file:data/brightrun-eq12-demo.jsonl`)", bool)
     s3_endpoint_url: str | None = _setting(None, f"S3-compatible storage that signs download links, for the adapter's files: {APP_STORAGE_HELP} (not RunPod's network-volume S3 API: it cannot sign them)", str, "BUCKET_ENDPOINT_URL")

@@ -11,6 +11,7 @@ length, errors that name the cause and the fix, and no signed token in any messa
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import requests
+import urllib3
 from runpod.serverless.utils import rp_ssrf
 
 from files import new_file
@@ -68,7 +70,24 @@ def _status_error(status: int, body: str, shown: str) -> JobError:
     return JobError(f"dataset download failed with HTTP {status}{suffix} at {shown}: check the URL and resubmit")
 
 
-def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float) -> tuple[int, str]:
+def _body(response, deadline: float, max_bytes: int, shown: str):
+    """The response's body as it arrives (`read1`: whatever bytes are there, so a server that sends one byte at a
+    time cannot keep a read going past the deadline), held to `max_bytes` and to the total deadline."""
+    total = 0
+    while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
+        total += len(chunk)
+        if total > max_bytes:
+            raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES")
+        if time.monotonic() > deadline:
+            raise _Deadline(f"the download from {shown} did not finish in time ({total} bytes received)")
+        yield chunk
+
+
+class _Deadline(JobError):
+    pass
+
+
+def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float, deadline: float) -> tuple[int, str]:
     shown = redact_url(url)
     try:
         # identity: the byte count must be the one Content-Length announces (a gzip file stays gzip)
@@ -97,13 +116,11 @@ def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float) -> tupl
         digest, received = hashlib.sha256(), 0
         try:
             with os.fdopen(new_file(part), "wb") as out:
-                for chunk in rp_ssrf.iter_content_capped(response, CHUNK_BYTES, max_bytes):
+                for chunk in _body(response, deadline, max_bytes, shown):
                     out.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
-        except rp_ssrf.SSRFError:
-            raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES") from None
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout):
+        except (urllib3.exceptions.HTTPError, requests.RequestException, http.client.HTTPException):
             raise _Retryable(f"connection to {shown} dropped after {received} bytes") from None
     encoded = response.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
     if declared is not None and declared.isdigit() and not encoded and int(declared) != received:
@@ -133,11 +150,12 @@ def _copy_local_file(url: str, dest: Path, max_bytes: int) -> Download:
 
 
 def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 60.0, retries: int = 4,
-                     backoff_s: float = 1.0, allow_file_urls: bool = False) -> Download:
+                     backoff_s: float = 1.0, allow_file_urls: bool = False, deadline_s: float = 1800.0) -> Download:
     """Download `url` to `dest`, atomically: `dest` exists only if every byte arrived.
 
     Retries (with exponential backoff) connection errors, timeouts, dropped or short bodies,
-    429 and 5xx; any other status fails at once with a message that says what to do.
+    429 and 5xx; any other status fails at once with a message that says what to do. `timeout`
+    bounds each wait for bytes; `deadline_s` the whole download, retries included.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -152,15 +170,21 @@ def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 6
         raise JobError(f"dataset_url must be http(s), got {scheme or 'no'} scheme")
 
     part = dest.with_name(dest.name + ".part")
-    last = ""
+    last, deadline = "", time.monotonic() + deadline_s
     for attempt in range(1, retries + 2):
         try:
-            size, sha = _fetch_once(url, part, max_bytes=max_bytes, timeout=timeout)
+            size, sha = _fetch_once(url, part, max_bytes=max_bytes, timeout=timeout, deadline=deadline)
+        except _Deadline as exc:
+            part.unlink(missing_ok=True)
+            raise JobError(f"{exc} within DOWNLOAD_DEADLINE_S={deadline_s:g} s: check the storage's speed, or raise "
+                           "the setting for a large dataset, and resubmit") from None
         except _Retryable as exc:
             last = str(exc)
             part.unlink(missing_ok=True)
             if attempt <= retries:
                 delay = backoff_s * 2 ** (attempt - 1)
+                if time.monotonic() + delay > deadline:
+                    break
                 log.warning("download attempt %d failed: %s; retrying in %.1f s", attempt, last, delay)
                 time.sleep(delay)
             continue
@@ -170,7 +194,7 @@ def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 6
         os.replace(part, dest)
         log.info("downloaded %s: %d bytes, sha256 %s", redact_url(url), size, sha)
         return Download(dest, size, sha, attempt)
-    raise JobError(f"dataset download failed after {retries + 1} attempts: {last}. Check that the storage is reachable and resubmit")
+    raise JobError(f"dataset download failed after {attempt} attempt{'s' if attempt > 1 else ''}: {last}. Check that the storage is reachable and resubmit")
 
 
 def upload_files(files: list[Path], job_id: str, settings: WorkerSettings) -> dict[str, str]:
@@ -269,23 +293,41 @@ def presigned_urls(names: list[str], job_id: str, settings: WorkerSettings, clie
             for name in names}
 
 
-def post_callback(url: str, payload: dict, timeout: float = 10.0) -> bool:
-    """One best-effort POST of the final status; a failure is logged, never raised."""
-    shown = redact_url(url)
-    try:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("callback_url must be an http(s) URL")
-        ips = rp_ssrf.resolve_and_validate(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        # Dial the address that was checked (as the SDK's safe_get does): no DNS rebinding in between.
-        with rp_ssrf._build_pinned_session(ips[0]) as session:
-            response = session.post(url, json=payload, timeout=timeout, allow_redirects=False)
-        log.info("callback %s answered HTTP %d", shown, response.status_code)
-        return response.ok
-    except Exception as exc:  # noqa: BLE001 - the callback must never fail a job
+def post_callback(url: str, payload: dict, timeout: float = 10.0, deadline_s: float = 30.0) -> bool:
+    """One best-effort POST of the final status; a failure is logged, never raised. `timeout` bounds each wait for
+    the receiver, `deadline_s` the whole exchange: a receiver slower than that (one that sends its answer a byte at a
+    time, say) is left to its thread and the job's result is returned without waiting for it."""
+    import threading
+
+    shown, answer = redact_url(url), {}
+
+    def post() -> None:
+        try:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("callback_url must be an http(s) URL")
+            ips = rp_ssrf.resolve_and_validate(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            # Dial the address that was checked (as the SDK's safe_get does): no DNS rebinding in between.
+            with rp_ssrf._build_pinned_session(ips[0]) as session:
+                # stream: only the status is read, never a body the receiver could make endless
+                with session.post(url, json=payload, timeout=timeout, allow_redirects=False, stream=True) as response:
+                    answer["status"] = response.status_code
+        except Exception as exc:  # noqa: BLE001 - the callback must never fail a job
+            answer["error"] = exc
+
+    thread = threading.Thread(target=post, name="callback", daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    if thread.is_alive():
+        log.warning("callback to %s failed: no answer within %g s; the job's result is returned without it", shown, deadline_s)
+        return False
+    if "error" in answer:
+        exc = answer["error"]
         reason = "could not connect" if isinstance(exc, requests.ConnectionError) else redact_text(str(exc))
         log.warning("callback to %s failed: %s: %s", shown, type(exc).__name__, reason)
         return False
+    log.info("callback %s answered HTTP %d", shown, answer["status"])
+    return 200 <= answer["status"] < 400
 
 
 class JobLock:

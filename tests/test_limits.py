@@ -97,6 +97,32 @@ def test_a_ten_megabyte_message_costs_what_a_fitting_one_does(tiny_qwen2):
     assert example.truncated and len(example.input_ids) == 2048
 
 
+
+def test_labelled_examples_hold_a_few_bytes_a_token(tiny_qwen2):
+    """Every labelled example stays in memory for the whole run; as lists of Python ints they took about 42 bytes a
+    token (20 GB for 250k examples of 1,000 tokens). Now two 4-byte integers a token, and a little per example."""
+    import gc
+    import tracemalloc
+
+    from transformers import AutoTokenizer
+
+    from chat_labels import prepare_chat_template, tokenize_conversation
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    eot = prepare_chat_template(tokenizer).end_of_turn
+    conversations = [chat_of(40, words=8 + i % 5) for i in range(200)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        examples = [tokenize_conversation(tokenizer, c, 2048, eot) for c in conversations]
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    tokens = sum(len(e.input_ids) for e in examples)
+    assert tokens > 100_000 and held / tokens < 12, (held / tokens, tokens)
+
 def write_lines(path, lines):
     import json as _json
 
@@ -123,6 +149,21 @@ def test_a_lone_surrogate_is_an_invalid_line_not_a_result_the_sdk_cannot_send(tm
     write_jsonl(conversations, tmp_path / "canonical.jsonl")
     assert not list(tmp_path.glob("*.part"))
 
+
+
+def test_a_line_with_a_huge_role_is_reported_quickly_and_briefly(tmp_path):
+    """A 100k-character role took 52 s through the handler: the message quoting it was scrubbed quadratically."""
+    import handler
+    from dataset_loader import load_dataset
+
+    huge = {"messages": [{"role": "a" * 100_000, "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = write_lines(tmp_path / "d.jsonl", [GOOD] * 20 + [huge])
+    start = time.perf_counter()
+    _, report = load_dataset(path)
+    message = report.problems[0]["message"]
+    assert report.invalid == 1 and report.problems[0]["line"] == 21 and "role" in message and len(message) < 500
+    assert len(handler.redact_text(str(report.to_dict()), handler.MAX_MESSAGE_CHARS)) <= handler.MAX_MESSAGE_CHARS
+    assert time.perf_counter() - start < 5.0
 
 def test_the_report_keeps_every_count_but_bounded_lists_and_skipped_lines_count_in_the_policy(tmp_path):
     import json as _json
@@ -336,3 +377,152 @@ def test_two_workers_taking_over_one_stale_lock_leave_one_owner(tmp_path, monkey
     finally:
         go_on.set()
         a.kill()
+
+
+class Dripping:
+    """A server on loopback that answers every request with `head` and then `body`, one byte every `every_s` seconds:
+    never silent long enough for a read timeout, never done."""
+
+    def __init__(self, head: bytes, body: bytes, every_s: float):
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port, self.head, self.body, self.every_s = self.sock.getsockname()[1], head, body, every_s
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import threading
+
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(self.head)
+                for byte in self.body:
+                    if self.done.wait(self.every_s):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def close(self):
+        self.done.set()
+        self.sock.close()
+
+
+def test_a_download_sent_a_byte_at_a_time_ends_at_its_deadline(tmp_path, monkeypatch):
+    from storage import download_dataset
+
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+    server = Dripping(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n", b"x" * 400, 0.1)  # 40 s to the end
+    try:
+        start = time.monotonic()
+        with pytest.raises(JobError, match=r"did not finish in time \(\d+ bytes received\) within "
+                                           r"DOWNLOAD_DEADLINE_S=1 s: check the storage's speed"):
+            download_dataset(f"http://127.0.0.1:{server.port}/d.jsonl?token=t", tmp_path / "d", max_bytes=10**6,
+                             timeout=2, retries=3, backoff_s=0.01, deadline_s=1)
+        assert time.monotonic() - start < 15  # the deadline plus one read's wait at most, not the body's 40 s
+        assert list(tmp_path.iterdir()) == []  # no partial file kept
+    finally:
+        server.close()
+
+
+def test_a_callback_receiver_answering_a_byte_at_a_time_cannot_hold_the_job(monkeypatch, caplog):
+    from storage import post_callback
+
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+    server = Dripping(b"", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + b" " * 400, 0.1)  # its status line, slowly
+    try:
+        start = time.monotonic()
+        assert post_callback(f"http://127.0.0.1:{server.port}/cb", {"id": "j", "status": "COMPLETED"},
+                             timeout=2, deadline_s=1) is False
+        assert time.monotonic() - start < 15 and "no answer within 1 s" in caplog.text
+    finally:
+        server.close()
+
+
+def test_a_real_write_failure_while_checkpointing_is_a_clear_error_and_leaves_no_temporary(tmp_path):
+    import resource
+    import signal
+
+    import torch
+
+    from checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path, 2, {"step": 2})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # files cannot grow past 64 KiB: EFBIG, as a full disk
+    try:
+        with pytest.raises(JobError, match=r"could not write the checkpoint of step 4 .*free space on the volume .*"
+                                           r"checkpoint-2 is intact"):
+            save_checkpoint(tmp_path, 4, {"step": 4, "weights": torch.zeros(1 << 16)})  # 256 KiB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
+def test_a_read_only_volume_is_named_with_what_to_do_not_an_internal_error(tmp_path):
+    """The job directory exists (an earlier attempt made it) and the volume is now mounted read-only: the lock cannot
+    be written. It was "internal error ... report the job id"."""
+    import json as _json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SAMPLE
+
+    jobs = tmp_path / "volume" / "jobs"
+    (jobs / "job-ro").mkdir(parents=True)
+    script = ("import json, sys; from handler import handler\n"
+              f"print(json.dumps(handler({{'id': 'job-ro', 'input': {{'dataset_url': '{SAMPLE.as_uri()}'}}}})))\n")
+    env = {**os.environ, "JOBS_DIR": str(jobs), "MODEL_CACHE_DIR": str(tmp_path / "models"), "ALLOW_FILE_URLS": "true",
+           "VOLUME_DELIVERY": "true"}
+    volume = tmp_path / "volume"
+    if os.geteuid() != 0:  # permissions bind a worker that is not root: a directory it may not write
+        os.chmod(jobs / "job-ro", 0o500)
+        command, expected = [sys.executable, "-c", script], "Permission denied"
+    elif shutil.which("unshare") and subprocess.run(["unshare", "-m", "true"]).returncode == 0:
+        command = ["unshare", "-m", "sh", "-c", f'mount --bind "{volume}" "{volume}" && mount -o remount,bind,ro '
+                   f'"{volume}" && exec "{sys.executable}" -c "$0"', script]  # a real read-only mount, seen by it only
+        expected = "Read-only file system"
+    else:
+        pytest.skip("root without mount namespaces: no way to make a directory this worker cannot write")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    error = _json.loads(done.stdout.strip().splitlines()[-1])["error"]
+    assert error.startswith(f"starting: could not use {jobs / 'job-ro' / 'job.lock'} ({expected})"), error
+    assert "internal error" not in error and "resubmit" in error
+
+
+@pytest.mark.parametrize("section", ["hyperparameters", "gpu_config"])
+def test_a_deeply_nested_unknown_key_is_a_warning_not_an_internal_error(section, tmp_path, monkeypatch, storage):
+    """A 500-deep value under an unknown key made the job's fingerprint fail to serialize: "internal error"."""
+    import handler
+    from conftest import SAMPLE
+
+    monkeypatch.setenv("JOBS_DIR", str(tmp_path / "jobs"))
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("ALLOW_MODEL_DOWNLOAD", "false")
+    deep: dict = {}
+    node = deep
+    for _ in range(500):
+        node["k"] = node = {}
+    job_input = {"dataset_url": storage.url(SAMPLE.name, storage.good), "hyperparameters": {"base_model": "org/absent"},
+                 "gpu_config": {"count": 1}}
+    job_input[section]["notes"] = deep
+    result = handler.handler({"id": "deep", "input": job_input})
+    assert result["error"].startswith("loading_model:") and "org/absent" in result["error"], result  # on to the next check
+    spec, warnings = parse_job_input(job_input)
+    assert warnings == [f"unknown input key ignored: {section}.notes"]
+    assert "notes" not in spec.model_dump(mode="json")[section]  # carried nowhere
