@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_handler.py --json bench/results/handler-$$(date +%F).json
 	$(PY) bench/bench_loader.py --mb 100 --json bench/results/loader-$$(date +%F).json
+	$(PY) bench/bench_label.py --conversations 2000 --processes 1 2 --json bench/results/label-$$(date +%F).json
 	CUDA_VISIBLE_DEVICES= $(PY) bench/bench_train.py --mode cpu
 	CUDA_VISIBLE_DEVICES= $(PY) bench/bench_load.py --json bench/results/load-small-$$(date +%F).json
 	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from job import RUNPOD_CACHED_MODELS, JobError, redact_text
+from job import RUNPOD_CACHED_MODELS, Hyperparameters, JobError, redact_text
 
 GB = 1024**3
 NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # = 0.5161 bytes per weight
@@ -350,13 +350,10 @@ def _tiny_model(name: str, cache_dirs: list[Path]) -> Path:
         raise JobError("no model cache directory to build the tiny model in: set MODEL_CACHE_DIR")
     path = cache_dirs[0] / name
     if not (path / "config.json").is_file():
-        import os
-        import shutil
+        from files import atomic_dir
 
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_model(arch, tmp)
-        os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            build_tiny_model(arch, tmp)
     return path
 
 
@@ -486,18 +483,26 @@ def _job_memory_gb(p: dict, micro: int, seq: int, lora_rank: int, checkpointing:
     return {"weights": weights, "lora": lora, "activations": activations, "logits": logits}
 
 
-def estimate_job_memory(config: dict, *, max_seq_length: int = 2048, batch_size: int = 4, lora_rank: int = 16,
+def _default(name: str):
+    """A hyperparameter's default, from job.Hyperparameters (the single source)."""
+    return Hyperparameters.model_fields[name].default
+
+
+def estimate_job_memory(config: dict, *, max_seq_length: int = _default("max_seq_length"),
+                        batch_size: int = _default("batch_size"), lora_rank: int = _default("lora_rank"),
                         gpu_memory_gb: float | None = None, gradient_checkpointing: bool | str = True,
-                        compute_bytes: int = 2, quantize_experts: bool = True) -> MemoryEstimate:
-    """Memory of a QLoRA job from config.json alone. With `gpu_memory_gb`, the largest micro-batch
-    (up to `batch_size`) that fits is chosen, and gradient accumulation keeps the effective batch.
+                        compute_bytes: int = 2, quantize_experts: bool = True,
+                        micro_batch_size: int | None = None) -> MemoryEstimate:
+    """Memory of a QLoRA job on one GPU from config.json alone; `batch_size` is the sequences that GPU
+    computes per optimizer step. With `gpu_memory_gb`, the largest micro-batch (up to `micro_batch_size`,
+    or the batch) that fits is chosen, and gradient accumulation keeps the batch.
 
     `gradient_checkpointing="auto"` decides it from memory: off (no recomputation, about a third
     less compute per step) when the whole micro-batch fits without it in `AUTO_CHECKPOINTING_SHARE`
     of `gpu_memory_gb`, or when no limit is given; on otherwise. A smaller micro-batch is never
     traded for it: the micro-batch is the job's, and it keeps the GPU busy."""
     p = count_parameters(config, quantize_experts=quantize_experts)
-    micro = batch_size
+    micro = min(micro_batch_size or batch_size, batch_size)
     if gradient_checkpointing == "auto":
         without = sum(_job_memory_gb(p, micro, max_seq_length, lora_rank, False, compute_bytes).values()) + CUDA_OVERHEAD_GB
         gradient_checkpointing = gpu_memory_gb is not None and without > AUTO_CHECKPOINTING_SHARE * gpu_memory_gb
@@ -515,6 +520,33 @@ def estimate_job_memory(config: dict, *, max_seq_length: int = 2048, batch_size:
         quantized_fraction=p["quantized"] / p["total"],
         total_parameters=p["total"], gpu_memory_gb=gpu_memory_gb,
     )
+
+
+def check_fits(base_path: Path, hp: Hyperparameters, name: str, trust_remote_code: bool = False, world_size: int = 1):
+    """The estimate for one GPU's share of the job (its sequences per step, `micro_batch_size` at most) from
+    `config.json` alone, for the memory free on this GPU; JobError naming what to change when even micro-batch 1
+    cannot fit. No limit on the CPU."""
+    import gc
+
+    import torch
+
+    from model_loading import select_precision
+
+    device, compute_dtype = select_precision(hp.compute_dtype)
+    if device == "cuda":  # a warm worker's previous job may still hold memory (reference cycles, cached blocks)
+        gc.collect()
+        torch.cuda.empty_cache()
+    config = load_config(base_path)
+    estimate = estimate_job_memory(
+        config, max_seq_length=hp.max_seq_length, batch_size=math.ceil(hp.batch_size / world_size),
+        micro_batch_size=hp.micro_batch_size, lora_rank=hp.lora_rank,
+        gpu_memory_gb=torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None,
+        gradient_checkpointing=hp.gradient_checkpointing,  # "auto": decided from memory
+        quantize_experts=experts_in_4bit(config) and not trust_remote_code,
+        compute_bytes=torch.tensor([], dtype=compute_dtype).element_size())
+    if not estimate.fits:
+        raise JobError(does_not_fit_message(name, estimate, hp.max_seq_length))
+    return estimate
 
 
 def does_not_fit_message(name: str, estimate: MemoryEstimate, max_seq_length: int) -> str:
@@ -715,3 +747,39 @@ def isolate_packed_examples(model) -> int:
             module._per_example = True
             wrapped += 1
     return wrapped
+
+
+def estimate_command(args) -> int:
+    """`train_lora.py estimate`: the memory a job needs, printed (or as JSON)."""
+    from job import WorkerSettings, parse_hyperparameters
+
+    path = Path(args.base_model)
+    if not (path / "config.json").is_file() and not path.is_file():
+        settings = WorkerSettings.from_env(os.environ)
+        path = resolve_base_model(args.base_model, [settings.model_cache_dir, Path("/workspace/models")])
+    config = load_config(path)
+    setting = parse_hyperparameters({"gradient_checkpointing": args.gradient_checkpointing}).gradient_checkpointing
+    # "auto" decides from the GPU's memory; without a figure for it, size the job with recomputation
+    checkpointing = True if setting == "auto" and args.gpu_memory_gb is None else setting
+    common = dict(max_seq_length=args.max_seq_length, batch_size=args.batch_size, lora_rank=args.lora_rank,
+                  gpu_memory_gb=args.gpu_memory_gb, gradient_checkpointing=checkpointing)
+    estimate = estimate_job_memory(config, quantize_experts=experts_in_4bit(config), **common)
+    result = estimate.to_dict()
+    stock = estimate_job_memory(config, quantize_experts=False, **common)
+    if stock.weights_gb != estimate.weights_gb:  # MoE experts: what the stock transformers path (16-bit experts) would need
+        result["stock_path"] = {k: v for k, v in stock.to_dict().items() if k in ("required_gb", "weights_gb", "fits", "quantized_fraction")}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{path}: {estimate.total_parameters / 1e9:.2f}B parameters, {estimate.quantized_fraction:.1%} stored in 4-bit")
+    print(f"needs ~{estimate.required_gb:.1f} GB: weights {estimate.weights_gb:.1f}, LoRA+optimizer {estimate.lora_gb:.2f}, "
+          f"activations {estimate.activations_gb:.1f}, logits {estimate.logits_gb:.1f}, overhead {estimate.overhead_gb:.1f}")
+    if "stock_path" in result:
+        print(f"(the stock transformers path keeps the fused experts in 16-bit: ~{stock.required_gb:.0f} GB)")
+    if args.gpu_memory_gb is not None:
+        print(f"fits {args.gpu_memory_gb:g} GB: {estimate.fits}; micro-batch {estimate.micro_batch_size} x "
+              f"{estimate.gradient_accumulation_steps} accumulation steps")
+    print(f"gradient checkpointing: {'on' if estimate.gradient_checkpointing else 'off'}" + (
+        "" if setting != "auto" else " (auto)" if args.gpu_memory_gb is not None else " (auto: on without --gpu-memory-gb)"))
+    return 0
+

@@ -15,10 +15,23 @@ special token is ever added (QLoRA does not train the embeddings).
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
 import re
+import sys
+import time
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from job import Hyperparameters
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -522,3 +535,232 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
             "attention_mask": mask, "per_example": per_example, "loss_index": loss_index, "loss_targets": loss_targets,
             "real_tokens": real_tokens, "trained_tokens": trained_tokens,
             "computed_tokens": batch * length}
+
+
+# ---------------------------------------------------------------------------- a dataset, labelled
+
+def load_tokenizer(base_model: Path, trust_remote_code: bool = False):
+    """The tokenizer with the chat template training uses (its own, or a default from tokens it has; the
+    system prompt kept where the template would lose it), and how that template renders (a ChatFormat)."""
+    from transformers import AutoTokenizer
+
+    from job import JobError
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    try:
+        chat_format = prepare_chat_template(tokenizer)
+    except SkipExample as exc:
+        raise JobError(f"the base model {base_model.name} cannot be used for chat training: {exc}") from None
+    if chat_format.system_prompt != "template":
+        log.info("the chat template of %s drops or refuses a system prompt: it is merged into the %s", base_model.name,
+                 chat_format.system_prompt)
+    return tokenizer, chat_format
+
+
+CONVERSATIONS_PER_PROCESS = 200  # below this a labelling process costs more to start (~2 s) than it saves
+_worker_tokenizer = None  # in a labelling process: (tokenizer, end-of-turn text)
+
+
+def labelling_processes(conversations: int) -> int:
+    """One per CONVERSATIONS_PER_PROCESS conversations, at most one per core this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, conversations // CONVERSATIONS_PER_PROCESS))
+
+
+def _start_labelling(base_model: Path, trust_remote_code: bool) -> None:
+    global _worker_tokenizer
+    tokenizer, chat_format = load_tokenizer(base_model, trust_remote_code)
+    _worker_tokenizer = tokenizer, chat_format.end_of_turn
+
+
+def _label_chunk(first: int, conversations: list[dict], max_seq_length: int, tokenizer=None, eot_text: str = ""):
+    """(examples, [(line, problem)]) for consecutive conversations numbered from `first`."""
+    if tokenizer is None:
+        tokenizer, eot_text = _worker_tokenizer
+    examples, problems = [], []
+    for i, conversation in enumerate(conversations, first):
+        try:
+            examples.append(tokenize_conversation(tokenizer, conversation, max_seq_length, eot_text))
+        except SkipExample as exc:
+            problems.append((i + 1, str(exc)))
+    return examples, problems
+
+
+def label_conversations(tokenizer, conversations: list[dict], max_seq_length: int, eot_text: str, *,
+                        processes: int = 1, base_model: Path | None = None, trust_remote_code: bool = False):
+    """Tokenize and label every conversation, in order; returns (examples, length report). With `processes` > 1
+    (and `base_model`, whose tokenizer each process loads once) the conversations are labelled in that many
+    processes, in contiguous chunks, and come back in their order: the same examples as in one."""
+    if processes > 1 and base_model is not None and len(conversations) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        size = math.ceil(len(conversations) / (4 * processes))  # a few chunks each: a slow one does not hold the rest
+        starts = range(0, len(conversations), size)
+        # fork where there is one: a spawned process spends ~3 s importing transformers (and torch) before it labels
+        # anything. The children only tokenize (no CUDA, no torch ops, no logging), which is what fork is safe for.
+        context = get_context("fork" if sys.platform == "linux" else "spawn")
+        with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_labelling,
+                                 initargs=(base_model, trust_remote_code)) as pool:
+            chunks = list(pool.map(_label_chunk, starts, [conversations[s:s + size] for s in starts],
+                                   [max_seq_length] * len(starts)))
+    else:
+        chunks = [_label_chunk(0, conversations, max_seq_length, tokenizer, eot_text)]
+    examples = [e for chunk_examples, _ in chunks for e in chunk_examples]
+    problems = [p for _, chunk_problems in chunks for p in chunk_problems]
+    report = {
+        "examples": len(examples),
+        "shortened": sum(1 for e in examples if e.dropped_messages),
+        "truncated": sum(1 for e in examples if e.truncated),
+        "dropped": len(problems),
+        "problems": [{"example": i, "message": f"example {i}: {message}"} for i, message in problems[:100]],
+    }
+    return examples, report
+
+
+def preview(dataset: str, base_model: str, max_seq_length: int, limit: int | None = None) -> dict:
+    """What the trainer would train on: per example, the token counts and the trained text."""
+    from dataset_loader import load_dataset
+
+    tokenizer, chat_format = load_tokenizer(Path(base_model))
+    eot_text = chat_format.end_of_turn
+    conversations, _ = load_dataset(dataset)
+    examples = []
+    for conversation in conversations[:limit]:
+        try:
+            ex = tokenize_conversation(tokenizer, conversation, max_seq_length, eot_text)
+        except SkipExample as exc:
+            examples.append({"skipped": str(exc)})
+            continue
+        examples.append({"num_tokens": len(ex.input_ids), "num_trained_tokens": ex.num_trained,
+                         "trained_text": trained_runs(tokenizer, ex), "truncated": ex.truncated,
+                         "dropped_messages": ex.dropped_messages, "_example": ex})
+    return {"examples": examples, "template": tokenizer.chat_template, **chat_format.describe(),
+            "eos_token": end_of_turn_token(tokenizer, eot_text), "_tokenizer": tokenizer}
+
+
+def print_preview(result: dict, as_json: bool = False) -> None:
+    """`train_lora.py preview`: each example's counts and its text with the trained runs marked (or JSON)."""
+    tokenizer, examples = result.pop("_tokenizer"), result["examples"]
+    if as_json:
+        print(json.dumps({**result, "examples": [{k: v for k, v in e.items() if k != "_example"} for e in examples]},
+                         ensure_ascii=False))
+        return
+    print(f"chat template: {result['template_source']}; end of turn {result['end_of_turn']!r}; system prompt {result['system_prompt']}")
+    for i, e in enumerate(examples, 1):
+        print(f"=== example {i}: " + (f"skipped: {e['skipped']}" if "skipped" in e else
+              f"{e['num_tokens']} tokens, {e['num_trained_tokens']} trained, truncated={e['truncated']}"))
+        if "_example" in e:
+            print(marked_text(tokenizer, e["_example"]))
+
+
+def marked_text(tokenizer, example: Example) -> str:
+    """The rendered conversation with each trained run between »» and ««."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(example.input_ids, example.labels):
+        trained = label != IGNORE
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token)
+        else:
+            runs.append((trained, [token]))
+    text = (tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(ids)) for _, ids in runs)
+    return "".join(t.join(("»»", "««")) if trained else t for (trained, _), t in zip(runs, text))
+
+
+def sequences_to_tensors(sequences: list[list[Example]]) -> dict:
+    """Sequences as a few flat tensors (what `torch.load(weights_only=True)` reads back: no pickled objects)."""
+    import torch
+
+    examples = [e for seq in sequences for e in seq]
+    flat = lambda attr: torch.frombuffer(bytearray(b"".join(getattr(e, attr).tobytes() for e in examples)) or bytearray(4),
+                                         dtype=torch.int32)[:sum(len(e.input_ids) for e in examples)]
+    return {"input_ids": flat("input_ids"), "labels": flat("labels"),
+            "lengths": torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int64),
+            "per_sequence": torch.tensor([len(seq) for seq in sequences], dtype=torch.int64),
+            "dropped_messages": torch.tensor([e.dropped_messages for e in examples], dtype=torch.int64),
+            "truncated": torch.tensor([e.truncated for e in examples], dtype=torch.bool)}
+
+
+def sequences_from_tensors(saved: dict) -> list[list[Example]]:
+    ids, labels = saved["input_ids"].numpy().tobytes(), saved["labels"].numpy().tobytes()
+    examples, offset = [], 0
+    for length, dropped, truncated in zip(saved["lengths"].tolist(), saved["dropped_messages"].tolist(), saved["truncated"].tolist()):
+        span = slice(4 * offset, 4 * (offset + length))
+        example_ids, example_labels = array("i"), array("i")
+        example_ids.frombytes(ids[span])
+        example_labels.frombytes(labels[span])
+        examples.append(Example(example_ids, example_labels, dropped, truncated))
+        offset += length
+    sequences, start = [], 0
+    for count in saved["per_sequence"].tolist():
+        sequences.append(examples[start:start + count])
+        start += count
+    return sequences
+
+
+# ---------------------------------------------------------------------------- the job's data, prepared once
+
+@dataclass
+class Data:
+    """The labelled dataset as training reads it: sequences (packed examples, or one each) and what labelling found."""
+    fingerprint: str
+    train: list
+    validation: list
+    counts: dict  # examples, validation_examples, validation_conversations
+    length_report: dict
+    packing: bool
+    packing_note: str
+    warnings: list
+    labelled: str = ""  # how: "<n> process(es), <s> s", or "reused from the job directory"
+
+
+DATA_FILE = "labelled-data.pt"
+
+
+def prepare_data(conversations: list[dict], base_path: Path, hp: Hyperparameters, trust_remote_code: bool = False,
+                 keep_in: Path | None = None, fingerprint: str = "") -> Data:
+    """Split off the validation conversations, label and pack both sides; with `keep_in` (the job's checkpoint
+    directory) the result is saved there and a resumed job with the same fingerprint reads it back."""
+    import torch
+
+    from base_models import load_config, packing_support
+    from dataset_loader import split_validation
+    from job import JobError
+
+    path = keep_in / DATA_FILE if keep_in is not None and fingerprint else None
+    if path is not None and path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["fingerprint"] == fingerprint:
+                log.info("labelled data reused from %s", path)
+                return Data(**{**saved, "train": sequences_from_tensors(saved["train"]),
+                               "validation": sequences_from_tensors(saved["validation"]),
+                               "labelled": "reused from the job directory"})
+        except Exception as exc:  # noqa: BLE001 - unreadable: label again
+            log.warning("could not reuse the labelled data in %s (%s); labelling again", path, exc)
+    started = time.monotonic()
+    tokenizer, chat_format = load_tokenizer(base_path, trust_remote_code)
+    train_convs, val_convs, split_warning = split_validation(conversations, hp.val_fraction, hp.seed)
+    processes = labelling_processes(len(conversations))
+    train_examples, length_report = label_conversations(
+        tokenizer, train_convs, hp.max_seq_length, chat_format.end_of_turn, processes=processes, base_model=base_path,
+        trust_remote_code=trust_remote_code)
+    val_examples, _ = label_conversations(tokenizer, val_convs, hp.max_seq_length, chat_format.end_of_turn)
+    if not train_examples:
+        quoted = "; ".join(p["message"] for p in length_report["problems"][:3])
+        raise JobError(f"no example could be tokenized for training: {quoted}")
+    packing, packing_note = packing_support(load_config(base_path)) if hp.packing else (False, "off (packing: false)")
+    sequences = (lambda ex: pack_examples(ex, hp.max_seq_length)) if packing else (lambda ex: [[e] for e in ex])
+    counts = {"examples": len(train_examples), "validation_examples": len(val_examples),
+              "validation_conversations": len({c.get("conversation_id", i) for i, c in enumerate(val_convs)})}
+    data = Data(fingerprint, sequences(train_examples), sequences(val_examples), counts, length_report, packing,
+                packing_note, [w for w in (split_warning, hp.packing and not packing and f"packing {packing_note}") if w],
+                f"{processes} process(es), {time.monotonic() - started:.1f} s")
+    if path is not None:
+        from files import atomic_file, private_dir
+
+        private_dir(keep_in)
+        with atomic_file(path) as f:
+            torch.save({**asdict(data), "train": sequences_to_tensors(data.train),
+                        "validation": sequences_to_tensors(data.validation)}, f)
+    return data

@@ -16,6 +16,7 @@ import shutil
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from files import atomic_dir, private_dir
@@ -55,11 +56,12 @@ def save_checkpoint(directory: Path, step: int, state: dict) -> Path:
     return final
 
 
-def load_latest_checkpoint(directory: Path, fingerprint: str) -> tuple[dict | None, list[str]]:
+def load_latest_checkpoint(directory: Path, fingerprint: str, set_aside: bool = True) -> tuple[dict | None, list[str]]:
     """The newest checkpoint of this job that loads, and warnings about any set aside.
 
     A checkpoint that fails to load, or belongs to different settings or data, is renamed
-    `<name>.bad` (kept for inspection, never used again) and the next older one is tried.
+    `<name>.bad` (kept for inspection, never used again) and the next older one is tried; with `set_aside`
+    False (the other ranks of a job in several processes: rank 0 renames) it is only skipped.
     """
     import torch
 
@@ -70,12 +72,14 @@ def load_latest_checkpoint(directory: Path, fingerprint: str) -> tuple[dict | No
         reason = None
         try:
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            if state.get("fingerprint") != fingerprint:
+            if state.get("fingerprint") != fingerprint or "state" not in state:
                 reason = "it was written for different settings, data or base model"
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is set aside the same way
             reason = f"it could not be read ({type(exc).__name__})"
         if reason is None:
             return state, warnings
+        if not set_aside:
+            continue
         shutil.rmtree(path.with_name(path.name + ".bad"), ignore_errors=True)
         os.replace(path, path.with_name(path.name + ".bad"))
         warnings.append(f"checkpoint {path.name} was set aside because {reason}")
@@ -141,3 +145,46 @@ def stop_on_sigterm(checkpointing: bool = True):
         _job_stop = None
         if flag and flag.previous == signal.SIG_DFL:
             signal.raise_signal(signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------- what a checkpoint holds
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the weights, optimizer, schedule and random state; saved and restored whole."""
+    step: int = 0
+    epoch: int = 0
+    next_start: int = 0  # where in the epoch's order the next step starts (0: a new epoch)
+    history: list = field(default_factory=list)
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    trained_tokens: int = 0
+    recompute_from: int | None = None  # "auto" turned recomputation on at this step (out of memory without it)
+
+
+def capture(run) -> dict:
+    """A checkpoint of `run` (a train_lora.Run): its TrainState, the LoRA weights, the optimizer and schedule, the
+    random state; `restore` puts it back whole."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    return {"fingerprint": run.fingerprint, "state": asdict(run.state),
+            "lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(run.model).items()},
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if run.device == "cuda" else None}
+
+
+def restore(run, saved: dict) -> None:
+    import torch
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(run.model, saved["lora"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.state = TrainState(**saved["state"])
+    if run.world.main:  # the other ranks' dropout draws from their own seeds
+        torch.set_rng_state(saved["rng_torch"])
+        if run.device == "cuda" and saved["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(saved["rng_cuda"])
+    run.resumed_from = run.state.step
+    log.info("resumed from the checkpoint of step %d (epoch %d)", run.state.step, run.state.epoch)

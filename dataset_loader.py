@@ -22,6 +22,7 @@ import argparse
 import gzip
 import io
 import json
+import random
 import re
 import sys
 import zlib
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from job import quoted, shorten
+from job import VALIDATION_MAX_HELD_OUT, VALIDATION_MIN_CONVERSATIONS, VALIDATION_SHARE, quoted, shorten
 
 FORMATS = ("brightrun", "turns", "openai", "sharegpt", "alpaca", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
@@ -635,3 +636,32 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def split_validation(conversations: list[dict], fraction: float | None, seed: int) -> tuple[list[dict], list[dict], str | None]:
+    """(training, validation, a warning or None). Whole conversations are held out: lines with the same
+    `conversation_id` (the pairs of one BrightRun conversation, which share their history) stay on one
+    side. `fraction` None is the default rule (job.VALIDATION_SHARE of the conversations, at most
+    VALIDATION_MAX_HELD_OUT, once there are VALIDATION_MIN_CONVERSATIONS); 0 holds out nothing."""
+    groups: dict[tuple, list[int]] = {}
+    for i, conversation in enumerate(conversations):
+        key = ("id", conversation["conversation_id"]) if "conversation_id" in conversation else ("line", i)
+        groups.setdefault(key, []).append(i)
+    if fraction == 0:
+        return conversations, [], None
+    if fraction is None and len(groups) < VALIDATION_MIN_CONVERSATIONS:
+        return conversations, [], (f"no validation loss: the dataset has {len(groups)} conversations, fewer than the "
+                                   f"{VALIDATION_MIN_CONVERSATIONS} needed to hold some out by default; set "
+                                   "hyperparameters.val_fraction to hold out a share anyway")
+    if len(groups) < 2:
+        return conversations, [], "no validation loss: the dataset has one conversation, none can be held out"
+    if fraction is None:
+        held_out = min(VALIDATION_MAX_HELD_OUT, max(1, round(len(groups) * VALIDATION_SHARE)))
+    else:
+        held_out = min(len(groups) - 1, max(1, round(len(groups) * fraction)))
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    validation = {i for key in keys[:held_out] for i in groups[key]}
+    return ([c for i, c in enumerate(conversations) if i not in validation],
+            [c for i, c in enumerate(conversations) if i in validation], None)
+

@@ -106,3 +106,14 @@ def volume_fault(exc: BaseException) -> str | None:
         return None
     where = f" {exc.filename}" if exc.filename else ""
     return f"could not use{where} ({exc.strerror or os.strerror(exc.errno)}): {_FIXES[exc.errno]}"
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -10,7 +10,6 @@ them in order, reports progress, and turns failures into `{"error": "<stage>: <w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,11 +29,11 @@ import runpod  # noqa: E402
 
 from checkpoints import stop_on_sigterm  # noqa: E402
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
-from job import (JOB_ID_RULE, MAX_MESSAGE_CHARS, JobError, WorkerSettings, is_safe_job_id, parse_job_input,  # noqa: E402
+from job import (JOB_ID_RULE, MAX_MESSAGE_CHARS, JobError, WorkerSettings, is_safe_job_id, job_fingerprint, parse_job_input,  # noqa: E402
                  redact_text, redact_url)
 from files import new_file, private_dir, volume_fault, write_atomically  # noqa: E402
 from storage import JobLock, check_storage, download_dataset, post_callback, presigned_urls, upload_files  # noqa: E402
-from base_models import HubDownload, find_base_model, resolve_base_model, trust_remote_code_for  # noqa: E402
+from base_models import HubDownload, check_fits, find_base_model, resolve_base_model, trust_remote_code_for  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -138,10 +137,11 @@ def _stage(name: str, progress: "ProgressReporter | None" = None, announce: bool
 
 def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> dict:
     """The job's steps in order. Raises JobError (expected) or anything else (a bug)."""
-    spec, warnings = parse_job_input(job.get("input"))
-    job_id = spec.job_id or str(job.get("id") or "")
-    if not is_safe_job_id(job_id):
-        raise JobError(f"invalid job input: job id {job_id!r} {JOB_ID_RULE}")
+    with _stage("validating"):
+        spec, warnings = parse_job_input(job.get("input"))
+        job_id = spec.job_id or str(job.get("id") or "")
+        if not is_safe_job_id(job_id):
+            raise JobError(f"invalid job input: job id {job_id!r} {JOB_ID_RULE}")
     hp = spec.hyperparameters
     base_model = hp.base_model or settings.default_base_model
     trust_remote_code = trust_remote_code_for(base_model, settings.remote_code_models)
@@ -159,8 +159,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         stored = job_dir / "result.json"
         # What makes two submissions the same job: the settings and the dataset's location (a new
         # signed URL for the same file is the same dataset), not the signature, callback or GPU request.
-        input_fingerprint = hashlib.sha256(json.dumps(
-            [hp.model_dump(mode="json"), base_model, redact_url(spec.dataset_url)], sort_keys=True).encode()).hexdigest()
+        input_fingerprint = job_fingerprint(hp, base_model, redact_url(spec.dataset_url))
         if spec.retrain:
             stored.unlink(missing_ok=True)
             shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
@@ -179,7 +178,9 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
             with _stage("starting", progress, announce=False):
                 check_storage(settings, job_id)
         with _stage("loading_model", progress, announce=False):
-            base_path, model_download = _find_or_plan_download(base_model, hp, settings, trust_remote_code, progress)
+            processes = training_processes(settings)
+            base_path, model_download = _find_or_plan_download(base_model, hp, settings, trust_remote_code, progress,
+                                                               processes)
         log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path or "to download",
                  redact_url(spec.dataset_url))
         with _stage("downloading", progress), _timed(seconds, "download"):
@@ -205,14 +206,13 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         import train_lora  # torch, transformers and bitsandbytes load here, on the first job
 
         adapter_dir = job_dir / "adapter"
-        fingerprint = hashlib.sha256(json.dumps([hp.model_dump(mode="json"), download.sha256, str(base_path)],
-                                                sort_keys=True).encode()).hexdigest()
+        fingerprint = job_fingerprint(hp, str(base_path), download.sha256)
         with _stage("training"), _timed(seconds, "training"):
             metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress,
                                        trust_remote_code=trust_remote_code,
                                        checkpoint_dir=job_dir / "checkpoints", fingerprint=fingerprint,
-                                       quantized_cache=settings.quantized_cache).metrics
-        warnings += _gpu_warnings(spec.gpu_config)
+                                       quantized_cache=settings.quantized_cache, processes=processes).metrics
+        warnings += _gpu_warnings(spec.gpu_config, metrics)
         files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
         warnings += _large_file_warnings(files)
         delivery = _deliver(files, job_id, adapter_dir, settings, progress, seconds)
@@ -252,7 +252,7 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         lock.release()
 
 
-def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote_code: bool, progress):
+def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote_code: bool, progress, processes: int):
     """(local directory, None) for a model on this worker; (None, HubDownload) for one to download, after
     its config.json passed the fit check and the volume has room for it."""
     cache_dirs = [settings.model_cache_dir, Path("/workspace/models")]
@@ -267,9 +267,7 @@ def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote
         config_dir = plan.prepare(on_wait=progress.on_event)
         if config_dir is None:  # another worker completed it while this one waited
             return plan.target, None
-        import train_lora
-
-        train_lora.check_fits(config_dir, hp, name, trust_remote_code)
+        check_fits(config_dir, hp, name, trust_remote_code, processes)
         plan.check_free_space()
     except BaseException:
         plan.release()
@@ -356,14 +354,24 @@ def _timed(seconds: dict, name: str):
         seconds[name] = time.monotonic() - t0
 
 
-def _gpu_warnings(gpu_config) -> list[str]:
-    import torch
+def training_processes(settings: WorkerSettings) -> int:
+    """How many ranks train: TRAIN_PROCESSES, else one per visible GPU (1 without one); more than the GPUs is refused."""
+    from distributed import visible_gpus
 
-    seen = torch.cuda.device_count()
-    if gpu_config is None or gpu_config.count == max(seen, 1) and seen:
+    gpus, wanted = visible_gpus(), settings.train_processes
+    if wanted is not None and (wanted < 1 or wanted > max(gpus, 8 if not gpus else gpus)):
+        raise JobError(f"TRAIN_PROCESSES={wanted} but this worker has {gpus or 'no'} GPU(s): set it between 1 and "
+                       f"{gpus or 8} (one process per GPU; on a machine without one, gloo on the CPU, for tests), or unset it")
+    return wanted or max(1, gpus)
+
+
+def _gpu_warnings(gpu_config, metrics: dict) -> list[str]:
+    """gpu_config.count is informational: a count that differs from the ranks that trained is a warning."""
+    used = f"{metrics['world_size']} GPU(s)" if metrics["device"] == "cuda" else "the CPU (no GPU visible)"
+    if gpu_config is None or (gpu_config.count == metrics["world_size"] and metrics["device"] == "cuda"):
         return []
-    used = f"{seen} GPU(s)" if seen else "the CPU (no GPU visible)"
-    return [f"gpu_config asked for {gpu_config.count} GPU(s); this worker trained on {used}"]
+    return [f"gpu_config asked for {gpu_config.count} GPU(s); this worker trained on {used}"
+            + (" (TRAIN_PROCESSES or the endpoint's GPU count decide)" if metrics["device"] == "cuda" else "")]
 
 
 MAX_RESULT_BYTES = 1_000_000  # a job's output as JSON; the SDK refuses about 20 MB, and the app reads it whole
@@ -432,10 +440,15 @@ def check_deployment() -> None:
     except JobError as exc:
         log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed", exc)
         return
+    try:
+        processes = training_processes(settings)
+    except JobError as exc:
+        log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed", exc)
+        return
     delivery = ("S3 storage at " + redact_url(settings.s3_endpoint_url) if settings.s3_configured else
                 "the network volume only (VOLUME_DELIVERY)" if settings.volume_delivery else "file:// links (a local run)")
-    log.info("worker ready: jobs in %s, models in %s, adapters delivered through %s", settings.jobs_dir,
-             settings.model_cache_dir, delivery)
+    log.info("worker ready: jobs in %s, models in %s, adapters delivered through %s, training in %d process(es)",
+             settings.jobs_dir, settings.model_cache_dir, delivery, processes)
 
 
 if __name__ == "__main__":

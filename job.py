@@ -309,6 +309,15 @@ APP_STORAGE_HELP = ("Supabase Storage's S3 endpoint (S3_ENDPOINT_URL=https://<pr
                     "from the project's Storage settings), or AWS S3 or Cloudflare R2")
 
 
+def job_fingerprint(hp: "Hyperparameters", base_model: str, dataset: str) -> str:
+    """What makes two runs the same job, as a hash: the settings, the base model and the dataset (its sha256 for
+    training; for a submission before the download, its URL without the signature)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([hp.model_dump(mode="json"), str(base_model), dataset], sort_keys=True).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Settings of the deployment, read from environment variables named like the fields (upper case)."""
@@ -338,6 +347,7 @@ class WorkerSettings:
     presigned_url_expiry_s: int = _setting(7 * 24 * 3600, "lifetime of the presigned GET URLs in `model_files` (seconds; SigV4 allows at most 7 days)", int)
     volume_delivery: bool = _setting(False, "deliver on the network volume only: no S3; the result lists each file's path in `volume_files` and has no `model_files` (the app cannot download these)", bool)
     runpod_endpoint_id: str | None = _setting(None, "set by RunPod on an endpoint's workers; there a job fails at once unless S3 storage or VOLUME_DELIVERY is set", str)
+    train_processes: int | None = _setting(None, "training processes, one per GPU (data parallel, torch.distributed); unset: every visible GPU, 1 on a machine without one", int)
     progress_interval_s: float = _setting(10.0, "least seconds between two progress updates within a stage (stage changes are always sent)", float)
 
     @staticmethod

@@ -24,7 +24,7 @@ import requests
 import urllib3
 from runpod.serverless.utils import rp_ssrf
 
-from files import new_file
+from files import atomic_file, new_file
 from job import APP_STORAGE_HELP, JobError, WorkerSettings, redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,11 @@ def _copy_local_file(url: str, dest: Path, max_bytes: int) -> Download:
         raise JobError(f"dataset file {source} is empty (0 bytes)")
     if size > max_bytes:
         raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES")
-    part = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
-    with open(source, "rb") as src, os.fdopen(new_file(part), "wb") as out:
+    with open(source, "rb") as src, atomic_file(dest) as out:
         for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):  # streamed: never the whole file in memory
             out.write(chunk)
             digest.update(chunk)
-    os.replace(part, dest)
     return Download(dest, size, digest.hexdigest(), 1)
 
 

@@ -62,7 +62,7 @@ def measure(way: str, model_dir: str, copy_root: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train_lora import load_base_model, quantization_config, select_precision
+    from model_loading import load_base_model, quantization_config, select_precision
 
     device, dtype = select_precision()
     peak, done = [_anon_kib()], threading.Event()
@@ -112,7 +112,7 @@ def build(name: str, spec: dict | Path, root: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from train_lora import select_precision
+    from model_loading import select_precision
 
     _, dtype = select_precision()
     config = json.loads(Path(spec).read_text()) if isinstance(spec, Path) else dict(spec)

@@ -119,8 +119,8 @@ def run_ours(convs, model_dir, hp: Hyperparameters, out_dir: Path, count_syncs: 
     del result
     row = {"first_step_seconds": stamps[0] - timer_start, "tokens_per_second": _steady_tokens_per_second(stamps, history),
            "token_efficiency": m["token_efficiency"], "peak_memory_gb": m["peak_memory_gb"], "steps": m["steps"],
-           "real_tokens": m["tokens"], "gradient_checkpointing": m["gradient_checkpointing"],
-           "micro_batch_size": result_config(out_dir)["effective"]["micro_batch_size"]}
+           "real_tokens": m["tokens"], "gradient_checkpointing": "on" if m["gradient_checkpointing"] else "off",
+           "micro_batch_size": result_config(out_dir)["plan"]["micro_batch_size"]}
     if counting and len(syncs_at) > 1:
         row["syncs_per_step"] = syncs_at[-1] - syncs_at[-2]
     return row
@@ -144,8 +144,8 @@ def run_hf_trainer(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from chat_labels import IGNORE
-    from train_lora import (label_conversations, load_tokenizer, lora_config, lora_targets, quantization_config,
-                            select_precision)
+    from chat_labels import label_conversations, load_tokenizer
+    from model_loading import lora_config, lora_targets, quantization_config, select_precision
 
     started = time.monotonic()
     tokenizer, chat_format = load_tokenizer(Path(model_dir))

@@ -18,7 +18,8 @@ from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
 from tiny_model import build_tiny_model
-from train_lora import causal_lm_class, lora_targets_as_named, quantization_config, same_kernels_in_eval, train
+from model_loading import causal_lm_class, lora_targets_as_named, quantization_config, same_kernels_in_eval
+from train_lora import train
 
 CONFIGS = ROOT / "data" / "model-configs"
 
@@ -272,7 +273,7 @@ def test_allow_list_download_switch_and_remote_code(tmp_path):
 
 
 def test_the_4bit_copy_of_a_per_expert_model_keeps_its_experts(tiny_qwen3_next, tmp_path):
-    from train_lora import load_base_model
+    from model_loading import load_base_model
 
     quantized, source = load_base_model(tiny_qwen3_next, "cpu", torch.float32, quantized_cache=tmp_path)
     copied, copy_source = load_base_model(tiny_qwen3_next, "cpu", torch.float32, quantized_cache=tmp_path)
@@ -284,7 +285,7 @@ def test_the_4bit_copy_of_a_per_expert_model_keeps_its_experts(tiny_qwen3_next, 
 
 
 def test_listed_targets_never_reach_the_routed_experts(tiny_qwen3_next):
-    from train_lora import load_model
+    from model_loading import load_model
 
     hp = Hyperparameters(lora_rank=4, lora_target_modules=["gate_proj", "q_proj"])
     model, _ = load_model(tiny_qwen3_next, hp, "cpu", torch.float32)

@@ -60,3 +60,18 @@ def test_the_load_benchmark_compares_stock_ours_and_the_copy(tmp_path):
     assert [rows[w]["source"] for w in ("stock", "ours", "copy")] == ["stock", "quantized while loading", "4-bit copy"]
     assert rows["ours"]["fraction_in_4bit"] == rows["copy"]["fraction_in_4bit"] > rows["stock"]["fraction_in_4bit"]
     assert 0 < rows["copy"]["bytes_read_mb"] < rows["ours"]["bytes_read_mb"]
+
+
+def test_the_labelling_benchmark_compares_one_and_two_processes_on_the_same_data(tmp_path):
+    """bench_label.py labels the same conversations in 1 and in 2 processes and fails if they differ."""
+    import json
+    import subprocess
+
+    out = tmp_path / "label.json"
+    run = subprocess.run([sys.executable, "bench/bench_label.py", "--conversations", "60", "--processes", "1", "2",
+                          "--max-seq-length", "512", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["processes"] for r in rows] == [1, 2]
+    assert rows[0]["tokens"] == rows[1]["tokens"] > 0 and rows[0]["examples"] == rows[1]["examples"] == 60
+    assert all(r["labelled_tokens_per_second"] > 0 for r in rows)

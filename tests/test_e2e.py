@@ -19,7 +19,7 @@ def test_job_trains_an_adapter_that_changes_the_model(worker, storage, tiny_qwen
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train_lora import quantization_config, same_kernels_in_eval
+    from model_loading import quantization_config, same_kernels_in_eval
 
     result = runsync(worker, {
         "job_id": "e2e-shape-a",
@@ -76,7 +76,7 @@ def test_unreachable_dataset_url_fails_with_the_cause(worker, tiny_qwen2):
 def test_invalid_input_lists_every_problem(worker):
     result = runsync(worker, {"dataset_url": "ftp://x/y", "hyperparameters": {"learning_rate": 0.5}, "gpu_config": {}})
     assert result["status"] == "FAILED"
-    assert result["error"] == ("invalid job input: dataset_url='ftp://x/y': must be an http(s) URL; "
+    assert result["error"] == ("validating: invalid job input: dataset_url='ftp://x/y': must be an http(s) URL; "
                                "hyperparameters.learning_rate=0.5 is above 0.001; gpu_config.count is missing")
 
 

@@ -122,7 +122,7 @@ def test_importing_the_handler_loads_no_training_library():
             "'hyperparameters': {'rank': 1}}}); print(r['error'])")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["[]", "invalid job input: hyperparameters.rank=1 is below 4"]  # named as sent
+    assert run.stdout.splitlines() == ["[]", "validating: invalid job input: hyperparameters.rank=1 is below 4"]  # named as sent
 
 
 def test_progress_updates_follow_the_apps_columns(monkeypatch):

@@ -144,7 +144,7 @@ def test_a_model_too_large_for_the_gpu_fails_on_its_config_before_the_dataset_or
                                                                                         monkeypatch):
     """Qwen3-Next-80B's real config.json on a GPU with 24 GB free (the GPU's memory query is the only stand-in)."""
     import handler
-    import train_lora
+    import model_loading
     from job import WorkerSettings
 
     repo = hub.root / "acme" / "next-80b"
@@ -157,7 +157,7 @@ def test_a_model_too_large_for_the_gpu_fails_on_its_config_before_the_dataset_or
     for shard in shards:
         (repo / shard).write_bytes(os.urandom(10_000))
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(train_lora, "select_precision", lambda setting: ("cuda", torch.bfloat16))
+    monkeypatch.setattr(model_loading, "select_precision", lambda setting: ("cuda", torch.bfloat16))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (24 * 1024**3, 80 * 1024**3))
     settings = WorkerSettings.from_env({"JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(tmp_path / "models")})
     spec = {"job_id": "too-big", "dataset_url": storage.url(SAMPLE.name, storage.good),

@@ -110,7 +110,7 @@ def test_flex_attention_with_a_document_mask_keeps_packed_examples_apart(model_t
     """The GPU's fast path (collate's BlockMask, rows padded to a fixed length), in forward: flex attention runs
     forward on the CPU, backward only on a GPU, so its training speed is the GPU benchmark's."""
     from base_models import meta_model
-    from train_lora import select_attention
+    from model_loading import select_attention
 
     import importlib.util
     import shutil
@@ -134,7 +134,7 @@ def test_models_with_linear_attention_layers_keep_the_dense_mask_on_a_gpu(model_
     """transformers 5.23 has no flex attention for Qwen3-Next, and the hybrids that have it (LFM2, Granite-4.0-H,
     Nemotron-H, Zamba2) cannot take a BlockMask beside their linear layers: the worker keeps sdpa's dense mask."""
     from base_models import meta_model, token_mixers
-    from train_lora import select_attention
+    from model_loading import select_attention
 
     architecture = meta_model(tiny(model_type).config.to_dict())
     mixers = token_mixers(architecture)
@@ -149,10 +149,11 @@ def test_the_lora_gradients_of_packed_examples_equal_those_of_each_alone(tmp_pat
     micro-batch equals the sum of the gradients of each example alone."""
     from job import Hyperparameters
     from tiny_model import build_tiny_model
-    from train_lora import _loss_sum, load_model
+    from model_loading import load_model
+    from train_lora import loss_sum
 
     base = build_tiny_model("qwen3_next", tmp_path / "tiny-qwen3-next")
-    model, _ = load_model(base, Hyperparameters(lora_rank=4, lora_dropout=0.0), "cpu", torch.float32, checkpointing=True)
+    model, _ = load_model(base, Hyperparameters(lora_rank=4, lora_dropout=0.0), "cpu", torch.float32, recompute=True)
     model.get_base_model().per_example_layers = isolate_packed_examples(model)
     with torch.no_grad():  # B starts at zero: give the adapters a value so that their gradients are not trivial
         for name, p in model.named_parameters():
@@ -165,7 +166,7 @@ def test_the_lora_gradients_of_packed_examples_equal_those_of_each_alone(tmp_pat
     def gradients(batches):
         model.zero_grad()
         for batch in batches:
-            _loss_sum(model, batch).backward()
+            loss_sum(model, batch).backward()
         return {n: p.grad.clone() for n, p in lora.items()}
 
     packed = gradients([collate(rows, 0)])

@@ -52,15 +52,21 @@ def losses(adapter_dir):
 
 
 def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_exactly_like_an_uninterrupted_one(
-        conversations, tiny_qwen2, tmp_path, uninterrupted):
+        conversations, tiny_qwen2, tmp_path, uninterrupted, monkeypatch):
     checkpoints = tmp_path / "checkpoints"
     with pytest.raises(Crash):
         train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP), on_progress=crash_at(5),
               checkpoint_dir=checkpoints, fingerprint="job-1")
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]  # the last two
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "labelled-data.pt"]
+    import chat_labels
+
+    labelled = []
+    original = chat_labels.tokenize_conversation
+    monkeypatch.setattr(chat_labels, "tokenize_conversation", lambda *a: labelled.append(1) or original(*a))
     metrics = train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP),
                     checkpoint_dir=checkpoints, fingerprint="job-1").metrics
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 6
+    assert labelled == [] and metrics["labelled"] == "reused from the job directory"  # not labelled again
     assert losses(tmp_path / "adapter") == pytest.approx(losses(uninterrupted[1] / "adapter"), abs=1e-6)
 
 
@@ -93,8 +99,8 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous
     real_save, calls = torch.save, []
 
     def save_until_the_disk_is_full(obj, f, *args, **kwargs):  # the disk is outside the code under test
-        calls.append(1)
-        if len(calls) > 1:
+        calls.append("lora" in obj)  # checkpoints (the labelled data is saved once, first)
+        if sum(calls) > 1:
             f.write(b"partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *args, **kwargs)
@@ -105,9 +111,9 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous
         train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP),
               checkpoint_dir=tmp_path / "checkpoints", fingerprint="job-3")
     monkeypatch.setattr(torch, "save", real_save)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2", "labelled-data.pt"]
     state, warnings = load_latest_checkpoint(tmp_path / "checkpoints", "job-3")
-    assert state["step"] == 2 and warnings == []
+    assert state["state"]["step"] == 2 and warnings == []
     assert not (tmp_path / "adapter").exists()
 
 
@@ -126,7 +132,7 @@ def test_sigterm_during_training_writes_a_checkpoint_then_exits(tiny_qwen2, tmp_
     proc.send_signal(signal.SIGTERM)
     proc.stderr.read()
     assert proc.wait(timeout=60) == -signal.SIGTERM  # the default SIGTERM action, after the checkpoint
-    written = [p.name for p in checkpoints.iterdir()]
+    written = [p.name for p in checkpoints.glob("checkpoint-*")]
     assert len(written) == 1 and int(written[0].split("-")[1]) >= 2
     assert not (tmp_path / "adapter").exists()
 
@@ -163,7 +169,7 @@ def test_kill_9_mid_training_then_the_same_job_resumes_and_completes(storage, ti
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train_lora import quantization_config
+    from model_loading import quantization_config
 
     job = {"job_id": "kill-9", "dataset_url": storage.url(SAMPLE.name, storage.good),
            "hyperparameters": {"base_model": str(tiny_qwen2), "max_steps": 40, "batch_size": 1, "max_seq_length": 384,
@@ -259,7 +265,7 @@ def test_a_4bit_copy_the_volume_cannot_hold_leaves_nothing_behind_and_the_job_go
     import resource
     import signal
 
-    from train_lora import load_base_model
+    from model_loading import load_base_model
 
     # A real write failure: files may not grow past 64 KiB (EFBIG), so safetensors' writer fails as on a full disk.
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -277,7 +283,7 @@ def test_a_4bit_copy_the_volume_cannot_hold_leaves_nothing_behind_and_the_job_go
 
 
 def test_a_copy_whose_weights_do_not_match_the_model_is_set_aside(tiny_qwen2, tmp_path, caplog):
-    from train_lora import causal_lm_class, load_base_model, quantized_copy_dir
+    from model_loading import causal_lm_class, load_base_model, quantized_copy_dir
 
     copy = quantized_copy_dir(tiny_qwen2, torch.float32, tmp_path, causal_lm_class(tiny_qwen2))
     load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)
@@ -294,7 +300,7 @@ def test_a_copy_whose_weights_do_not_match_the_model_is_set_aside(tiny_qwen2, tm
 def test_two_workers_writing_one_copy_at_once_and_a_killed_writers_leftovers(tiny_qwen2, tmp_path, caplog):
     import logging
 
-    from train_lora import _keep_quantized_copy, load_base_model
+    from model_loading import _keep_quantized_copy, load_base_model
 
     model, _ = load_base_model(tiny_qwen2, "cpu", torch.float32)
     copy = tmp_path / "tiny-qwen2-0123456789abcdef"
@@ -326,7 +332,7 @@ def test_two_workers_writing_one_copy_at_once_and_a_killed_writers_leftovers(tin
 def test_a_copy_is_kept_when_the_fault_is_not_the_copys(tiny_qwen2, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
-    from train_lora import load_base_model
+    from model_loading import load_base_model
 
     load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path)
     (copy,) = [p for p in tmp_path.iterdir()]
@@ -348,7 +354,7 @@ def test_the_copy_is_named_by_what_decides_its_bytes(tiny_qwen2, tiny_mistral, t
     from transformers import AutoModelForCausalLM
 
     from base_models import per_expert_model_class
-    from train_lora import causal_lm_class, quantized_copy_dir
+    from model_loading import causal_lm_class, quantized_copy_dir
 
     stock = causal_lm_class(tiny_qwen2)
     names = {quantized_copy_dir(tiny_qwen2, torch.float32, tmp_path, stock),
@@ -393,7 +399,8 @@ def test_auto_checkpointing_turns_on_when_a_step_runs_out_of_memory_and_redoes_i
     faults = out_of_memory_once(after=2)  # in the step's second micro-batch, the first one's gradients already there
     result = train(conversations, tiny_qwen2, tmp_path / "auto", Hyperparameters(**hp, gradient_checkpointing="auto"))
     assert faults == [False]  # the fault came with recomputation off, as "auto" chose on this CPU
-    assert result.metrics["gradient_checkpointing"] == "on from step 1 (out of memory without it)"
+    assert result.metrics["recomputation"] == "on from step 1 (out of memory without it)"
+    assert result.metrics["gradient_checkpointing"] is True
     assert "turning it on and redoing the step" in caplog.text
     layers = result.model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
@@ -415,7 +422,8 @@ def test_a_job_that_turned_checkpointing_on_resumes_with_it_on(conversations, ti
                    checkpoint_dir=checkpoints, fingerprint="job-oom")
     assert faults == [False]  # no second fault was armed: nothing ran out of memory after the resume
     assert result.metrics["resumed_from_step"] == 2
-    assert result.metrics["gradient_checkpointing"] == "on from step 1 (out of memory without it)"
+    assert result.metrics["recomputation"] == "on from step 1 (out of memory without it)"
+    assert result.metrics["gradient_checkpointing"] is True
     assert all(layer.gradient_checkpointing for layer in result.model.get_base_model().model.layers)
 
 

@@ -15,7 +15,8 @@ from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
 from base_models import resolve_base_model
-from train_lora import quantization_config, same_kernels_in_eval, train
+from model_loading import quantization_config, same_kernels_in_eval
+from train_lora import train
 
 
 def load_base(path):
@@ -92,7 +93,7 @@ def test_metrics_config_and_stop_tokens_are_saved(trained):
     assert metrics["validation_examples"] >= 1 and metrics["warnings"] == []
     assert 0 < metrics["token_efficiency"] <= 1 and metrics["trained_tokens"] < metrics["tokens"]
     config = json.loads((out / "training_config.json").read_text())
-    assert config["seed"] == 42 and config["effective"]["gradient_accumulation_steps"] == 2
+    assert config["seed"] == 42 and config["plan"]["accumulation_steps"] == 2
     assert config["versions"]["bitsandbytes"] and config["hyperparameters"]["lora_rank"] == 8
     assert len((out / "training_log.jsonl").read_text().splitlines()) == 3
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -129,15 +130,15 @@ def test_preview_cli_shows_the_trained_text(tiny_qwen2):
 def trained_token_loss(model, tokenizer, conversations, max_seq_length=512):
     """Mean cross-entropy over the trained tokens of `conversations` (one sequence each)."""
     from chat_labels import collate, end_of_turn_text, tokenize_conversation
-    from train_lora import _loss_sum, _trained_in
+    from train_lora import loss_sum
 
     eot = end_of_turn_text(tokenizer)
     total = count = 0
     with torch.no_grad():
         for c in conversations:
             batch = collate([[tokenize_conversation(tokenizer, c, max_seq_length, eot)]], tokenizer.pad_token_id)
-            total += float(_loss_sum(model, batch))
-            count += _trained_in(batch)
+            total += float(loss_sum(model, batch))
+            count += batch["trained_tokens"]
     return total / count
 
 
@@ -169,6 +170,7 @@ def test_the_cli_trains_and_a_cpu_run_is_reproducible(tiny_qwen2, tmp_path):
 
 def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwen2, monkeypatch):
     """The trainer never builds the full logits; its loss and LoRA gradients match the plain computation."""
+    import model_loading
     import train_lora
     from chat_labels import IGNORE, collate, end_of_turn_text, pack_examples, tokenize_conversation
     from peft import get_peft_model
@@ -179,7 +181,7 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwe
     batch = collate(pack_examples(examples, 1024)[:2], tokenizer.pad_token_id)
     hp = Hyperparameters(lora_rank=4, lora_dropout=0.0)
     torch.manual_seed(0)
-    model = get_peft_model(load_base(tiny_qwen2), train_lora.lora_config(hp, "all-linear"))
+    model = get_peft_model(load_base(tiny_qwen2), model_loading.lora_config(hp, "all-linear"))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)  # a trained-looking adapter, so that gradients reach lora_A too
@@ -188,7 +190,7 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwe
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     monkeypatch.setattr(train_lora, "LOSS_CHUNK_TOKENS", 100)  # several chunks
-    chunked = train_lora._loss_sum(model, batch)
+    chunked = train_lora.loss_sum(model, batch)
     chunked.backward()
     chunked_grads = grads()
     model.zero_grad()
@@ -231,7 +233,7 @@ def test_a_volume_that_cannot_hold_the_copy_costs_nothing_but_the_copy(tiny_qwen
 
 
 def test_the_default_validation_split_holds_out_whole_conversations():
-    from train_lora import split_validation
+    from dataset_loader import split_validation
 
     conversations, _ = load_dataset(SAMPLE)  # 44 BrightRun pairs of 12 conversations
     for seed in range(20):

@@ -1,0 +1,223 @@
+"""Data-parallel training over the worker's GPUs: every torch.distributed call the trainer makes is here.
+
+`launch` starts one process per GPU with PyTorch's own elastic launcher (what `torchrun --standalone`
+runs), on this one node, and waits for them. Each process (`rank`) loads the 4-bit base on its GPU and
+trains the same LoRA on its share of every global batch; after each step's backward, `reduce_step`
+sums the LoRA gradients over the ranks (one all-reduce, with the figures every rank needs), so every
+rank takes the same optimizer step. NCCL on GPUs, gloo on the CPU (the tests).
+
+Rank 0 alone reports progress (through a queue to the launching process) and writes checkpoints, the
+adapter and the result. A rank that fails ends the job: the launcher stops the others (SIGTERM, then
+SIGKILL after `SHUTDOWN_TIMEOUT_S`) and raises JobError with the failed rank's own message; SIGTERM
+sent to the launching process reaches every rank, which stop together after the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from job import JobError
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 30  # after a rank fails or SIGTERM: how long the others get to exit before SIGKILL
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails the job (a hung rank)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def start(device: str) -> World:
+    """Join the job's process group when the launcher started this process (WORLD_SIZE > 1); else a world of one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def stop(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sum_over_ranks(world: World, values: list[float], device: str = "cpu") -> list[float]:
+    """Each value summed over the ranks (float64: token counts stay exact)."""
+    if world.size == 1:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def reduce_step(world: World, params: list, figures: list[float]) -> list[float]:
+    """Sum the gradients of `params` over the ranks in place, and `figures` with them (one all-reduce);
+    returns the summed figures. A rank with no micro-batch in this step contributes zeros."""
+    if world.size == 1:
+        return list(figures)
+    import torch
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(figures, dtype=torch.float32, device=grads[0].device)])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[offset:].tolist()
+
+
+def gather_figure(world: World, value: float, device: str = "cpu") -> list[float]:
+    """One figure from every rank, in rank order (peak memory per GPU)."""
+    values = [0.0] * world.size
+    values[world.rank] = value
+    return sum_over_ranks(world, values, device)
+
+
+# ---------------------------------------------------------------------------- the launching process
+
+_events = None  # in a rank: the queue to the launching process
+
+
+def report(kind: str, payload) -> None:
+    """Send an event to the launching process (from a launched rank); nothing in a single process."""
+    if _events is not None:
+        _events.put((kind, payload))
+
+
+def _rank_main(entrypoint, events, args):
+    """What each launched process runs: `entrypoint(*args)` with its failure sent to the launcher, in words."""
+    global _events
+    from checkpoints import stop_on_sigterm
+
+    _events = events
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,  # one rank tells the steps
+                        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s %(message)s")
+    with stop_on_sigterm(checkpointing=False):  # outside training SIGTERM ends the rank at once
+        try:
+            return entrypoint(*args)
+        except JobError as exc:
+            report("error", (rank, type(exc).__name__, str(exc)))
+            raise
+        except BaseException as exc:
+            report("error", (rank, type(exc).__name__, f"{type(exc).__name__}: {exc}"))
+            raise
+
+
+def launch(processes: int, entrypoint, args: tuple, on_event=None):
+    """Run `entrypoint(*args)` in `processes` ranks on this node; returns rank 0's return value.
+
+    `on_event(payload)` receives what rank 0 reports as "progress", in the launching process (from a thread).
+    Raises JobError naming the rank that failed first and why; Stopped when SIGTERM stopped the ranks."""
+    import multiprocessing
+
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from checkpoints import Stopped
+
+    # A SimpleQueue writes in the caller's thread: a rank's last message is sent before it exits (a Queue's feeder thread
+    # can die with the rank holding the queue's lock, and the launcher then hangs at exit). Only the ranks write.
+    events, done = multiprocessing.get_context("spawn").SimpleQueue(), threading.Event()
+    errors: list[tuple] = []
+
+    def relay():
+        while not (done.is_set() and events.empty()):
+            if events.empty():
+                time.sleep(0.05)
+                continue
+            kind, payload = events.get()
+            if kind == "error":
+                errors.append(payload)
+            elif kind == "progress" and on_event is not None:
+                try:
+                    on_event(payload)
+                except Exception:  # noqa: BLE001 - a failed progress report must not stop training
+                    log.warning("a progress update failed", exc_info=True)
+
+    relayer = threading.Thread(target=relay, name="rank-events", daemon=True)
+    relayer.start()
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0, monitor_interval=0.5,
+                          start_method="spawn", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # the launcher replaces them
+    log.info("training in %d processes (torch.distributed, %s)", processes, "nccl" if visible_gpus() else "gloo")
+    failure = None
+    try:
+        returned = elastic_launch(config, _rank_main)(entrypoint, events, args)
+    except (SignalException, ChildFailedError) as exc:
+        failure = exc
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        done.set()
+        relayer.join(timeout=5)  # every message the ranks sent, read
+    if failure is None:
+        return returned[0]
+    if isinstance(failure, ChildFailedError):
+        raise JobError(_failure_message(processes, errors, failure))
+    # SIGTERM here: the launcher handed it to every rank and waited for them; what was there before hears of it too
+    previous = handlers.get(failure.sigval)
+    if callable(previous):
+        try:
+            previous(failure.sigval, None)
+        except Stopped:
+            pass
+    stopped = [e for e in errors if e[1] == "Stopped"]
+    raise Stopped(stopped[0][2] if stopped else "the worker was asked to stop (SIGTERM); resubmit the job")
+
+
+def _failure_message(processes: int, errors: list[tuple], exc) -> str:
+    """The first failure, in the failed rank's words: its JobError, its exception, or the signal that killed it."""
+    rank, failure = exc.get_first_failure()
+    own = [e for e in errors if e[0] == rank] or [e for e in errors if e[1] == "JobError"]
+    if own and own[0][1] in ("JobError", "Stopped"):
+        return own[0][2] if processes == 1 else f"{own[0][2]} (training process {own[0][0]} of {processes})"
+    if failure.exitcode < 0:
+        cause = f"was killed by {failure.signal_name()}"
+        hint = " (SIGKILL is what the kernel's out-of-memory killer sends: the worker's RAM may be too small)" \
+            if failure.signal_name() == "SIGKILL" else ""
+    else:
+        cause = f"failed: {own[0][2] if own else failure.message or f'exit code {failure.exitcode}'}"
+        hint = ""
+    return (f"training process {rank} of {processes} {cause}{hint}; the others were stopped. Resubmit the job: it "
+            "resumes from its last checkpoint")
