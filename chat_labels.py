@@ -24,7 +24,8 @@ import sys
 import time
 from array import array
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -561,10 +562,22 @@ CONVERSATIONS_PER_PROCESS = 200  # below this a labelling process costs more to 
 _worker_tokenizer = None  # in a labelling process: (tokenizer, end-of-turn text)
 
 
-def labelling_processes(conversations: int) -> int:
-    """One per CONVERSATIONS_PER_PROCESS conversations, at most one per core this process may use."""
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by the container's CPU quota (cgroup v2 `cpu.max`,
+    which a container on a large host has while its affinity still lists every core of the host)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, conversations // CONVERSATIONS_PER_PROCESS))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def labelling_processes(conversations: int) -> int:
+    """One per CONVERSATIONS_PER_PROCESS conversations, at most one per usable core."""
+    return max(1, min(usable_cores(), conversations // CONVERSATIONS_PER_PROCESS))
 
 
 def _start_labelling(base_model: Path, trust_remote_code: bool) -> None:
@@ -600,10 +613,17 @@ def label_conversations(tokenizer, conversations: list[dict], max_seq_length: in
         # fork where there is one: a spawned process spends ~3 s importing transformers (and torch) before it labels
         # anything. The children only tokenize (no CUDA, no torch ops, no logging), which is what fork is safe for.
         context = get_context("fork" if sys.platform == "linux" else "spawn")
-        with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_labelling,
-                                 initargs=(base_model, trust_remote_code)) as pool:
+        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_labelling,
+                                   initargs=(base_model, trust_remote_code))
+        try:
             chunks = list(pool.map(_label_chunk, starts, [conversations[s:s + size] for s in starts],
                                    [max_seq_length] * len(starts)))
+        except BaseException:  # SIGTERM (Stopped) or a failed chunk: do not wait for the chunks still queued
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            raise
+        pool.shutdown()
     else:
         chunks = [_label_chunk(0, conversations, max_seq_length, tokenizer, eot_text)]
     examples = [e for chunk_examples, _ in chunks for e in chunk_examples]
@@ -756,11 +776,15 @@ def prepare_data(conversations: list[dict], base_path: Path, hp: Hyperparameters
     data = Data(fingerprint, sequences(train_examples), sequences(val_examples), counts, length_report, packing,
                 packing_note, [w for w in (split_warning, hp.packing and not packing and f"packing {packing_note}") if w],
                 f"{processes} process(es), {time.monotonic() - started:.1f} s")
-    if path is not None:
+    if path is not None:  # a cache: a failed write costs a resumed job the labelling, nothing else
         from files import atomic_file, private_dir
 
-        private_dir(keep_in)
-        with atomic_file(path) as f:
-            torch.save({**asdict(data), "train": sequences_to_tensors(data.train),
-                        "validation": sequences_to_tensors(data.validation)}, f)
+        fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+        try:
+            private_dir(keep_in)
+            with atomic_file(path) as f:
+                torch.save({**fields, "train": sequences_to_tensors(data.train),
+                            "validation": sequences_to_tensors(data.validation)}, f)
+        except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
+            log.warning("could not keep the labelled data in %s (%s); a resumed job labels it again", path, exc)
     return data

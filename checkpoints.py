@@ -1,9 +1,10 @@
 """Training checkpoints that survive a worker disappearing, and a stop request that writes one.
 
 A checkpoint is a directory `checkpoint-<step>/state.pt` holding everything needed to continue
-exactly where training stopped: the LoRA weights, the optimizer and scheduler states, every RNG
-state, the data position (epoch, the shuffle state at that epoch's start, the next batch), the
+exactly where training stopped: the LoRA weights, the optimizer and scheduler states, rank 0's RNG
+state, the data position (epoch and the next batch: an epoch's order follows from the seed), the
 loss history and the token counters, plus a fingerprint of the job (settings, dataset, base model).
+Written by rank 0 alone (every rank holds the same weights and optimizer state); any world size resumes it.
 It is written into a fresh directory and renamed into place (files.atomic_dir), so a crash mid-write leaves
 the previous one; the last two are kept.
 """
@@ -72,7 +73,9 @@ def load_latest_checkpoint(directory: Path, fingerprint: str, set_aside: bool = 
         reason = None
         try:
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            if state.get("fingerprint") != fingerprint or "state" not in state:
+            if "state" not in state:
+                reason = "it was written by an earlier version of the worker"
+            elif state.get("fingerprint") != fingerprint:
                 reason = "it was written for different settings, data or base model"
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is set aside the same way
             reason = f"it could not be read ({type(exc).__name__})"

@@ -8,8 +8,9 @@ rank takes the same optimizer step. NCCL on GPUs, gloo on the CPU (the tests).
 
 Rank 0 alone reports progress (through a queue to the launching process) and writes checkpoints, the
 adapter and the result. A rank that fails ends the job: the launcher stops the others (SIGTERM, then
-SIGKILL after `SHUTDOWN_TIMEOUT_S`) and raises JobError with the failed rank's own message; SIGTERM
-sent to the launching process reaches every rank, which stop together after the same step.
+SIGKILL after torch's own 30 s) and raises JobError with the failed rank's own message; SIGTERM sent to
+the launching process reaches every rank, which stop together after the same step (SIGKILL after
+`SHUTDOWN_TIMEOUT_S`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from job import JobError
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_TIMEOUT_S = 30  # after a rank fails or SIGTERM: how long the others get to exit before SIGKILL
+SHUTDOWN_TIMEOUT_S = 60  # after SIGTERM: how long the ranks get to finish the step and checkpoint before SIGKILL
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails the job (a hung rank)
 
 
@@ -138,6 +139,7 @@ def _rank_main(entrypoint, events, args):
             raise
         except BaseException as exc:
             report("error", (rank, type(exc).__name__, f"{type(exc).__name__}: {exc}"))
+            time.sleep(2)  # a peer that died first (a lost connection is the symptom here) is seen to fail first
             raise
 
 
@@ -178,7 +180,9 @@ def launch(processes: int, entrypoint, args: tuple, on_event=None):
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0, monitor_interval=0.5,
                           start_method="spawn", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # the launcher replaces them
+    # the launcher replaces the handlers of these signals for good: what was there before is put back after it
+    handlers = {sig: signal.getsignal(sig) for sig in (getattr(signal, name.strip(), None)
+                                                       for name in config.signals_to_handle.split(",")) if sig is not None}
     log.info("training in %d processes (torch.distributed, %s)", processes, "nccl" if visible_gpus() else "gloo")
     failure = None
     try:
@@ -209,6 +213,9 @@ def launch(processes: int, entrypoint, args: tuple, on_event=None):
 def _failure_message(processes: int, errors: list[tuple], exc) -> str:
     """The first failure, in the failed rank's words: its JobError, its exception, or the signal that killed it."""
     rank, failure = exc.get_first_failure()
+    killed = [(r, f) for r, f in sorted(exc.failures.items()) if f.exitcode == -signal.SIGKILL]
+    if killed and not any(e[1] in ("JobError", "Stopped") for e in errors):
+        rank, failure = killed[0]  # the rank that was killed, not one that then lost its connection to it
     own = [e for e in errors if e[0] == rank] or [e for e in errors if e[1] == "JobError"]
     if own and own[0][1] in ("JobError", "Stopped"):
         return own[0][2] if processes == 1 else f"{own[0][2]} (training process {own[0][0]} of {processes})"

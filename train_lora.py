@@ -23,6 +23,7 @@ QLoRA path as the GPU (bitsandbytes 4-bit layers run on CPU), in fp32.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -102,6 +103,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     warnings: list = field(default_factory=list)
     resumed_from: int | None = None
+    base_name: str = ""  # the base model as `train` was given it
 
     @property
     def trainable(self) -> list:
@@ -120,6 +122,11 @@ def setup(data: Data, base_path: Path, hp: Hyperparameters, world: distributed.W
 
     device, compute_dtype = select_precision(hp.compute_dtype)
     estimate = check_fits(base_path, hp, base_path.name, trust_remote_code, world.size)
+    if world.size > 1:  # one plan for every rank: the smallest micro-batch any GPU fits, recomputation if any needs it
+        micro = int(min(distributed.gather_figure(world, estimate.micro_batch_size, device)))
+        recompute = max(distributed.gather_figure(world, float(estimate.gradient_checkpointing), device)) > 0
+        estimate = dataclasses.replace(estimate, micro_batch_size=micro, gradient_checkpointing=recompute,
+                                       gradient_accumulation_steps=math.ceil(math.ceil(hp.batch_size / world.size) / micro))
     plan = make_plan(data, hp, estimate, world.size, device, base_path)
     log.info("plan: %s; %d examples -> %d sequences of <= %d tokens", plan, data.counts["examples"], len(data.train), hp.max_seq_length)
     progress({"stage": "loading_model"})
@@ -146,6 +153,10 @@ def setup(data: Data, base_path: Path, hp: Hyperparameters, world: distributed.W
             if run.state.recompute_from is not None and not plan.recompute:  # "auto" met an out-of-memory step
                 enable_recomputation(model)
                 plan.recompute, plan.recompute_reason = True, f"on from step {run.state.recompute_from} (out of memory without it)"
+        (steps,) = distributed.sum_over_ranks(world, [run.state.step], device)
+        if steps != run.state.step * world.size:  # a rank could not read the checkpoint the others resumed from
+            raise JobError(f"the training processes resumed from different checkpoints (rank {world.rank}: step "
+                           f"{run.state.step}); resubmit the job, and if it fails again set retrain: true")
     return run
 
 
@@ -185,22 +196,25 @@ def loss_sum(model, batch, use_mask: bool = True):
     return total
 
 
+def _forward_backward(run: Run, batches: list, n_trained: float) -> float:
+    total, use_mask = 0.0, run.plan.attention != "flash_attention_2"
+    for batch in batches:
+        loss = loss_sum(run.model, batch, use_mask) / n_trained
+        loss.backward()
+        total = loss.detach() + total  # stays on the device: nothing is read back until the step's end
+    return float(total)
+
+
 def _backward(run: Run, batches: list, n_trained: float) -> float:
     """Forward and backward over this rank's micro-batches, each loss divided by the trained tokens of the whole global
     batch; this rank's share of the step's loss. Out of memory under "auto": recompute from now on, and redo."""
     import torch
 
-    use_mask = run.plan.attention != "flash_attention_2"
     while True:
         try:
-            total = 0.0
-            for batch in batches:
-                loss = loss_sum(run.model, batch, use_mask) / n_trained
-                loss.backward()
-                total = loss.detach() + total  # stays on the device: nothing is read back until the step's end
-            return float(total)
+            return _forward_backward(run, batches, n_trained)
         except torch.OutOfMemoryError:
-            pass  # handled here, once the failed step's activations are freed with its frames
+            pass  # handled here, once the failed step's activations are freed with its frames (its graph included)
         run.optimizer.zero_grad(set_to_none=True)
         step, resubmit = run.state.step + 1, " (it resumes from the last checkpoint)" if run.checkpoint_dir else ""
         if run.plan.recompute:
@@ -218,9 +232,9 @@ def _backward(run: Run, batches: list, n_trained: float) -> float:
             torch.cuda.empty_cache()
 
 
-def train_step(run: Run, sequences: list, stop_requested: bool) -> tuple[dict, bool]:
+def train_step(run: Run, sequences: list, stop) -> tuple[dict, bool]:
     """One optimizer step on this rank's share of `sequences` (the global batch): its record, and whether any rank
-    was asked to stop (every rank then stops after this same step)."""
+    was asked to stop (`stop`, read once this rank's backward is done: every rank then stops after this same step)."""
     import torch
 
     started, world, micro = time.monotonic(), run.world, run.plan.micro_batch_size
@@ -229,7 +243,7 @@ def train_step(run: Run, sequences: list, stop_requested: bool) -> tuple[dict, b
     (n_trained,) = distributed.sum_over_ranks(world, [sum(b["trained_tokens"] for b in batches)], run.device)
     loss = _backward(run, batches, max(n_trained, 1))
     loss, real, computed, stops = distributed.reduce_step(world, run.trainable, [
-        loss, sum(b["real_tokens"] for b in batches), sum(b["computed_tokens"] for b in batches), stop_requested])
+        loss, sum(b["real_tokens"] for b in batches), sum(b["computed_tokens"] for b in batches), bool(stop)])
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, run.hp.max_grad_norm))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # before the step spoils the weights
         raise JobError(f"training diverged at step {run.state.step + 1} (loss {loss}, gradient norm {grad_norm}): lower "
@@ -287,7 +301,8 @@ def train_loop(run: Run) -> None:
             order = epoch_order(len(run.data.train), hp.seed, s.epoch)
             while s.step < plan.total_steps:
                 start = s.next_start
-                record, stopping = train_step(run, [run.data.train[i] for i in order[start:start + hp.batch_size]], bool(stop))
+                record, stopping = train_step(run, [run.data.train[i] for i in order[start:start + hp.batch_size]], stop)
+                stopping = stopping or (run.world.size == 1 and bool(stop))  # alone: a signal during the update counts too
                 s.next_start = start + hp.batch_size if start + hp.batch_size < len(order) else 0
                 if s.next_start == 0 and run.data.validation:
                     record["validation_loss"] = evaluate(run, run.data.validation)
@@ -334,7 +349,7 @@ def save(run: Run, output_dir: Path, seconds: dict, validation_loss: float | Non
     if not run.world.main:
         return metrics
     dtype = adapter_save_dtype(run.hp.adapter_dtype, run.compute_dtype)
-    config = {"base_model": run.hp.base_model or run.base_path.name, "base_model_path": str(run.base_path),
+    config = {"base_model": run.base_name, "base_model_path": str(run.base_path),
               "hyperparameters": run.hp.model_dump(mode="json"),
               "plan": asdict(plan), "effective": {
                   "lora_alpha": run.hp.effective_lora_alpha, "optimizer": "bitsandbytes.AdamW8bit", "scheduler": "cosine",
@@ -362,26 +377,25 @@ class TrainResult:
 
 def train_rank(data: Data, base_path: Path, output_dir: Path, hp: Hyperparameters, on_progress: ProgressFn | None = None,
                trust_remote_code: bool = False, checkpoint_dir: Path | None = None, fingerprint: str = "",
-               quantized_cache: Path | None = None) -> TrainResult:
-    """setup → train → save → cleanup, in this process: one rank of the job (or all of it)."""
-    started = time.monotonic()
+               quantized_cache: Path | None = None, base_name: str = "", started: float | None = None) -> TrainResult:
+    """setup → train → save → cleanup, in this process: one rank of the job (or all of it). `started`: when the job's
+    training stage began (labelling included), on the monotonic clock every process shares."""
+    started = started or time.monotonic()
     device, _ = select_precision(hp.compute_dtype)
     world = distributed.start(device)
     progress = on_progress or (lambda event: distributed.report("progress", event) if world.main else None)
-    try:
-        run = setup(data, base_path, hp, world, progress, trust_remote_code, checkpoint_dir, fingerprint, quantized_cache)
-        loaded = time.monotonic()
-        train_loop(run)
-        seconds = {"load": loaded - started, "train": time.monotonic() - loaded}
-        last = run.state.history[-1] if run.state.history else {}
-        validation_loss = last["validation_loss"] if "validation_loss" in last else evaluate(run, data.validation)
-        progress({"stage": "saving", "validation_loss": validation_loss})
-        if checkpoint_dir is not None and world.main and run.resumed_from != run.state.step:
-            save_checkpoint(checkpoint_dir, run.state.step, capture(run))  # a failed save resumes without training
-        metrics = save(run, Path(output_dir), {**seconds, "wall": time.monotonic() - started}, validation_loss)
-        return TrainResult(metrics, run.model, run.tokenizer)
-    finally:
-        distributed.stop(world)
+    run = setup(data, base_path, hp, world, progress, trust_remote_code, checkpoint_dir, fingerprint, quantized_cache)
+    run.base_name, loaded = base_name or base_path.name, time.monotonic()
+    train_loop(run)
+    seconds = {"load": loaded - started, "train": time.monotonic() - loaded}
+    last = run.state.history[-1] if run.state.history else {}
+    validation_loss = last["validation_loss"] if "validation_loss" in last else evaluate(run, data.validation)
+    progress({"stage": "saving", "validation_loss": validation_loss})
+    if checkpoint_dir is not None and world.main and run.resumed_from != run.state.step:
+        save_checkpoint(checkpoint_dir, run.state.step, capture(run))  # a failed save resumes without training
+    metrics = save(run, Path(output_dir), {**seconds, "wall": time.monotonic() - started}, validation_loss)
+    distributed.stop(world)  # cleanup; after a failure the process ends without it, its error reported first
+    return TrainResult(metrics, run.model, run.tokenizer)
 
 
 def _rank_metrics(*args) -> dict:
@@ -400,8 +414,10 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     jobs. In more than one process the result holds the metrics only."""
     base_path = resolve_base_model(str(base_model), cache_dirs or [])
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    started = time.monotonic()
     data = prepare_data(conversations, base_path, hp, trust_remote_code, checkpoint_dir, fingerprint)
-    args = (data, base_path, Path(output_dir), hp, None, trust_remote_code, checkpoint_dir, fingerprint, quantized_cache)
+    args = (data, base_path, Path(output_dir), hp, None, trust_remote_code, checkpoint_dir, fingerprint, quantized_cache,
+            str(base_model), started)
     if processes == 1:
         return train_rank(*args[:4], on_progress, *args[5:])
     return TrainResult(distributed.launch(processes, _rank_metrics, args, on_progress), None, None)

@@ -117,11 +117,14 @@ def test_two_processes_train_what_one_does_and_only_rank_0_writes(one_process, t
     assert not (audit / "rank-1").exists(), (audit / "rank-1").read_text()
 
 
-def test_sigterm_stops_every_rank_once_with_a_checkpoint_that_one_process_resumes(one_process, tiny_qwen2, tmp_path):
-    """A 2-process job stopped by SIGTERM, resumed in 1 process: the same steps, the same data order, as never stopped."""
+@pytest.mark.parametrize("stopped_in, resumed_in", [(2, 1), (1, 2)])
+def test_sigterm_stops_every_rank_once_with_a_checkpoint_another_world_size_resumes(
+        stopped_in, resumed_in, one_process, tiny_qwen2, tmp_path):
+    """A job stopped by SIGTERM in one number of processes, resumed in another: the same steps, the same data order,
+    as a job never stopped."""
     common = ["--base-model", str(tiny_qwen2), "--val-fraction", "0.2", "--checkpoint-dir", str(tmp_path / "checkpoints"),
-              "--checkpoint-steps", "1000"]
-    proc = cli(tmp_path, "adapter", 2, *common, "--max-steps", "8")
+              "--checkpoint-steps", "1000", "--max-steps", "8"]
+    proc = cli(tmp_path, "adapter", stopped_in, *common)
     deadline = time.monotonic() + 120
     for line in proc.stderr:  # rank 0 tells the steps
         if " step 2/8" in line:
@@ -130,16 +133,19 @@ def test_sigterm_stops_every_rank_once_with_a_checkpoint_that_one_process_resume
     ranks = children(proc.pid)
     proc.send_signal(signal.SIGTERM)
     err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 2
-    assert "asked to stop (SIGTERM) at step" in err and "a checkpoint was saved" in err
+    if stopped_in == 1:  # trained in this process: the default SIGTERM action once the checkpoint is written
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    else:  # the launcher: every rank stopped after the same step, and the job's error says so
+        assert proc.wait(timeout=60) == 2
+        assert "asked to stop (SIGTERM) at step" in err and "a checkpoint was saved" in err
     written = sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*"))
     assert len(written) == 1 and 2 <= int(written[0].split("-")[1]) < 8  # once, by one rank
     assert not (tmp_path / "adapter").exists()
     assert not running(ranks)
 
-    metrics = finished(cli(tmp_path, "adapter", 1, *common, "--max-steps", "8"))
+    metrics = finished(cli(tmp_path, "adapter", resumed_in, *common))
     assert metrics["resumed_from_step"] == int(written[0].split("-")[1]) and metrics["steps"] == 8
-    assert metrics["labelled"] == "reused from the job directory"
+    assert metrics["world_size"] == resumed_in and metrics["labelled"] == "reused from the job directory"
     assert losses(tmp_path / "adapter") == pytest.approx(losses(one_process[0]), rel=1e-4)
 
 

@@ -89,7 +89,7 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_previous_one_is_used(conversa
 def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
     from checkpoints import save_checkpoint
 
-    save_checkpoint(tmp_path, 3, {"fingerprint": "old-settings", "step": 3})
+    save_checkpoint(tmp_path, 3, {"fingerprint": "old-settings", "state": {"step": 3}})
     state, warnings = load_latest_checkpoint(tmp_path, "new-settings")
     assert state is None and "different settings" in warnings[0]
 

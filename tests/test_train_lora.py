@@ -163,9 +163,10 @@ def test_the_cli_trains_and_a_cpu_run_is_reproducible(tiny_qwen2, tmp_path):
     hp = Hyperparameters(max_steps=2, max_seq_length=256, batch_size=2, lora_rank=4)
     train(load_dataset(SAMPLE)[0], tiny_qwen2, tmp_path / "api", hp)
     logs = [[json.loads(l)["loss"] for l in (tmp_path / d / "training_log.jsonl").read_text().splitlines()] for d in ("cli", "api")]
-    # the same losses to float rounding: about one run in seven, the CLI's process summed a step's loss in another
-    # order (7.958469 against 7.958474; seen on this CPU only under pytest, the cause not found)
-    assert len(logs[0]) == 2 and logs[0] == pytest.approx(logs[1], rel=1e-6)
+    # the same losses to float rounding: now and then the CLI's process sums a step's loss in another order, even the
+    # first step's, before any update (7.958469 against 7.958474; 7.965368 against 7.965352, 2.0e-6 relative; seen on
+    # this CPU only under pytest, the cause not found). Another seed or data order moves these losses by ~1e-2.
+    assert len(logs[0]) == 2 and logs[0] == pytest.approx(logs[1], rel=1e-5)
 
 
 def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwen2, monkeypatch):
