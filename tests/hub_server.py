@@ -257,10 +257,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if not chunk:  # the file shrank under us
                     self.close_connection = True
                     return
+                with hub._lock:  # counted before it is written: a client that has every byte finds them all counted
+                    hub.bytes_served[key] += len(chunk)
                 self.wfile.write(chunk)
                 sent, left = sent + len(chunk), left - len(chunk)
-                with hub._lock:
-                    hub.bytes_served[key] += len(chunk)
                 if hub.slow_s:
                     time.sleep(hub.slow_s)
 
