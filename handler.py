@@ -142,9 +142,6 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         job_id = spec.job_id or str(job.get("id") or "")
         if not is_safe_job_id(job_id):
             raise JobError(f"invalid job input: job id {job_id!r} {JOB_ID_RULE}")
-    hp = spec.hyperparameters
-    base_model = hp.base_model or settings.default_base_model
-    trust_remote_code = trust_remote_code_for(base_model, settings.remote_code_models)
     job_dir = settings.jobs_dir / job_id
     with _stage("starting"):
         _job_directory(job_dir)
@@ -152,104 +149,120 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         lock.acquire()
     progress.on_event = lock.heartbeat
     file_log = _job_log(job_dir)
-    seconds: dict[str, float] = {}
-    started = time.monotonic()
-    model_download = None
     try:
-        stored = job_dir / "result.json"
-        # What makes two submissions the same job: the settings and the dataset's location (a new
-        # signed URL for the same file is the same dataset), not the signature, callback or GPU request.
-        input_fingerprint = job_fingerprint(hp, base_model, redact_url(spec.dataset_url))
-        if spec.retrain:
-            stored.unlink(missing_ok=True)
-            shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
-        elif stored.is_file():
-            try:
-                saved = json.loads(stored.read_text())
-            except (OSError, ValueError):  # empty or cut short (a crash mid-write): set aside, never a wedged job id
-                aside = stored.with_name(f"result.json.bad-{int(time.time())}")
-                os.replace(stored, aside)
-                warnings.append(f"the stored result of job {job_id} could not be read; it was set aside as {aside.name} "
-                                "and the job runs again")
-            else:
-                return _stored_result(saved, job_id, input_fingerprint, settings)
-        # Everything that can fail in seconds does, before the dataset or any weight is downloaded.
-        if settings.s3_configured:
-            with _stage("starting", progress, announce=False):
-                check_storage(settings, job_id)
-        with _stage("loading_model", progress, announce=False):
-            processes = training_processes(settings)
-            base_path, model_download = _find_or_plan_download(base_model, hp, settings, trust_remote_code, progress,
-                                                               processes)
-        log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path or "to download",
-                 redact_url(spec.dataset_url))
-        with _stage("downloading", progress), _timed(seconds, "download"):
-            download = download_dataset(
-                spec.dataset_url, job_dir / "dataset.download", max_bytes=settings.max_dataset_bytes,
-                timeout=settings.download_timeout_s, retries=settings.download_retries,
-                deadline_s=settings.download_deadline_s, allow_file_urls=settings.allow_file_urls,
-            )
-        with _stage("loading_data", progress):
-            conversations, report = load_dataset(download.path, max_invalid_fraction=spec.max_invalid_fraction,
-                                                 max_examples=settings.max_dataset_examples,
-                                                 max_chars=settings.max_dataset_chars)
-            write_jsonl(conversations, job_dir / "dataset.canonical.jsonl")
-        log.info("dataset: %d bytes, sha256 %s; %d examples %s, %d skipped, %d invalid, %d duplicates",
-                 download.bytes, download.sha256, report.examples, dict(report.formats), report.skipped,
-                 report.invalid, report.duplicates)
+        return _run_locked(spec, job_id, job_dir, settings, progress, warnings)
+    except Exception:
+        log.error("job %s failed in %s:\n%s", job_id, progress.stage, redact_text(traceback.format_exc()))
+        raise
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+        file_log.stream.close()  # a StreamHandler leaves its stream open
+        lock.release()
+
+
+def _run_locked(spec, job_id: str, job_dir: Path, settings: WorkerSettings, progress, warnings: list[str]) -> dict:
+    """The job under its lock: its stored result, or the checks, the downloads, training, delivery and the result."""
+    hp, started, seconds = spec.hyperparameters, time.monotonic(), {}
+    base_model = hp.base_model or settings.default_base_model
+    trust_remote_code = trust_remote_code_for(base_model, settings.remote_code_models)
+    # What makes two submissions the same job: the settings and the dataset's location (a new signed URL for the
+    # same file is the same dataset), not the signature, callback or GPU request.
+    input_fingerprint = job_fingerprint(hp, base_model, redact_url(spec.dataset_url))
+    stored = job_dir / "result.json"
+    if (previous := _previous_result(spec, stored, job_id, input_fingerprint, settings, warnings)) is not None:
+        return previous
+    # Everything that can fail in seconds does, before the dataset or any weight is downloaded.
+    if settings.s3_configured:
+        with _stage("starting", progress, announce=False):
+            check_storage(settings, job_id)
+    with _stage("loading_model", progress, announce=False):
+        processes = training_processes(settings)
+        base_path, model_download = _find_or_plan_download(base_model, hp, settings, trust_remote_code, progress, processes)
+    log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path or "to download",
+             redact_url(spec.dataset_url))
+    try:
+        download, conversations, report = _dataset(spec, job_dir, settings, progress, seconds)
         if model_download is not None:
             with _stage("downloading_model", progress), _timed(seconds, "model_download"):
                 base_path = model_download.complete(
                     lambda done: progress({"stage": "downloading_model", "percent": 100.0 * done}))
             warnings.append(f"base model {base_model} was downloaded into {base_path} (first use); later jobs reuse it")
-
-        import train_lora  # torch, transformers and bitsandbytes load here, on the first job
-
-        adapter_dir = job_dir / "adapter"
-        fingerprint = job_fingerprint(hp, str(base_path), download.sha256)
-        with _stage("training"), _timed(seconds, "training"):
-            metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress,
-                                       trust_remote_code=trust_remote_code,
-                                       checkpoint_dir=job_dir / "checkpoints", fingerprint=fingerprint,
-                                       quantized_cache=settings.quantized_cache, processes=processes).metrics
-        warnings += _gpu_warnings(spec.gpu_config, metrics)
-        files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
-        warnings += _large_file_warnings(files)
-        delivery = _deliver(files, job_id, adapter_dir, settings, progress, seconds)
-        warnings += delivery.pop("warnings")
-        seconds["job"] = time.monotonic() - started
-        result = {
-            **delivery,
-            "model_metadata": {
-                "base_model": base_model, "base_model_path": str(base_path),
-                "lora": {"rank": hp.lora_rank, "alpha": hp.effective_lora_alpha, "dropout": hp.lora_dropout,
-                         "target_modules": hp.lora_target_modules},
-                "final_loss": metrics["train_loss_last"], "validation_loss": metrics["validation_loss"],
-                "files": {p.name: p.stat().st_size for p in files},
-                "seconds": {k: round(v, 2) for k, v in seconds.items()},
-                "gpu_config": spec.gpu_config.model_dump() if spec.gpu_config else None,
-                "device": metrics["device"],
-                "dataset": {"bytes": download.bytes, "sha256": download.sha256, "examples": report.examples,
-                            "formats": dict(report.formats), "skipped": report.skipped, "invalid": report.invalid},
-            },
-            "metrics": metrics,
-            "adapter_path": str(adapter_dir),
-            "dataset_report": {**report.to_dict(), "chat_format": metrics["chat_format"]},
-            "warnings": warnings + report.warnings + metrics["warnings"],
-        }
-        write_atomically(stored, json.dumps(sendable({"input_fingerprint": input_fingerprint, "result": result}), indent=2))
-        shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # the adapter is complete: checkpoints are spent
-        return result
-    except Exception:
-        log.error("job %s failed in %s:\n%s", job_id, progress.stage, redact_text(traceback.format_exc()))
-        raise
     finally:
         if model_download is not None:
             model_download.release()
-        logging.getLogger().removeHandler(file_log)
-        file_log.close()
-        file_log.stream.close()  # a StreamHandler leaves its stream open
-        lock.release()
+
+    import train_lora  # torch, transformers and bitsandbytes load here, on the first job
+
+    adapter_dir = job_dir / "adapter"
+    with _stage("training"), _timed(seconds, "training"):
+        metrics = train_lora.train(conversations, base_path, adapter_dir, hp, on_progress=progress,
+                                   trust_remote_code=trust_remote_code, checkpoint_dir=job_dir / "checkpoints",
+                                   fingerprint=job_fingerprint(hp, str(base_path), download.sha256),
+                                   quantized_cache=settings.quantized_cache, processes=processes).metrics
+    files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
+    delivery = _deliver(files, job_id, adapter_dir, settings, progress, seconds)
+    seconds["job"] = time.monotonic() - started
+    warnings = warnings + _gpu_warnings(spec.gpu_config, metrics) + _large_file_warnings(files) + delivery.pop("warnings")
+    result = {
+        **delivery,
+        "model_metadata": {
+            "base_model": base_model, "base_model_path": str(base_path),
+            "lora": {"rank": hp.lora_rank, "alpha": hp.effective_lora_alpha, "dropout": hp.lora_dropout,
+                     "target_modules": hp.lora_target_modules},
+            "final_loss": metrics["train_loss_last"], "validation_loss": metrics["validation_loss"],
+            "files": {p.name: p.stat().st_size for p in files},
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "gpu_config": spec.gpu_config.model_dump() if spec.gpu_config else None,
+            "device": metrics["device"],
+            "dataset": {"bytes": download.bytes, "sha256": download.sha256, "examples": report.examples,
+                        "formats": dict(report.formats), "skipped": report.skipped, "invalid": report.invalid},
+        },
+        "metrics": metrics,
+        "adapter_path": str(adapter_dir),
+        "dataset_report": {**report.to_dict(), "chat_format": metrics["chat_format"]},
+        "warnings": warnings + report.warnings + metrics["warnings"],
+    }
+    write_atomically(stored, json.dumps(sendable({"input_fingerprint": input_fingerprint, "result": result}), indent=2))
+    shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # the adapter is complete: checkpoints are spent
+    return result
+
+
+def _previous_result(spec, stored: Path, job_id: str, input_fingerprint: str, settings: WorkerSettings,
+                     warnings: list[str]) -> dict | None:
+    """The result a completed job stored (or its refusal, for other settings); None when the job is to run."""
+    if spec.retrain:
+        stored.unlink(missing_ok=True)
+        shutil.rmtree(stored.parent / "checkpoints", ignore_errors=True)
+        return None
+    if not stored.is_file():
+        return None
+    try:
+        saved = json.loads(stored.read_text())
+    except (OSError, ValueError):  # empty or cut short (a crash mid-write): set aside, never a wedged job id
+        aside = stored.with_name(f"result.json.bad-{int(time.time())}")
+        os.replace(stored, aside)
+        warnings.append(f"the stored result of job {job_id} could not be read; it was set aside as {aside.name} "
+                        "and the job runs again")
+        return None
+    return _stored_result(saved, job_id, input_fingerprint, settings)
+
+
+def _dataset(spec, job_dir: Path, settings: WorkerSettings, progress, seconds: dict):
+    """The dataset downloaded into the job directory and loaded: (download, conversations, report)."""
+    with _stage("downloading", progress), _timed(seconds, "download"):
+        download = download_dataset(
+            spec.dataset_url, job_dir / "dataset.download", max_bytes=settings.max_dataset_bytes,
+            timeout=settings.download_timeout_s, retries=settings.download_retries,
+            deadline_s=settings.download_deadline_s, allow_file_urls=settings.allow_file_urls,
+        )
+    with _stage("loading_data", progress):
+        conversations, report = load_dataset(download.path, max_invalid_fraction=spec.max_invalid_fraction,
+                                             max_examples=settings.max_dataset_examples, max_chars=settings.max_dataset_chars)
+        write_jsonl(conversations, job_dir / "dataset.canonical.jsonl")
+    log.info("dataset: %d bytes, sha256 %s; %d examples %s, %d skipped, %d invalid, %d duplicates", download.bytes,
+             download.sha256, report.examples, dict(report.formats), report.skipped, report.invalid, report.duplicates)
+    return download, conversations, report
 
 
 def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote_code: bool, progress, processes: int):
