@@ -32,9 +32,9 @@ RUN apt-get update \
 # requirements.txt pins, built for CUDA 13.0, and the GPU stack imports (no GPU at build time: import only).
 COPY requirements.txt .
 RUN pip install -r requirements.txt \
- && python -c "import sys, torch; pin = [l.split('==')[1].strip() for l in open('requirements.txt') if l.startswith('torch==')][0]; ok = torch.__version__.split('+')[0] == pin and torch.version.cuda == '13.0'; ok or sys.exit(f'torch {torch.__version__} (CUDA {torch.version.cuda}) is not the pinned {pin} CUDA 13.0 build'); import bitsandbytes, transformers, peft, runpod; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+ && python -c "import sys, torch; pin = [l.split('==')[1].strip() for l in open('requirements.txt') if l.startswith('torch==')][0]; ok = torch.__version__.split('+')[0] == pin and torch.version.cuda == '13.0'; ok or sys.exit(f'torch {torch.__version__} (CUDA {torch.version.cuda}) is not the pinned {pin} CUDA 13.0 build'); import bitsandbytes, transformers, peft, runpod, postgrest, storage3; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
-COPY handler.py job.py storage.py dataset_loader.py chat_labels.py base_models.py checkpoints.py files.py model_loading.py distributed.py train_lora.py tiny_model.py ./
+COPY handler.py job.py storage.py app_row.py archive.py dataset_loader.py chat_labels.py base_models.py checkpoints.py files.py model_loading.py distributed.py train_lora.py tiny_model.py ./
 COPY data/ data/
 
 CMD ["python", "-u", "handler.py"]

@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
+	bash scripts/ensure_postgres.sh
 	$(PY) -m pytest
 
 bench: $(STAMP)

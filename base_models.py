@@ -39,6 +39,8 @@ AUTO_CHECKPOINTING_SHARE = 0.9
 def hf_cache_snapshot(name: str, hub_cache: Path) -> Path | None:
     """`name` in a Hugging Face cache directory: the snapshot `refs/main` names, else the newest complete one."""
     repo = hub_cache / ("models--" + name.replace("/", "--"))
+    if not repo.is_dir() and hub_cache.is_dir():  # the same repo in other letter case (the app's volume has both)
+        repo = next((p for p in hub_cache.iterdir() if p.name.lower() == repo.name.lower()), repo)
     ref = repo / "refs" / "main"
     if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
         return repo / "snapshots" / ref.read_text().strip()
@@ -46,13 +48,25 @@ def hf_cache_snapshot(name: str, hub_cache: Path) -> Path | None:
     return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
 
 
+def hf_home_caches() -> list[Path]:
+    """The Hugging Face caches the environment names (`HF_HUB_CACHE`, `$HF_HOME/hub`): the app's team keeps its models
+    on the volume at HF_HOME=/workspace/huggingface-cache."""
+    caches = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME") and str(Path(os.environ["HF_HOME"]) / "hub")]
+    return [Path(c) for c in dict.fromkeys(c for c in caches if c)]
+
+
 def model_search_paths(name: str, cache_dirs: list[Path], runpod_cache: Path = RUNPOD_CACHED_MODELS) -> list[Path]:
     """Where a base model named `name` is looked for, in order: the path itself, RunPod's cached models
     (local disk: the fastest to load), the runpod SDK's model cache path, then each cache directory."""
     paths = [Path(name).expanduser()]
-    snapshot = hf_cache_snapshot(name, runpod_cache) if "/" in name else None
-    if snapshot is not None:
-        paths.append(snapshot)
+    for hub_cache in (runpod_cache, *hf_home_caches()):
+        snapshot = hf_cache_snapshot(name, hub_cache) if "/" in name else None
+        if snapshot is not None:
+            paths.append(snapshot)
+    short = name.rsplit("/", 1)[-1]
+    model_path = os.environ.get("MODEL_PATH")  # the app's team points it at a link to the model's snapshot
+    if model_path and Path(model_path).name.lower() == short.lower():
+        paths.append(Path(model_path))
     try:  # the runpod SDK's model cache path; the worker always has the SDK, a bare benchmark machine may not
         from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
     except ImportError:
@@ -61,7 +75,6 @@ def model_search_paths(name: str, cache_dirs: list[Path], runpod_cache: Path = R
         sdk_cache = resolve_model_cache_path_from_hugginface_repository(name)
         if sdk_cache:
             paths.append(Path(sdk_cache))
-    short = name.rsplit("/", 1)[-1]
     for d in cache_dirs:
         paths += [d / name, d / short]
     return list(dict.fromkeys(paths))

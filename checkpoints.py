@@ -94,6 +94,32 @@ class Stopped(JobError):
     """SIGTERM ended the job (its message says where, and that a resubmission resumes it)."""
 
 
+class Cancelled(Stopped):
+    """The app cancelled the job (its job row says so): training stopped after a step, with a checkpoint."""
+
+
+STOP_FILE = "stop-requested"  # in the checkpoint directory: every training process stops after its step
+
+
+def request_stop(checkpoint_dir: Path, reason: str) -> None:
+    """Ask the training processes (this one's trainer, or the ranks of a job in several processes, which see the same
+    directory) to stop after the step under way, write a checkpoint and raise Cancelled with `reason`."""
+    private_dir(checkpoint_dir)
+    (checkpoint_dir / STOP_FILE).write_text(reason)
+
+
+def stop_reason(checkpoint_dir: Path | None) -> str | None:
+    """The reason a stop was requested with, or None."""
+    try:
+        return (checkpoint_dir / STOP_FILE).read_text() if checkpoint_dir is not None else None
+    except FileNotFoundError:
+        return None
+
+
+def clear_stop_request(checkpoint_dir: Path) -> None:
+    (checkpoint_dir / STOP_FILE).unlink(missing_ok=True)
+
+
 class StopRequested:
     """What SIGTERM did: `signal` once it arrived; while training (`checkpointing`) the trainer checks it after each
     step, to write a checkpoint first; elsewhere the signal raised Stopped where the main thread was."""

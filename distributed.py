@@ -214,10 +214,10 @@ def _failure_message(processes: int, errors: list[tuple], exc) -> str:
     """The first failure, in the failed rank's words: its JobError, its exception, or the signal that killed it."""
     rank, failure = exc.get_first_failure()
     killed = [(r, f) for r, f in sorted(exc.failures.items()) if f.exitcode == -signal.SIGKILL]
-    if killed and not any(e[1] in ("JobError", "Stopped") for e in errors):
+    if killed and not any(e[1] in ("JobError", "Stopped", "Cancelled") for e in errors):
         rank, failure = killed[0]  # the rank that was killed, not one that then lost its connection to it
     own = [e for e in errors if e[0] == rank] or [e for e in errors if e[1] == "JobError"]
-    if own and own[0][1] in ("JobError", "Stopped"):
+    if own and own[0][1] in ("JobError", "Stopped", "Cancelled"):
         return own[0][2] if processes == 1 else f"{own[0][2]} (training process {own[0][0]} of {processes})"
     if failure.exitcode < 0:
         cause = f"was killed by {failure.signal_name()}"

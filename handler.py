@@ -10,6 +10,7 @@ them in order, reports progress, and turns failures into `{"error": "<stage>: <w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -27,12 +28,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings fro
 
 import runpod  # noqa: E402
 
-from checkpoints import stop_on_sigterm  # noqa: E402
+from app_row import WORKER, JobRow  # noqa: E402
+from archive import build_archive, signed_url, upload_archive  # noqa: E402
+from checkpoints import Cancelled, Stopped, clear_stop_request, request_stop, stop_on_sigterm  # noqa: E402
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
 from job import (JOB_ID_RULE, MAX_MESSAGE_CHARS, JobError, WorkerSettings, is_safe_job_id, job_fingerprint, parse_job_input,  # noqa: E402
                  redact_text, redact_url)
 from files import new_file, private_dir, volume_fault, write_atomically  # noqa: E402
-from storage import JobLock, check_storage, download_dataset, post_callback, presigned_urls, upload_files  # noqa: E402
+from storage import (JobLock, LinkExpired, check_storage, download_dataset, post_callback, presigned_urls,  # noqa: E402
+                     supabase_object, upload_files)
 from base_models import HubDownload, check_fits, find_base_model, resolve_base_model, trust_remote_code_for  # noqa: E402
 
 log = logging.getLogger("worker")
@@ -75,6 +79,7 @@ class ProgressReporter:
     def __init__(self, job: dict, enabled: bool, interval_s: float = 10.0):
         self.job, self.enabled, self.interval_s = job, enabled, interval_s
         self.on_event = lambda: None  # e.g. the job lock's heartbeat
+        self.row: JobRow | None = None  # the app's job row (pipeline flow): every step's figures, the same updates
         self.stage = None  # the stage the job is in (failures are labelled with it)
         self.sent_stage, self.last_sent = None, 0.0
         self.carried: dict = {}
@@ -83,6 +88,10 @@ class ProgressReporter:
     def __call__(self, event: dict) -> None:
         self.on_event()
         stage = self.stage = event.get("stage", self.stage)
+        if self.row is not None:
+            self.row.metrics(event)
+            if self.row.stopped_by and stage != "training":  # in training the trainer stops after its step, checkpointed
+                raise Cancelled(stopped_by_app(self.row))
         start, end = STAGE_START.get(stage, 0), _NEXT_START.get(stage, 0)
         metrics = {name: event[key] for name, key in self.METRICS.items() if event.get(key) is not None}
         self.carried.update({k: v for k, v in metrics.items() if k in self.CARRIED})
@@ -102,8 +111,15 @@ class ProgressReporter:
         if stage != self.sent_stage or "validation_loss" in metrics or now - self.last_sent >= self.interval_s:
             self.sent_stage, self.last_sent = stage, now
             log.info("progress %s %.1f%% step %s", stage, self.payload["progress"], self.payload["current_step"])
+            if self.row is not None:
+                self.row.progress(self.payload)
             if self.enabled:
                 runpod.serverless.progress_update(self.job, self.payload)
+
+
+def stopped_by_app(row: JobRow) -> str:
+    what = "the user cancelled it" if row.stopped_by == "cancelled" else f"its status became {row.stopped_by!r}"
+    return f"the app ended this job ({what}; {row.table} id={row.job_id})"
 
 
 def _job_log(job_dir: Path) -> logging.Handler:
@@ -138,7 +154,11 @@ def _stage(name: str, progress: "ProgressReporter | None" = None, announce: bool
 def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> dict:
     """The job's steps in order. Raises JobError (expected) or anything else (a bug)."""
     with _stage("validating"):
-        spec, warnings = parse_job_input(job.get("input"))
+        try:
+            spec, warnings = parse_job_input(job.get("input"))
+        except JobError:
+            _open_row_to_report(job, settings, progress)
+            raise
         job_id = spec.job_id or str(job.get("id") or "")
         if not is_safe_job_id(job_id):
             raise JobError(f"invalid job input: job id {job_id!r} {JOB_ID_RULE}")
@@ -150,6 +170,12 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
     progress.on_event = lock.heartbeat
     file_log = _job_log(job_dir)
     try:
+        clear_stop_request(job_dir / "checkpoints")  # a cancel of an earlier run of this job is spent
+        if settings.supabase_configured:  # the app's row: read (the deployment's check) and claimed, in the first second
+            with _stage("starting", progress, announce=False):
+                progress.row = JobRow.open(settings, job_id, job.get("id"), on_stop=lambda status: request_stop(
+                    job_dir / "checkpoints", stopped_by_app(progress.row)))
+            warnings += progress.row.warnings
         return _run_locked(spec, job_id, job_dir, settings, progress, warnings)
     except Exception:
         log.error("job %s failed in %s:\n%s", job_id, progress.stage, redact_text(traceback.format_exc()))
@@ -159,6 +185,17 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
         file_log.close()
         file_log.stream.close()  # a StreamHandler leaves its stream open
         lock.release()
+
+
+def _open_row_to_report(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> None:
+    """An input the worker refuses still ends the app's row (`failed`, with the reason), when its job_id names one."""
+    raw = job.get("input") if isinstance(job.get("input"), dict) else {}
+    job_id = raw.get("job_id")
+    if settings.supabase_configured and isinstance(job_id, str) and is_safe_job_id(job_id):
+        try:
+            progress.row = JobRow.open(settings, job_id, job.get("id"))
+        except JobError as exc:
+            log.warning("the app's job row could not be told of the refused input: %s", exc)
 
 
 def _run_locked(spec, job_id: str, job_dir: Path, settings: WorkerSettings, progress, warnings: list[str]) -> dict:
@@ -182,7 +219,7 @@ def _run_locked(spec, job_id: str, job_dir: Path, settings: WorkerSettings, prog
     log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path or "to download",
              redact_url(spec.dataset_url))
     try:
-        download, conversations, report = _dataset(spec, job_dir, settings, progress, seconds)
+        download, conversations, report = _dataset(spec, job_dir, settings, progress, seconds, warnings)
         if model_download is not None:
             with _stage("downloading_model", progress), _timed(seconds, "model_download"):
                 base_path = model_download.complete(
@@ -204,6 +241,7 @@ def _run_locked(spec, job_id: str, job_dir: Path, settings: WorkerSettings, prog
     delivery = _deliver(files, job_id, adapter_dir, settings, progress, seconds)
     seconds["job"] = time.monotonic() - started
     warnings = warnings + _gpu_warnings(spec.gpu_config, metrics) + _large_file_warnings(files) + delivery.pop("warnings")
+    warnings += settings.warnings(os.environ)
     result = {
         **delivery,
         "model_metadata": {
@@ -248,14 +286,25 @@ def _previous_result(spec, stored: Path, job_id: str, input_fingerprint: str, se
     return _stored_result(saved, job_id, input_fingerprint, settings)
 
 
-def _dataset(spec, job_dir: Path, settings: WorkerSettings, progress, seconds: dict):
+def _dataset(spec, job_dir: Path, settings: WorkerSettings, progress, seconds: dict, warnings: list[str]):
     """The dataset downloaded into the job directory and loaded: (download, conversations, report)."""
+    fetch = functools.partial(download_dataset, dest=job_dir / "dataset.download", max_bytes=settings.max_dataset_bytes,
+                              timeout=settings.download_timeout_s, retries=settings.download_retries,
+                              deadline_s=settings.download_deadline_s, allow_file_urls=settings.allow_file_urls)
     with _stage("downloading", progress), _timed(seconds, "download"):
-        download = download_dataset(
-            spec.dataset_url, job_dir / "dataset.download", max_bytes=settings.max_dataset_bytes,
-            timeout=settings.download_timeout_s, retries=settings.download_retries,
-            deadline_s=settings.download_deadline_s, allow_file_urls=settings.allow_file_urls,
-        )
+        try:
+            download = fetch(spec.dataset_url)
+        except LinkExpired:
+            # The app signs the dataset for 1 hour; a job that waited longer in RunPod's queue reads the same object
+            # with the service key, on the deployment's own Supabase project only.
+            own = supabase_object(spec.dataset_url, settings.supabase_url) if settings.supabase_configured else None
+            if own is None:
+                raise
+            key = settings.supabase_service_role_key
+            download = fetch(own, credentials={"Authorization": f"Bearer {key}", "apikey": key})
+            warnings.append("the dataset's signed link had expired (the app signs it for 1 hour); the worker read the "
+                            "same file from the app's Supabase Storage with the service key")
+            log.warning(warnings[-1])
     with _stage("loading_data", progress):
         conversations, report = load_dataset(download.path, max_invalid_fraction=spec.max_invalid_fraction,
                                              max_examples=settings.max_dataset_examples, max_chars=settings.max_dataset_chars)
@@ -291,16 +340,31 @@ def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote
 
 
 def _deliver(files: list[Path], job_id: str, adapter_dir: Path, settings: WorkerSettings, progress, seconds) -> dict:
-    """The result's links to the adapter's files: presigned URLs (S3), the volume's paths (VOLUME_DELIVERY),
-    or file:// URLs (a local run). Returns `model_files` or `volume_files`, and `warnings`."""
-    if settings.s3_configured:
-        with _stage("uploading", progress), _timed(seconds, "upload"):
-            return {"model_files": upload_files(files, job_id, settings), "warnings": []}
+    """The adapter delivered as the deployment delivers it: as one archive (`<job_id>.tar.gz`, `adapter/` inside) in the
+    app's Supabase Storage (the pipeline flow), and its files and the archive as presigned URLs (S3), the volume's
+    paths (VOLUME_DELIVERY) or file:// URLs (a local run). Returns `adapter_archive`, `model_files` or `volume_files`
+    (none with Supabase alone), and `warnings`."""
+    if progress is not None and progress.row is not None and progress.row.stopped_by:
+        raise Cancelled(f"{stopped_by_app(progress.row)} after training; nothing was uploaded")
+    with _stage("uploading", progress, announce=settings.s3_configured or settings.supabase_configured), \
+            _timed(seconds, "upload"):
+        archive = build_archive(adapter_dir, adapter_dir.parent / f"{job_id}.tar.gz")
+        described = {**archive.describe(), "volume_path": str(archive.path.resolve())}
+        if settings.supabase_configured:
+            described["storage_path"] = upload_archive(archive, settings, job_id)
+            described["url"] = signed_url(settings, job_id, settings.presigned_url_expiry_s)
+        if settings.s3_configured:
+            links = upload_files([*files, archive.path], job_id, settings)
+            described.setdefault("url", links.pop(archive.path.name))
+            return {"adapter_archive": described, "model_files": links, "warnings": []}
     if settings.volume_delivery:
-        return {"volume_files": {p.name: str(p.resolve()) for p in files},
+        return {"adapter_archive": described, "volume_files": {p.name: str(p.resolve()) for p in files},
                 "warnings": [f"VOLUME_DELIVERY: the adapter's files are on the network volume at {adapter_dir} "
                              "(volume_files); no download links were made"]}
-    return {"model_files": {p.name: p.resolve().as_uri() for p in files},
+    if settings.supabase_configured:
+        return {"adapter_archive": described, "warnings": []}
+    described.setdefault("url", archive.path.resolve().as_uri())
+    return {"adapter_archive": described, "model_files": {p.name: p.resolve().as_uri() for p in files},
             "warnings": [f"no S3 storage is configured (S3_ENDPOINT_URL, S3_BUCKET): the adapter's files stay on this "
                          f"machine at {adapter_dir} (a local run)"]}
 
@@ -333,25 +397,28 @@ def _job_directory(job_dir: Path) -> None:
 
 
 def _stored_result(saved: dict, job_id: str, input_fingerprint: str, settings: WorkerSettings) -> dict:
-    """The result of this job's earlier, completed run, delivered as this deployment delivers: fresh
-    presigned links for files already uploaded, an upload of the adapter still on the volume when the
-    earlier run had no storage, or its paths (VOLUME_DELIVERY)."""
+    """The result of this job's earlier, completed run, delivered as this deployment delivers: the adapter still on the
+    volume delivered again (uploaded, or its paths with VOLUME_DELIVERY), else fresh presigned links for the files
+    uploaded then."""
     if saved.get("input_fingerprint") != input_fingerprint:
         raise JobError(f"job {job_id} already completed with other settings or another dataset: send retrain: true to "
                        "train it again with these, or use a new job_id", stage="starting")
     result = saved["result"]
     links = result.pop("model_files", None) or {}
     result.pop("volume_files", None)
-    if settings.s3_configured and links and all(u.startswith(("http://", "https://")) for u in links.values()):
-        result["model_files"] = presigned_urls(list(links), job_id, settings)
-    else:
-        adapter = Path(result["adapter_path"])
-        files = sorted(p for p in adapter.iterdir() if p.is_file()) if adapter.is_dir() else []
-        if not files:
-            raise JobError(f"job {job_id} completed earlier, but its adapter is gone from {adapter}: send retrain: true "
-                           "to train it again", stage="starting")
+    adapter = Path(result["adapter_path"])
+    files = sorted(p for p in adapter.iterdir() if p.is_file()) if adapter.is_dir() else []
+    if files:  # delivered again, as this deployment delivers (the app's archive included)
         with _stage("uploading"):
             result.update({k: v for k, v in _deliver(files, job_id, adapter, settings, None, {}).items() if k != "warnings"})
+    elif settings.s3_configured and links and all(u.startswith(("http://", "https://")) for u in links.values()):
+        archive = result.get("adapter_archive") or {}
+        result["model_files"] = presigned_urls(list(links), job_id, settings)
+        if archive.get("name"):
+            archive["url"] = presigned_urls([archive["name"]], job_id, settings)[archive["name"]]
+    else:
+        raise JobError(f"job {job_id} completed earlier, but its adapter is gone from {adapter}: send retrain: true "
+                       "to train it again", stage="starting")
     result["warnings"] = result.get("warnings", []) + [
         f"job {job_id} had already completed: this is its stored result (send retrain: true to train again)"]
     log.info("job %s already completed; returning its stored result", job_id)
@@ -424,11 +491,16 @@ def handler(job: dict) -> dict:
         return {"error": f"worker settings: {str(exc).rstrip('.')}. Fix the endpoint's environment variables"}
     progress = ProgressReporter(job, enabled=bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
                                 interval_s=settings.progress_interval_s)
+    stopped = False  # SIGTERM: the job can be resumed
     try:
         with stop_on_sigterm(checkpointing=False):  # SIGTERM ends the job at any stage (training: after a checkpoint)
             result = run_job(job, settings, progress)
     except JobError as exc:
+        stopped = isinstance(exc, Stopped) and not isinstance(exc, Cancelled)
         result = {"error": redact_text(str(exc), MAX_MESSAGE_CHARS)}
+        if progress.row is not None and progress.row.stopped_by and not isinstance(exc, Cancelled):
+            result["error"] = redact_text(f"{progress.stage}: {stopped_by_app(progress.row)}; training stopped with a "
+                                          f"checkpoint and nothing was uploaded ({exc})", MAX_MESSAGE_CHARS)
     except Exception as exc:  # a bug (or a fault of the volume): the job's log has the traceback
         if fault := volume_fault(exc):
             result = {"error": redact_text(f"{progress.stage or 'starting'}: {fault}", MAX_MESSAGE_CHARS)}
@@ -437,11 +509,51 @@ def handler(job: dict) -> dict:
             result = {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: "
                                f"{redact_text(str(exc), 500)}) in job {job.get('id')}. Retry once; if it fails again, "
                                "report the job id"}
+    if progress.row is not None:
+        result = _finish_row(progress.row, result, progress.stage, stopped)
     result = sendable(result)
     callback = (job.get("input") or {}).get("callback_url") if isinstance(job.get("input"), dict) else None
     if isinstance(callback, str) and callback:
         status = "FAILED" if "error" in result else "COMPLETED"
         post_callback(callback, {"id": job.get("id"), "status": status, **({"error": result["error"]} if "error" in result else {"output": result})})
+    return result
+
+
+STOPPED_FINAL_DEADLINE_S = 20.0  # after SIGTERM the container is killed soon: the failed row gets this long
+
+
+def _finish_row(row: JobRow, result: dict, stage: str | None, stopped: bool) -> dict:
+    """The app's job row's last word: `completed` with the archive's path, or `failed` with the same message as the
+    RunPod error; the result says whether it landed (`app_row`). A row the app ended is left as it is."""
+    if row.stopped_by or not row.exists:  # the app ended the job (nothing to write over), or there is no row
+        row.close()
+        result["app_row"] = {"table": row.table, "id": row.job_id, "written": False, "status": row.stopped_by}
+        return result
+    if "error" in result:
+        values = {"status": "failed", "error_message": result["error"],
+                  "error_details": {"stage": stage, "runpod_job_id": row.runpod_job_id, "written_by": WORKER,
+                                    "resumable": stopped}}
+    else:
+        metadata = result.get("model_metadata") or {}
+        seconds = metadata.get("seconds") or {}
+        values = {"status": "completed", "progress": 100, "final_loss": metadata.get("final_loss"),
+                  "training_time_seconds": round(seconds.get("training", seconds.get("job", 0))),
+                  "adapter_file_path": (result.get("adapter_archive") or {}).get("storage_path"),
+                  "error_message": None, "error_details": None}
+        if not values["adapter_file_path"]:  # a stored result from a run without Supabase: nothing to point at
+            values = {**values, "status": "failed", "error_message": "uploading: the adapter archive is not in the "
+                      "app's storage. Resubmit the job with retrain: true"}
+    problem = row.finish(values, STOPPED_FINAL_DEADLINE_S if stopped else None)
+    result["app_row"] = {"table": row.table, "id": row.job_id, "written": problem is None,
+                         "status": row.stopped_by or (values["status"] if problem is None else None)}
+    if problem:
+        result["app_row"]["problem"] = problem
+        note = (f"the app's job row ({row.table} id={row.job_id}) could not be set to {values['status']!r}: {problem}"
+                + ("; the app will not deploy this adapter until it is" if values["status"] == "completed" else ""))
+        if "error" in result:
+            result["error"] = redact_text(f"{result['error']} ({note})", MAX_MESSAGE_CHARS)
+        else:
+            result.setdefault("warnings", []).append(note)
     return result
 
 
@@ -458,8 +570,19 @@ def check_deployment() -> None:
     except JobError as exc:
         log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed", exc)
         return
-    delivery = ("S3 storage at " + redact_url(settings.s3_endpoint_url) if settings.s3_configured else
-                "the network volume only (VOLUME_DELIVERY)" if settings.volume_delivery else "file:// links (a local run)")
+    for warning in settings.warnings(os.environ):
+        log.warning("worker settings: %s", warning)
+    if settings.supabase_configured:
+        try:  # one authenticated read: a wrong key or URL is said now, and again in each job's first second
+            JobRow(settings, "deployment-check", None)._read(first=True)
+        except JobError as exc:
+            log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed",
+                      str(exc).removeprefix("starting: "))
+    delivery = ", ".join(filter(None, [
+        f"the app's Supabase ({redact_url(settings.supabase_url)}: job row {settings.supabase_jobs_table}, archive in "
+        f"{settings.supabase_bucket}/{settings.supabase_adapter_prefix})" if settings.supabase_configured else "",
+        "S3 storage at " + redact_url(settings.s3_endpoint_url) if settings.s3_configured else "",
+        "the network volume (VOLUME_DELIVERY)" if settings.volume_delivery else ""])) or "file:// links (a local run)"
     log.info("worker ready: jobs in %s, models in %s, adapters delivered through %s, training in %d process(es)",
              settings.jobs_dir, settings.model_cache_dir, delivery, processes)
 

@@ -322,9 +322,9 @@ def job_fingerprint(hp: "Hyperparameters", base_model: str, dataset: str) -> str
 class WorkerSettings:
     """Settings of the deployment, read from environment variables named like the fields (upper case)."""
 
-    jobs_dir: Path = _setting(Path("/runpod-volume/lora-jobs"), "each job's files live under `<JOBS_DIR>/<job_id>/` (a local run without `/runpod-volume`: `.cache/runpod-volume/lora-jobs` in the checkout)", Path)
-    model_cache_dir: Path = _setting(Path("/runpod-volume/models"), "base models as `<dir>/<org>/<name>` or `<dir>/<name>` (`/workspace/models` is searched too; a local run without `/runpod-volume`: `.cache/runpod-volume/models`)", Path)
-    runpod_model_cache: Path = _setting(RUNPOD_CACHED_MODELS, "where RunPod puts the endpoint's cached models (its Model setting); searched before MODEL_CACHE_DIR, and before any download", Path)
+    jobs_dir: Path = _setting(Path("/runpod-volume/lora-jobs"), "each job's files live under `<JOBS_DIR>/<job_id>/`; default `lora-jobs` on the network volume wherever it is mounted (`/runpod-volume`, else `/workspace`; a local run without either: `.cache/runpod-volume/lora-jobs` in the checkout)", Path)
+    model_cache_dir: Path = _setting(Path("/runpod-volume/models"), "base models as `<dir>/<org>/<name>` or `<dir>/<name>`; default `models` on the network volume (`/workspace/models` is searched too, the app's team's `MODEL_PATH` and `$HF_HOME/hub` as well)", Path)
+    runpod_model_cache: Path = _setting(RUNPOD_CACHED_MODELS, "where RunPod puts the endpoint's cached models (its Model setting; `huggingface-cache/hub` on the volume); searched before MODEL_CACHE_DIR, and before any download", Path)
     keep_quantized_base: bool = _setting(True, "after a base model's first job, keep its 4-bit copy in `<MODEL_CACHE_DIR>/.quantized/` and load that on later jobs (a quarter of the bytes to read, no quantization)", bool)
     default_base_model: str = _setting(DEFAULT_BASE_MODEL, "the base model when a job names none", str)
     allow_model_download: bool = _setting(True, "download a base model that is not cached into MODEL_CACHE_DIR from the Hugging Face Hub (`HF_ENDPOINT`) on first use; later jobs reuse it", bool)
@@ -348,7 +348,15 @@ class WorkerSettings:
     volume_delivery: bool = _setting(False, "deliver on the network volume only: no S3; the result lists each file's path in `volume_files` and has no `model_files` (the app cannot download these)", bool)
     runpod_endpoint_id: str | None = _setting(None, "set by RunPod on an endpoint's workers; there a job fails at once unless S3 storage or VOLUME_DELIVERY is set", str)
     train_processes: int | None = _setting(None, "training processes, one per GPU (data parallel, torch.distributed); unset: every visible GPU, 1 on a machine without one", int)
-    progress_interval_s: float = _setting(10.0, "least seconds between two progress updates within a stage (stage changes are always sent)", float)
+    progress_interval_s: float = _setting(10.0, "least seconds between two progress updates within a stage (stage changes are always sent); also the app's job row", float)
+    supabase_url: str | None = _setting(None, "the BrightRun app's Supabase project (`https://<project-ref>.supabase.co`): with SUPABASE_SERVICE_ROLE_KEY, the worker writes the job's row (the pipeline flow) and uploads the adapter archive to its Storage", str)
+    supabase_service_role_key: str | None = _setting(None, "the project's service_role key (Settings → API), for the job row and the archive upload", str)
+    supabase_jobs_table: str = _setting("pipeline_training_jobs", "the app's table of jobs: the row whose `id` is the job's `job_id` is written live", str)
+    supabase_metrics_table: str = _setting("pipeline_training_metrics", "the app's table of per-step metrics (training loss, learning rate, gradient norm; validation loss per epoch)", str)
+    supabase_bucket: str = _setting("lora-models", "the Storage bucket the adapter archive is uploaded to", str)
+    supabase_adapter_prefix: str = _setting("adapters", "the archive goes to `<SUPABASE_BUCKET>/<prefix>/<job_id>.tar.gz`, the path written into the row's `adapter_file_path`", str)
+    supabase_write_deadline_s: float = _setting(60.0, "seconds a progress write to the job row is retried (timeouts, 5xx, 429) before it is dropped; training never waits for it", float)
+    supabase_final_deadline_s: float = _setting(600.0, "seconds the final write (completed or failed) is retried before the job's RunPod result says it could not land", float)
 
     @staticmethod
     def _names(value: str) -> list[str]:
@@ -367,8 +375,17 @@ class WorkerSettings:
         return self.model_cache_dir / ".quantized" if self.keep_quantized_base else None
 
     @property
+    def supabase_configured(self) -> bool:
+        return bool(self.supabase_url and self.supabase_service_role_key)
+
+    @property
+    def s3_ignored(self) -> bool:
+        """RunPod's volume S3 API left in the environment beside Supabase (as the app's team deploys): not used."""
+        return self.supabase_configured and is_runpod_volume_s3(self.s3_endpoint_url)
+
+    @property
     def s3_configured(self) -> bool:
-        return bool(self.s3_endpoint_url and self.s3_bucket)
+        return bool(self.s3_endpoint_url and self.s3_bucket) and not self.s3_ignored
 
     @property
     def on_endpoint(self) -> bool:
@@ -390,12 +407,43 @@ class WorkerSettings:
             except ValueError as exc:
                 raise JobError(f"environment variable {name}={raw!r} is invalid: {exc}") from None
         endpoint = bool(values.get("runpod_endpoint_id"))
-        if not endpoint and not Path("/runpod-volume").is_dir():
-            values.setdefault("jobs_dir", LOCAL_VOLUME / "lora-jobs")
-            values.setdefault("model_cache_dir", LOCAL_VOLUME / "models")
+        volume = network_volume()
+        if volume is None and not endpoint:
+            volume = LOCAL_VOLUME
+        if volume is not None:  # the volume wherever it is mounted: job directories never on the container's disk
+            values.setdefault("jobs_dir", volume / "lora-jobs")
+            values.setdefault("model_cache_dir", volume / "models")
+            values.setdefault("runpod_model_cache", volume / "huggingface-cache" / "hub")
         settings = cls(**values)
         _check_delivery(settings, env)
         return settings
+
+    def warnings(self, env: Mapping[str, str]) -> list[str]:
+        """What a deployment gets away with, said when the worker starts and in each job's result."""
+        notes = []
+        if self.s3_ignored:
+            notes.append(f"S3_ENDPOINT_URL points at RunPod's network-volume S3 API ({urlsplit(self.s3_endpoint_url).hostname}), "
+                         "which cannot sign download links; with SUPABASE_URL set the adapter archive goes to Supabase "
+                         "Storage, so the S3_* settings are ignored (unset them to silence this)")
+        if self.on_endpoint and network_volume() is None and not env.get("JOBS_DIR"):
+            notes.append(f"no network volume is mounted at {' or '.join(map(str, VOLUME_MOUNTS))}: job directories "
+                         f"(checkpoints) are in {self.jobs_dir} on the container's disk and are lost when the worker stops, "
+                         "and base models are downloaded again; attach a network volume to the endpoint")
+        return notes
+
+
+# Where a RunPod network volume is mounted: /runpod-volume on serverless workers; /workspace on pods, and where the
+# app's team mounts it (their notes). The first that exists is the volume.
+VOLUME_MOUNTS = (Path("/runpod-volume"), Path("/workspace"))
+
+
+def network_volume() -> Path | None:
+    return next((p for p in VOLUME_MOUNTS if p.is_dir()), None)
+
+
+def is_runpod_volume_s3(url: str | None) -> bool:
+    """RunPod's network-volume S3 API (`https://s3api-<datacenter>.runpod.io`): it cannot presign URLs."""
+    return bool(re.fullmatch(r"s3api-[a-z0-9-]+\.runpod\.io", urlsplit(url or "").hostname or ""))
 
 
 def _check_delivery(settings: WorkerSettings, env: Mapping[str, str]) -> None:
@@ -408,7 +456,17 @@ def _check_delivery(settings: WorkerSettings, env: Mapping[str, str]) -> None:
         raise JobError(f"S3_ENDPOINT_URL={redact_url(settings.s3_endpoint_url)!r} is not an http(s) URL; give it whole, "
                        "e.g. https://<project-ref>.supabase.co/storage/v1/s3")
     host = endpoint.hostname or ""
-    if re.fullmatch(r"s3api-[a-z0-9-]+\.runpod\.io", host):
+    supabase = urlsplit(settings.supabase_url or "")
+    if settings.supabase_url and (supabase.scheme not in ("http", "https") or not supabase.hostname):
+        raise JobError(f"SUPABASE_URL={redact_url(settings.supabase_url)!r} is not an http(s) URL; give the project's "
+                       "URL, e.g. https://<project-ref>.supabase.co")
+    if bool(settings.supabase_url) != bool(settings.supabase_service_role_key):
+        missing = "SUPABASE_SERVICE_ROLE_KEY" if settings.supabase_url else "SUPABASE_URL"
+        raise JobError(f"Supabase is half configured: {missing} is not set (set both SUPABASE_URL and "
+                       "SUPABASE_SERVICE_ROLE_KEY, the project's service_role key, or neither)")
+    if settings.s3_ignored:
+        return  # the archive goes to Supabase Storage; the S3 settings are unused (a warning says so)
+    if is_runpod_volume_s3(settings.s3_endpoint_url):
         raise JobError(
             f"S3_ENDPOINT_URL points at RunPod's network-volume S3 API ({host}), which does not support presigned "
             f"URLs: the app could not download a single adapter file.{named} Point S3_ENDPOINT_URL, S3_BUCKET and the "
@@ -425,8 +483,9 @@ def _check_delivery(settings: WorkerSettings, env: Mapping[str, str]) -> None:
                        "(SigV4) last at most 7 days, so longer links would fail when the app fetches them")
     if settings.s3_configured and settings.volume_delivery:
         raise JobError("both S3 storage (S3_ENDPOINT_URL, S3_BUCKET) and VOLUME_DELIVERY=true are set: choose one")
-    if settings.on_endpoint and not settings.s3_configured and not settings.volume_delivery:
+    if settings.on_endpoint and not (settings.s3_configured or settings.volume_delivery or settings.supabase_configured):
         raise JobError(
-            "no storage for the adapter's files: on a RunPod endpoint the app needs links it can download. Set "
-            f"S3_ENDPOINT_URL, S3_BUCKET, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY ({APP_STORAGE_HELP}), or set "
+            "no storage for the adapter's files: on a RunPod endpoint the app needs them where it can download them. "
+            "Set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY (the app's pipeline flow: the job row and the archive in "
+            f"Supabase Storage), or S3_ENDPOINT_URL, S3_BUCKET, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY ({APP_STORAGE_HELP}), or set "
             f"VOLUME_DELIVERY=true to keep the files on the network volume (the app then gets no files){'.' + named if named else ''}")

@@ -46,20 +46,31 @@ class _Retryable(Exception):
     """A transient failure: worth another attempt."""
 
 
-def _expired_or_denied(status: int, body: str) -> str | None:
-    """Supabase answers an expired signed URL with 400 and {"error":"InvalidJWT","message":"\"exp\" claim ..."}."""
+class LinkExpired(JobError):
+    """The dataset's signed URL has expired (the storage said so, not another refusal)."""
+
+
+EXPIRED = ("dataset URL has expired (the app signs dataset links for 1 hour in its pipeline flow, 24 hours in the "
+           "legacy one, and a job that waits longer in RunPod's queue finds its link expired): resubmit the job")
+
+
+def _expired_or_denied(status: int, body: str) -> JobError | None:
+    """Supabase answers an expired signed URL with 400 and {"error":"InvalidJWT","message":"\"exp\" claim timestamp
+    check failed"}, and a bad signature with the same error and "invalid signature"."""
     text = body.lower()
-    if "invalidjwt" in text or "exp" in text and "claim" in text or "expired" in text:
-        return "dataset URL has expired (signed URLs from the app last 24 h): resubmit the job"
-    if status in (401, 403):
-        return f"dataset URL was refused (HTTP {status}): the signature is invalid or lacks access; create a new signed URL and resubmit"
+    if '"exp" claim' in text or "\\\"exp\\\" claim" in text or "jwt expired" in text or "token expired" in text \
+            or "expiredtoken" in text or "request has expired" in text:
+        return LinkExpired(EXPIRED)
+    if status in (401, 403) or "invalidjwt" in text:
+        return JobError(f"dataset URL was refused (HTTP {status}): the signature is invalid or lacks access; create a new "
+                        "signed URL and resubmit")
     return None
 
 
 def _status_error(status: int, body: str, shown: str) -> JobError:
     reason = _expired_or_denied(status, body)
     if reason:
-        return JobError(reason)
+        return reason
     if status == 404:
         return JobError(f"dataset not found (HTTP 404) at {shown}: check the file still exists in storage, then resubmit")
     try:
@@ -87,12 +98,15 @@ class _Deadline(JobError):
     pass
 
 
-def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float, deadline: float) -> tuple[int, str]:
+def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float, deadline: float,
+                credentials: dict | None = None) -> tuple[int, str]:
     shown = redact_url(url)
     try:
-        # identity: the byte count must be the one Content-Length announces (a gzip file stays gzip)
+        # identity: the byte count must be the one Content-Length announces (a gzip file stays gzip). With credentials
+        # no redirect is followed: they are for this host alone.
         response = rp_ssrf.safe_get(url, stream=True, timeout=timeout, max_bytes=max_bytes,
-                                    headers={"Accept-Encoding": "identity"})
+                                    headers={"Accept-Encoding": "identity", **(credentials or {})},
+                                    **({"max_redirects": 0} if credentials else {}))
     except rp_ssrf.SSRFError as exc:
         message = str(exc).replace(url, shown)
         if "size cap" in message:
@@ -148,12 +162,14 @@ def _copy_local_file(url: str, dest: Path, max_bytes: int) -> Download:
 
 
 def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 60.0, retries: int = 4,
-                     backoff_s: float = 1.0, allow_file_urls: bool = False, deadline_s: float = 1800.0) -> Download:
+                     backoff_s: float = 1.0, allow_file_urls: bool = False, deadline_s: float = 1800.0,
+                     credentials: dict | None = None) -> Download:
     """Download `url` to `dest`, atomically: `dest` exists only if every byte arrived.
 
     Retries (with exponential backoff) connection errors, timeouts, dropped or short bodies,
-    429 and 5xx; any other status fails at once with a message that says what to do. `timeout`
-    bounds each wait for bytes; `deadline_s` the whole download, retries included.
+    429 and 5xx; any other status fails at once with a message that says what to do (LinkExpired for an
+    expired signed URL). `timeout` bounds each wait for bytes; `deadline_s` the whole download, retries
+    included. `credentials`: headers sent to this URL's host alone (no redirect is followed).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +187,8 @@ def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 6
     last, deadline = "", time.monotonic() + deadline_s
     for attempt in range(1, retries + 2):
         try:
-            size, sha = _fetch_once(url, part, max_bytes=max_bytes, timeout=timeout, deadline=deadline)
+            size, sha = _fetch_once(url, part, max_bytes=max_bytes, timeout=timeout, deadline=deadline,
+                                    credentials=credentials)
         except _Deadline as exc:
             part.unlink(missing_ok=True)
             raise JobError(f"{exc} within DOWNLOAD_DEADLINE_S={deadline_s:g} s: check the storage's speed, or raise "
@@ -193,6 +210,31 @@ def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 6
         log.info("downloaded %s: %d bytes, sha256 %s", redact_url(url), size, sha)
         return Download(dest, size, sha, attempt)
     raise JobError(f"dataset download failed after {attempt} attempt{'s' if attempt > 1 else ''}: {last}. Check that the storage is reachable and resubmit")
+
+
+SIGNED_PATH = "/storage/v1/object/sign/"
+
+
+def supabase_object(url: str, supabase_url: str | None) -> str | None:
+    """For a Supabase signed URL on the deployment's own project (`<SUPABASE_URL>/storage/v1/object/sign/<bucket>/<path>`),
+    the same object's authenticated URL (`.../object/authenticated/<bucket>/<path>`, read with the service key); None
+    for any other URL.
+
+    >>> supabase_object("https://p.supabase.co/storage/v1/object/sign/training-files/u/d.jsonl?token=x", "https://p.supabase.co")
+    'https://p.supabase.co/storage/v1/object/authenticated/training-files/u/d.jsonl'
+    >>> supabase_object("https://evil.example/storage/v1/object/sign/training-files/d.jsonl?token=x", "https://p.supabase.co")
+    """
+    if not supabase_url:
+        return None
+    link, own = urlsplit(url), urlsplit(supabase_url)
+    same_host = (link.scheme, link.hostname, link.port) == (own.scheme, own.hostname, own.port)
+    base = own.path.rstrip("/")
+    if not same_host or not link.path.startswith(base + SIGNED_PATH) or ".." in link.path.split("/"):
+        return None
+    rest = link.path[len(base + SIGNED_PATH):]
+    if "/" not in rest.strip("/"):
+        return None
+    return f"{supabase_url.rstrip('/')}/storage/v1/object/authenticated/{rest}"
 
 
 def upload_files(files: list[Path], job_id: str, settings: WorkerSettings) -> dict[str, str]:

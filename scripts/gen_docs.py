@@ -76,15 +76,15 @@ def example_job() -> dict:
 
 
 def app_job() -> dict:
-    """What the BrightRun app POSTs to /run today (shape A, its "balanced" preset, the base model it always adds,
-    its default of 2 GPUs), validated by the model before it is written."""
+    """What the BrightRun app's deployed (pipeline) flow POSTs to /run: its row's id as job_id, a dataset signed for 1
+    hour in bucket training-files, Mistral-7B-Instruct-v0.2 (its inference endpoint's base), the row's default GPU;
+    validated by the model before it is written (shared/contracts/brightrun-app.md)."""
     job = {"input": {
         "job_id": "5b0f3c8e-2d7a-4c1e-9f6b-1a2b3c4d5e6f",
-        "dataset_url": "https://PROJECT.supabase.co/storage/v1/object/sign/lora-datasets/USER/dataset.jsonl?token=SIGNED_JWT",
-        "hyperparameters": {"learning_rate": 5e-05, "batch_size": 4, "epochs": 3, "rank": 16, "alpha": 32, "dropout": 0.1,
-                            "base_model": "mistralai/Mistral-7B-v0.1"},
-        "gpu_config": {"type": "A100-80GB", "count": 2},
-        "callback_url": "https://PROJECT.supabase.co/functions/v1/training-callback",
+        "dataset_url": "https://PROJECT.supabase.co/storage/v1/object/sign/training-files/USER/dataset.jsonl?token=SIGNED_JWT",
+        "hyperparameters": {"base_model": "mistralai/Mistral-7B-Instruct-v0.2", "learning_rate": 0.0001, "batch_size": 4,
+                            "epochs": 3, "rank": 16, "alpha": 32, "dropout": 0.05},
+        "gpu_config": {"type": "NVIDIA A40", "count": 1},
     }}
     JobInput.model_validate(job["input"])
     return job

@@ -161,3 +161,6 @@ def s3():
     client.create_bucket(Bucket="lora-models")
     yield endpoint, client
     server.stop()
+
+
+from supabase_fixtures import postgres_dsn, supabase  # noqa: E402,F401  (the app's Supabase, on a real PostgreSQL)

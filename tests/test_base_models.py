@@ -13,7 +13,7 @@ from bitsandbytes.nn import Params4bit
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from base_models import (count_parameters, does_not_fit_message, estimate_job_memory, expert_projection_names,
-                         experts_in_4bit, per_expert_names, resolve_base_model, trust_remote_code_for)
+                         experts_in_4bit, find_base_model, per_expert_names, resolve_base_model, trust_remote_code_for)
 from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
@@ -313,3 +313,24 @@ def test_moe_types_left_on_the_stock_path_are_sized_with_16_bit_experts():
     assert counts["quantized"] == counts["linear"] and counts["experts"] > counts["quantized"]
     with pytest.raises(JobError, match="cannot size model type 'no-such-model'"):
         count_parameters({**config, "model_type": "no-such-model"})
+
+
+def test_models_in_the_app_teams_hf_home_and_model_path_are_found(tmp_path, monkeypatch):
+    """The app's team keeps Qwen3-Next in the Hugging Face cache layout under HF_HOME on the volume (a lower-cased copy
+    beside it) and points MODEL_PATH at a link to its snapshot."""
+    hf_home = tmp_path / "huggingface-cache"
+    snapshot = hf_home / "hub" / "models--Qwen--Qwen3-Next-80B-A3B-Instruct" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("MODEL_PATH", raising=False)
+    assert find_base_model("Qwen/Qwen3-Next-80B-A3B-Instruct", [], runpod_cache=tmp_path / "none") == snapshot
+    assert find_base_model("qwen/qwen3-next-80b-a3b-instruct", [], runpod_cache=tmp_path / "none") == snapshot
+    monkeypatch.delenv("HF_HOME")
+    link = tmp_path / "models" / "Qwen3-Next-80B-A3B-Instruct"
+    link.parent.mkdir()
+    link.symlink_to(snapshot)
+    monkeypatch.setenv("MODEL_PATH", str(link))
+    assert find_base_model("Qwen/Qwen3-Next-80B-A3B-Instruct", [], runpod_cache=tmp_path / "none") == link
+    assert find_base_model("Qwen/Qwen2.5-7B-Instruct", [], runpod_cache=tmp_path / "none") is None

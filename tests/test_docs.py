@@ -24,7 +24,8 @@ def test_the_example_jobs_are_generated_and_valid():
     app = json.loads((ROOT / "app_job.example.json").read_text())
     assert app == app_job(), "app_job.example.json is stale: run python scripts/gen_docs.py"
     job, warnings = parse_job_input(app["input"])
-    assert warnings == [] and (job.hyperparameters.epochs, job.hyperparameters.lora_rank, job.gpu_config.count) == (3, 16, 2)
+    assert warnings == [] and (job.hyperparameters.epochs, job.hyperparameters.lora_rank, job.gpu_config.count) == (3, 16, 1)
+    assert job.hyperparameters.base_model == "mistralai/Mistral-7B-Instruct-v0.2"
 
 
 def test_python_handler_py_runs_its_smoke_test_in_a_checkout(tmp_path):

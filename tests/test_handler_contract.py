@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from conftest import S3_KEYS, SAMPLE, running_worker, runsync
+from storage import EXPIRED
 
 APP_STAGES = {"downloading", "loading_data", "loading_model", "training", "saving", "uploading"}
 PREFIX = "runpod-worker/adapters"  # the app's own bucket, under a prefix the deployment chooses
@@ -100,7 +101,7 @@ def test_expired_url_fails_with_the_expiry_message_and_no_secret_is_logged(worke
                               "callback_url": recorder.url(f"/callback?sig={CALLBACK_SECRET}"),
                               "hyperparameters": {"base_model": str(tiny_qwen2)}})
     assert result["status"] == "FAILED"
-    assert result["error"] == "downloading: dataset URL has expired (signed URLs from the app last 24 h): resubmit the job"
+    assert result["error"] == "downloading: " + EXPIRED
     callbacks = [body for path, body in recorder.posts if path.startswith("/callback") and body.get("id") == result["id"]]
     assert callbacks and callbacks[0]["status"] == "FAILED" and "expired" in callbacks[0]["error"]
 

@@ -124,3 +124,46 @@ def test_a_local_run_without_the_volume_keeps_its_files_in_the_checkout():
     settings = WorkerSettings.from_env({})
     assert settings.jobs_dir == LOCAL_VOLUME / "lora-jobs" and settings.model_cache_dir == LOCAL_VOLUME / "models"
     assert WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep", "VOLUME_DELIVERY": "1"}).jobs_dir == Path("/runpod-volume/lora-jobs")
+
+
+SUPABASE = {"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_SERVICE_ROLE_KEY": "service-role-key"}
+
+
+def test_the_app_teams_environment_is_accepted_and_its_volume_s3_endpoint_ignored_with_a_warning():
+    """As the app's team deploys (shared/contracts/brightrun-app.md): Supabase, plus RunPod's volume S3 API, its keys
+    and NETWORK_VOLUME_ID, and no S3_BUCKET. The archive goes to Supabase; S3 is not used, and a warning says so."""
+    team = SUPABASE | {"S3_ENDPOINT_URL": "https://s3api-eu-ro-1.runpod.io", "S3_ACCESS_KEY_ID": "k",
+                       "S3_SECRET_ACCESS_KEY": "s", "NETWORK_VOLUME_ID": "vol-123", "RUNPOD_ENDPOINT_ID": "ep"}
+    settings = WorkerSettings.from_env(team)
+    assert settings.supabase_configured and not settings.s3_configured and settings.s3_ignored
+    [warning] = [w for w in settings.warnings(team) if "S3" in w]
+    assert "s3api-eu-ro-1.runpod.io" in warning and "Supabase Storage" in warning and "ignored" in warning
+    # Supabase alone is enough storage for an endpoint; half of it is refused, naming the missing variable
+    assert WorkerSettings.from_env(SUPABASE | {"RUNPOD_ENDPOINT_ID": "ep"}).supabase_configured
+    with pytest.raises(JobError, match="half configured: SUPABASE_SERVICE_ROLE_KEY is not set"):
+        WorkerSettings.from_env({"SUPABASE_URL": "https://p.supabase.co"})
+    with pytest.raises(JobError, match="SUPABASE_URL='p.supabase.co' is not an http"):
+        WorkerSettings.from_env(SUPABASE | {"SUPABASE_URL": "p.supabase.co"})
+    with pytest.raises(JobError, match="Set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY"):
+        WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep"})
+
+
+def test_job_directories_go_on_the_volume_wherever_it_is_mounted(tmp_path, monkeypatch):
+    """/runpod-volume on serverless workers; the app's team mounts theirs at /workspace: jobs (checkpoints) and models
+    go there, never on the container's disk; with no volume at all on an endpoint, a warning says what is lost."""
+    import job
+
+    runpod_volume, workspace = tmp_path / "runpod-volume", tmp_path / "workspace"
+    monkeypatch.setattr(job, "VOLUME_MOUNTS", (runpod_volume, workspace))
+    workspace.mkdir()
+    on_workspace = WorkerSettings.from_env(SUPABASE | {"RUNPOD_ENDPOINT_ID": "ep"})
+    assert on_workspace.jobs_dir == workspace / "lora-jobs" and on_workspace.model_cache_dir == workspace / "models"
+    assert on_workspace.runpod_model_cache == workspace / "huggingface-cache" / "hub"
+    assert on_workspace.warnings({}) == []
+    runpod_volume.mkdir()
+    assert WorkerSettings.from_env(SUPABASE | {"RUNPOD_ENDPOINT_ID": "ep"}).jobs_dir == runpod_volume / "lora-jobs"
+    runpod_volume.rmdir()
+    workspace.rmdir()
+    bare = WorkerSettings.from_env(SUPABASE | {"RUNPOD_ENDPOINT_ID": "ep"})
+    [warning] = bare.warnings({})
+    assert "no network volume is mounted" in warning and "lost when the worker stops" in warning

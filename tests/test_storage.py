@@ -6,7 +6,7 @@ import pytest
 
 from conftest import SAMPLE, free_port
 from job import JobError
-from storage import download_dataset
+from storage import LinkExpired, download_dataset
 
 
 @pytest.fixture
@@ -27,9 +27,15 @@ def test_download_writes_every_byte_and_its_hash(storage, tmp_path, private_ok):
 
 
 def test_expired_signed_url_says_resubmit(storage, tmp_path, private_ok):
-    with pytest.raises(JobError, match=r"dataset URL has expired \(signed URLs from the app last 24 h\): resubmit the job"):
+    with pytest.raises(LinkExpired, match=r"dataset URL has expired \(the app signs dataset links for 1 hour .*\): resubmit the job"):
         fetch(storage.url(SAMPLE.name, storage.old), tmp_path)
     assert storage.hits[SAMPLE.name] == 1  # not retried
+
+
+def test_a_bad_signature_is_refused_not_taken_for_an_expired_link(storage, tmp_path, private_ok):
+    with pytest.raises(JobError, match=r"dataset URL was refused \(HTTP 400\): the signature is invalid") as exc:
+        fetch(storage.url(SAMPLE.name, "sig-forged"), tmp_path)
+    assert not isinstance(exc.value, LinkExpired) and "sig-forged" not in str(exc.value)
 
 
 def test_missing_file_is_a_404_message_without_the_token(storage, tmp_path, private_ok):
