@@ -491,26 +491,29 @@ def handler(job: dict) -> dict:
         return {"error": f"worker settings: {str(exc).rstrip('.')}. Fix the endpoint's environment variables"}
     progress = ProgressReporter(job, enabled=bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")),
                                 interval_s=settings.progress_interval_s)
-    stopped = False  # SIGTERM: the job can be resumed
-    try:
-        with stop_on_sigterm(checkpointing=False):  # SIGTERM ends the job at any stage (training: after a checkpoint)
+    # SIGTERM ends the job at any stage (training: after a checkpoint); the block ends after the app's row is written,
+    # as the signal's default action (where the SDK left it) ends the process there
+    with stop_on_sigterm(checkpointing=False):
+        stopped = False  # by SIGTERM: the job can be resumed
+        try:
             result = run_job(job, settings, progress)
-    except JobError as exc:
-        stopped = isinstance(exc, Stopped) and not isinstance(exc, Cancelled)
-        result = {"error": redact_text(str(exc), MAX_MESSAGE_CHARS)}
-        if progress.row is not None and progress.row.stopped_by and not isinstance(exc, Cancelled):
-            result["error"] = redact_text(f"{progress.stage}: {stopped_by_app(progress.row)}; training stopped with a "
-                                          f"checkpoint and nothing was uploaded ({exc})", MAX_MESSAGE_CHARS)
-    except Exception as exc:  # a bug (or a fault of the volume): the job's log has the traceback
-        if fault := volume_fault(exc):
-            result = {"error": redact_text(f"{progress.stage or 'starting'}: {fault}", MAX_MESSAGE_CHARS)}
-        else:
-            log.error("internal error in job %s:\n%s", job.get("id"), redact_text(traceback.format_exc()))
-            result = {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: "
-                               f"{redact_text(str(exc), 500)}) in job {job.get('id')}. Retry once; if it fails again, "
-                               "report the job id"}
-    if progress.row is not None:
-        result = _finish_row(progress.row, result, progress.stage, stopped)
+        except JobError as exc:
+            stopped = isinstance(exc, Stopped) and not isinstance(exc, Cancelled)
+            result = {"error": redact_text(str(exc), MAX_MESSAGE_CHARS)}
+            if progress.row is not None and progress.row.stopped_by and not isinstance(exc, Cancelled):
+                result["error"] = redact_text(f"{progress.stage}: {stopped_by_app(progress.row)}; training stopped with "
+                                              f"a checkpoint and nothing was uploaded ({exc})", MAX_MESSAGE_CHARS)
+        except Exception as exc:  # a bug (or a fault of the volume): the job's log has the traceback
+            if fault := volume_fault(exc):
+                result = {"error": redact_text(f"{progress.stage or 'starting'}: {fault}", MAX_MESSAGE_CHARS)}
+            else:
+                log.error("internal error in job %s:\n%s", job.get("id"), redact_text(traceback.format_exc()))
+                result = {"error": f"{progress.stage or 'validating'}: internal error ({type(exc).__name__}: "
+                                   f"{redact_text(str(exc), 500)}) in job {job.get('id')}. Retry once; if it fails again, "
+                                   "report the job id"}
+        if progress.row is not None:
+            with stop_on_sigterm():  # a further SIGTERM does not cut the row's last word short
+                result = _finish_row(progress.row, result, progress.stage, stopped)
     result = sendable(result)
     callback = (job.get("input") or {}).get("callback_url") if isinstance(job.get("input"), dict) else None
     if isinstance(callback, str) and callback:
