@@ -108,33 +108,41 @@ class JobRow:
         """Read the row (one authenticated read: a wrong key, URL or table fails here) and claim it: `running`,
         `started_at`. Raises JobError when the app has already ended the job. The writer thread starts."""
         row = cls(settings, job_id, runpod_job_id, on_stop)
-        found = row._read(first=True)
+        try:
+            return row._claim()
+        except BaseException:
+            row._http.close()
+            raise
+
+    def _claim(self) -> "JobRow":
+        """The claim: the row read, then `running` if it is still the worker's to write."""
+        found = self._read(first=True)
         if found is None:
-            row.warnings.append(
-                f"the app's job row does not exist ({row.table} id={job_id}): a legacy-flow job or a local run; the job "
-                "runs without reporting into the app's database")
-            log.warning(row.warnings[-1])
-            return row
+            self.warnings.append(
+                f"the app's job row does not exist ({self.table} id={self.job_id}): a legacy-flow job or a local run; "
+                "the job runs without reporting into the app's database")
+            log.warning(self.warnings[-1])
+            return self
         status, details = found.get("status"), found.get("error_details") or {}
         resumable = status == "failed" and isinstance(details, dict) and details.get("written_by") == WORKER \
             and details.get("resumable")
         if status in TERMINAL_STATUSES and not resumable:
             what = ("the user cancelled it" if status == "cancelled" else
                     f"the row is already {status!r}" + (f" ({found.get('error_message')})" if found.get("error_message") else ""))
-            raise JobError(f"the app has ended this job before it started ({what}; {row.table} id={job_id}): nothing was "
-                           "downloaded or trained. Start a new job in the app", stage="starting")
-        claim = row._update({"status": "running", "started_at": now(), "updated_at": now(), "error_message": None,
-                             "error_details": None}, statuses=("failed",) if resumable else WORKER_STATUSES,
-                            deadline=time.monotonic() + settings.supabase_write_deadline_s)
+            raise JobError(f"the app has ended this job before it started ({what}; {self.table} id={self.job_id}): "
+                           "nothing was downloaded or trained. Start a new job in the app", stage="starting")
+        claim = self._update({"status": "running", "started_at": now(), "updated_at": now(), "error_message": None,
+                              "error_details": None}, statuses=("failed",) if resumable else WORKER_STATUSES,
+                             deadline=time.monotonic() + self.settings.supabase_write_deadline_s)
         if not claim:
-            status = (row._read() or {}).get("status")
+            status = (self._read() or {}).get("status")
             raise JobError(f"the app's job row changed to {status!r} as the worker started; nothing was downloaded or "
                            "trained", stage="starting")
-        row.exists = True
-        row._thread = threading.Thread(target=row._writer, name="job-row", daemon=True)
-        row._thread.start()
-        log.info("the app's job row %s id=%s is this worker's: status running", row.table, job_id)
-        return row
+        self.exists = True
+        self._thread = threading.Thread(target=self._writer, name="job-row", daemon=True)
+        self._thread.start()
+        log.info("the app's job row %s id=%s is this worker's: status running", self.table, self.job_id)
+        return self
 
     def _read(self, first: bool = False) -> dict | None:
         """The row (id, status, error_message, error_details), or None when there is none. `first`: the deployment's

@@ -120,6 +120,17 @@ def clear_stop_request(checkpoint_dir: Path) -> None:
     (checkpoint_dir / STOP_FILE).unlink(missing_ok=True)
 
 
+class StopAsked:
+    """True once SIGTERM arrived (`signalled`, a StopRequested) or a stop was requested in the checkpoint directory
+    (request_stop: the app cancelled the job); the trainer reads it after each step's backward."""
+
+    def __init__(self, signalled, checkpoint_dir: Path | None):
+        self.signalled, self.checkpoint_dir = signalled, checkpoint_dir
+
+    def __bool__(self) -> bool:
+        return bool(self.signalled) or stop_reason(self.checkpoint_dir) is not None
+
+
 class StopRequested:
     """What SIGTERM did: `signal` once it arrived; while training (`checkpointing`) the trainer checks it after each
     step, to write a checkpoint first; elsewhere the signal raised Stopped where the main thread was."""

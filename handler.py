@@ -494,11 +494,11 @@ def handler(job: dict) -> dict:
     # SIGTERM ends the job at any stage (training: after a checkpoint); the block ends after the app's row is written,
     # as the signal's default action (where the SDK left it) ends the process there
     with stop_on_sigterm(checkpointing=False):
-        stopped = False  # by SIGTERM: the job can be resumed
+        stopped, stage = False, None  # by SIGTERM: the job can be resumed; the stage that failed
         try:
             result = run_job(job, settings, progress)
         except JobError as exc:
-            stopped = isinstance(exc, Stopped) and not isinstance(exc, Cancelled)
+            stopped, stage = isinstance(exc, Stopped) and not isinstance(exc, Cancelled), exc.stage
             result = {"error": redact_text(str(exc), MAX_MESSAGE_CHARS)}
             if progress.row is not None and progress.row.stopped_by and not isinstance(exc, Cancelled):
                 result["error"] = redact_text(f"{progress.stage}: {stopped_by_app(progress.row)}; training stopped with "
@@ -513,7 +513,7 @@ def handler(job: dict) -> dict:
                                    "report the job id"}
         if progress.row is not None:
             with stop_on_sigterm():  # a further SIGTERM does not cut the row's last word short
-                result = _finish_row(progress.row, result, progress.stage, stopped)
+                result = _finish_row(progress.row, result, stage or progress.stage, stopped)
     result = sendable(result)
     callback = (job.get("input") or {}).get("callback_url") if isinstance(job.get("input"), dict) else None
     if isinstance(callback, str) and callback:
@@ -576,11 +576,14 @@ def check_deployment() -> None:
     for warning in settings.warnings(os.environ):
         log.warning("worker settings: %s", warning)
     if settings.supabase_configured:
+        check = JobRow(settings, "deployment-check", None)
         try:  # one authenticated read: a wrong key or URL is said now, and again in each job's first second
-            JobRow(settings, "deployment-check", None)._read(first=True)
+            check._read(first=True)
         except JobError as exc:
             log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed",
                       str(exc).removeprefix("starting: "))
+        finally:
+            check.close()
     delivery = ", ".join(filter(None, [
         f"the app's Supabase ({redact_url(settings.supabase_url)}: job row {settings.supabase_jobs_table}, archive in "
         f"{settings.supabase_bucket}/{settings.supabase_adapter_prefix})" if settings.supabase_configured else "",

@@ -346,7 +346,7 @@ class WorkerSettings:
     s3_region: str = _setting("us-east-1", "region used to sign S3 requests (Supabase: the project's region)", str)
     presigned_url_expiry_s: int = _setting(7 * 24 * 3600, "lifetime of the presigned GET URLs in `model_files` (seconds; SigV4 allows at most 7 days)", int)
     volume_delivery: bool = _setting(False, "deliver on the network volume only: no S3; the result lists each file's path in `volume_files` and has no `model_files` (the app cannot download these)", bool)
-    runpod_endpoint_id: str | None = _setting(None, "set by RunPod on an endpoint's workers; there a job fails at once unless S3 storage or VOLUME_DELIVERY is set", str)
+    runpod_endpoint_id: str | None = _setting(None, "set by RunPod on an endpoint's workers; there a job fails at once unless Supabase, S3 storage or VOLUME_DELIVERY is set", str)
     train_processes: int | None = _setting(None, "training processes, one per GPU (data parallel, torch.distributed); unset: every visible GPU, 1 on a machine without one", int)
     progress_interval_s: float = _setting(10.0, "least seconds between two progress updates within a stage (stage changes are always sent); also the app's job row", float)
     supabase_url: str | None = _setting(None, "the BrightRun app's Supabase project (`https://<project-ref>.supabase.co`): with SUPABASE_SERVICE_ROLE_KEY, the worker writes the job's row (the pipeline flow) and uploads the adapter archive to its Storage", str)

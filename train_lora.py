@@ -38,8 +38,8 @@ import distributed
 from base_models import (LOSS_CHUNK_TOKENS, check_fits, estimate_command, isolate_packed_examples, load_config, meta_model,
                          resolve_base_model, token_mixers)
 from chat_labels import Data, SkipExample, collate, load_tokenizer, prepare_data, preview, print_preview
-from checkpoints import (Cancelled, Stopped, TrainState, capture, load_latest_checkpoint, restore, save_checkpoint, stop_on_sigterm,
-                         stop_reason)
+from checkpoints import (Cancelled, StopAsked, Stopped, TrainState, capture, load_latest_checkpoint, restore, save_checkpoint,
+                         stop_on_sigterm, stop_reason)
 from dataset_loader import DatasetError, load_dataset
 from job import Hyperparameters, JobError, job_fingerprint, parse_hyperparameters
 from model_loading import (adapter_save_dtype, enable_recomputation, gpu_utilization, library_versions, load_model,
@@ -288,17 +288,6 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-class _StopAsked:
-    """True once SIGTERM arrived or the job's other threads asked the training to stop (checkpoints.request_stop: the
-    app cancelled the job); read after each step's backward."""
-
-    def __init__(self, signalled, checkpoint_dir: Path | None):
-        self.signalled, self.checkpoint_dir = signalled, checkpoint_dir
-
-    def __bool__(self) -> bool:
-        return bool(self.signalled) or stop_reason(self.checkpoint_dir) is not None
-
-
 def train_loop(run: Run) -> None:
     """Steps until `plan.total_steps`; checkpoints by rank 0 every `checkpoint_steps` / `checkpoint_minutes`, and when
     a rank was asked to stop (SIGTERM: Stopped is raised then; a stop request, the app's cancel: Cancelled)."""
@@ -308,9 +297,7 @@ def train_loop(run: Run) -> None:
     run.progress({"stage": "training", "percent": 100.0 * s.step / plan.total_steps, "step": s.step,
                   "total_steps": plan.total_steps, "epoch": s.epoch, **resumed_figures})
     with stop_on_sigterm() as signalled:
-        stop = _StopAsked(signalled, run.checkpoint_dir)
-        if stop_reason(run.checkpoint_dir) is not None:
-            raise Cancelled(f"{stop_reason(run.checkpoint_dir)} before training began")
+        stop = StopAsked(signalled, run.checkpoint_dir)
         while s.step < plan.total_steps:
             s.epoch += s.next_start == 0
             order = epoch_order(len(run.data.train), hp.seed, s.epoch)
@@ -330,10 +317,9 @@ def train_loop(run: Run) -> None:
                 if run.checkpoint_dir is not None and run.world.main and (stopping or (due and s.step < plan.total_steps)):
                     save_checkpoint(run.checkpoint_dir, s.step, capture(run))
                     last_checkpoint = time.monotonic()
-                if stopping and stop_reason(run.checkpoint_dir) is not None:
-                    raise Cancelled(f"{stop_reason(run.checkpoint_dir)} at step {s.step} of {plan.total_steps}; a "
-                                    "checkpoint was saved")
                 if stopping:  # the checkpoint is on disk; stop_on_sigterm hands the signal on
+                    if (reason := stop_reason(run.checkpoint_dir)) is not None:  # the app cancelled the job
+                        raise Cancelled(f"{reason} at step {s.step} of {plan.total_steps}; a checkpoint was saved")
                     raise Stopped(f"the worker was asked to stop (SIGTERM) at step {s.step} of {plan.total_steps}; " + (
                         "a checkpoint was saved: resubmit the same job to resume" if run.checkpoint_dir else "resubmit the job"))
                 if s.next_start == 0:

@@ -1014,6 +1014,16 @@ class _Tus:
 
 
 # -- the server --------------------------------------------------------------------------------------------------
+class _QuietServer(ThreadingHTTPServer):
+    """A client that drops its connection (as the worker's retries and the fault hooks make them do) is not an error."""
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 class SupabaseServer:
     """`with SupabaseServer(dsn) as supa:` Supabase's REST and Storage APIs on `supa.url` (loopback), backed by the
     PostgreSQL database at `dsn` (which `apply_schema` has prepared), answering to `supa.service_key`."""
@@ -1043,7 +1053,7 @@ class SupabaseServer:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self) -> "SupabaseServer":
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server = _QuietServer(("127.0.0.1", 0), _Handler)
         server.daemon_threads = True
         server.supa = self
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,

@@ -4,6 +4,7 @@ stopped rank ends the job in bounded time with nothing left running."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,3 +217,29 @@ def test_train_processes_beyond_the_gpus_is_refused_at_once(tmp_path):
         handler.training_processes(settings)
     assert handler.training_processes(WorkerSettings.from_env({"JOBS_DIR": str(tmp_path)})) == 1  # no GPU here
 
+
+
+def test_the_apps_cancel_stops_every_rank_after_the_same_step_with_one_checkpoint(tiny_qwen2, tmp_path):
+    """The app's Cancel, seen by the handler's row thread, reaches the ranks as a stop request in the checkpoint
+    directory they share: every rank stops after the same step, rank 0 writes one checkpoint, the job is Cancelled."""
+    from checkpoints import load_latest_checkpoint, request_stop
+    from dataset_loader import load_dataset
+    from job import Hyperparameters, JobError
+    from train_lora import train
+
+    checkpoints = tmp_path / "checkpoints"
+
+    def cancel_at_step_2(event):
+        if event.get("step") == 2 and "loss" in event:
+            request_stop(checkpoints, "the app ended this job (the user cancelled it)")
+
+    hp = Hyperparameters(max_steps=40, batch_size=2, max_seq_length=256, lora_rank=4, checkpoint_steps=1000, epochs=5)
+    with pytest.raises(JobError) as stopped:
+        train(load_dataset(SAMPLE)[0][:16], tiny_qwen2, tmp_path / "adapter", hp, on_progress=cancel_at_step_2,
+              checkpoint_dir=checkpoints, fingerprint="f", processes=2)
+    message = str(stopped.value)
+    assert message.startswith("the app ended this job (the user cancelled it) at step ")
+    assert re.search(r"a checkpoint was saved \(training process [01] of 2\)$", message)  # each rank says the same
+    state, _ = load_latest_checkpoint(checkpoints, "f")
+    assert [p.name for p in checkpoints.glob("checkpoint-*")] == [f"checkpoint-{state['state']['step']}"]
+    assert 2 <= state["state"]["step"] <= 4 and not (tmp_path / "adapter").exists()

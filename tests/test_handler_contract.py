@@ -9,6 +9,7 @@ import requests
 
 from conftest import S3_KEYS, SAMPLE, running_worker, runsync
 from storage import EXPIRED
+from test_archive import deployer_unpack
 
 APP_STAGES = {"downloading", "loading_data", "loading_model", "training", "saving", "uploading"}
 PREFIX = "runpod-worker/adapters"  # the app's own bucket, under a prefix the deployment chooses
@@ -75,7 +76,10 @@ def test_a_job_reports_progress_and_returns_files_the_app_can_download(shape, wo
         response = requests.get(url, timeout=30)
         assert response.status_code == 200 and response.content == local[name], name
     stored = s3[1].list_objects_v2(Bucket="lora-models", Prefix=f"{PREFIX}/{job_id}/")["Contents"]
-    assert sorted(o["Key"].rsplit("/", 1)[1] for o in stored) == sorted(local)  # the storage check left nothing
+    archive = output["adapter_archive"]  # the one archive too, as the app's deployer unpacks it
+    assert sorted(o["Key"].rsplit("/", 1)[1] for o in stored) == sorted([*local, f"{job_id}.tar.gz"])  # no check file
+    assert archive["name"] == f"{job_id}.tar.gz" and archive["url"].startswith(f"{s3[0]}/lora-models/{PREFIX}/{job_id}/")
+    assert deployer_unpack(requests.get(archive["url"], timeout=30).content) == local
     assert output["model_metadata"]["files"] == {name: len(data) for name, data in local.items()}
     assert local["loss_curve.png"][:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -303,3 +303,13 @@ def test_a_job_the_app_cancelled_while_queued_is_not_run(supabase, tiny_qwen2, t
     assert result["error"].startswith("starting: the app has ended this job before it started (the user cancelled it")
     assert row(supabase, job_id)["status"] == "cancelled"
     assert not any(r[1].startswith("/storage/v1/object/sign/") and r[0] == "GET" for r in supabase.requests)
+
+
+def test_an_input_the_worker_refuses_still_ends_the_apps_row(supabase, tiny_qwen2, tmp_path):
+    job_id = new_row(supabase)
+    with running_worker(tmp_path, **supabase.env) as worker:
+        result = runsync(worker, job(job_id, dataset_url(supabase), tiny_qwen2, learning_rate=0.5))
+    assert result["error"] == "validating: invalid job input: hyperparameters.learning_rate=0.5 is above 0.001"
+    final = row(supabase, job_id)
+    assert final["status"] == "failed" and final["error_message"] == result["error"]
+    assert final["error_details"]["stage"] == "validating"
