@@ -114,9 +114,18 @@ class JobRow:
             row._http.close()
             raise
 
+    @classmethod
+    def check_access(cls, settings: WorkerSettings) -> None:
+        """One authenticated read of the jobs table (the worker's start): a JobError naming the variable to fix."""
+        row = cls(settings, "access-check", None)
+        try:
+            row._read()
+        finally:
+            row._http.close()
+
     def _claim(self) -> "JobRow":
         """The claim: the row read, then `running` if it is still the worker's to write."""
-        found = self._read(first=True)
+        found = self._read()
         if found is None:
             self.warnings.append(
                 f"the app's job row does not exist ({self.table} id={self.job_id}): a legacy-flow job or a local run; "
@@ -144,9 +153,9 @@ class JobRow:
         log.info("the app's job row %s id=%s is this worker's: status running", self.table, self.job_id)
         return self
 
-    def _read(self, first: bool = False) -> dict | None:
-        """The row (id, status, error_message, error_details), or None when there is none. `first`: the deployment's
-        check, whose failures name the variable to fix."""
+    def _read(self) -> dict | None:
+        """The row (id, status, error_message, error_details), or None when there is none; failures name the variable
+        to fix (this read is also the deployment's check)."""
         from postgrest.exceptions import APIError
 
         if not is_uuid(self.job_id):  # the app's ids are uuids; another id has no row (an `id=eq.` would be refused)

@@ -576,14 +576,11 @@ def check_deployment() -> None:
     for warning in settings.warnings(os.environ):
         log.warning("worker settings: %s", warning)
     if settings.supabase_configured:
-        check = JobRow(settings, "deployment-check", None)
         try:  # one authenticated read: a wrong key or URL is said now, and again in each job's first second
-            check._read(first=True)
+            JobRow.check_access(settings)
         except JobError as exc:
             log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed",
                       str(exc).removeprefix("starting: "))
-        finally:
-            check.close()
     delivery = ", ".join(filter(None, [
         f"the app's Supabase ({redact_url(settings.supabase_url)}: job row {settings.supabase_jobs_table}, archive in "
         f"{settings.supabase_bucket}/{settings.supabase_adapter_prefix})" if settings.supabase_configured else "",
