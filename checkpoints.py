@@ -200,6 +200,7 @@ class TrainState:
     computed_tokens: int = 0
     trained_tokens: int = 0
     recompute_from: int | None = None  # "auto" turned recomputation on at this step (out of memory without it)
+    skipped_steps: int = 0  # fp16: steps whose gradients overflowed, skipped by the loss scaler
 
 
 def capture(run) -> dict:
@@ -211,6 +212,7 @@ def capture(run) -> dict:
     return {"fingerprint": run.fingerprint, "state": asdict(run.state),
             "lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(run.model).items()},
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "rng_torch": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if run.device == "cuda" else None}
 
 
@@ -221,6 +223,8 @@ def restore(run, saved: dict) -> None:
     set_peft_model_state_dict(run.model, saved["lora"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler") and run.scaler is not None and run.scaler.is_enabled():  # fp16's loss scale goes on as it was
+        run.scaler.load_state_dict(saved["scaler"])
     run.state = TrainState(**saved["state"])
     if run.world.main:  # the other ranks' dropout draws from their own seeds
         torch.set_rng_state(saved["rng_torch"])

@@ -37,6 +37,27 @@ def select_precision(setting: str = "auto"):
     return "cpu", torch.float32
 
 
+FP16_INIT_SCALE = 2.0**16  # the loss scale fp16 training starts from (torch's default); halved after each overflow
+
+
+def autocast(device: str, compute_dtype):
+    """The forward pass (and so the backward) in the compute dtype: the 4-bit layers' matmuls already are, and under
+    autocast the LoRA layers' are too (PEFT casts an adapted layer's input to its fp32 weights only without autocast,
+    and keeps that fp32 copy for backward: twice the activation memory the estimate counts). Off in fp32."""
+    import torch
+
+    return torch.autocast(device_type=device, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+
+
+def loss_scaler(device: str, compute_dtype):
+    """Dynamic loss scaling for fp16 (GPUs without bf16, or `compute_dtype: float16`): the loss is divided by the
+    batch's trained tokens, and its gradients would underflow fp16 and vanish without it. A step whose gradients
+    overflow is skipped and the scale halved; it doubles again after 2,000 clean steps. A no-op otherwise."""
+    import torch
+
+    return torch.amp.GradScaler(device, init_scale=FP16_INIT_SCALE, enabled=compute_dtype == torch.float16)
+
+
 def select_attention(device: str, micro_batch_size: int, packing: bool, supports_flex: bool) -> str:
     """How attention keeps packed examples apart, computing only within each one where the GPU allows it:
     flash-attention 2 where it is installed and micro-batches hold one sequence (transformers 5.23 separates

@@ -42,8 +42,8 @@ from checkpoints import (Cancelled, StopAsked, Stopped, TrainState, capture, loa
                          stop_on_sigterm, stop_reason)
 from dataset_loader import DatasetError, load_dataset
 from job import Hyperparameters, JobError, job_fingerprint, parse_hyperparameters
-from model_loading import (adapter_save_dtype, enable_recomputation, gpu_utilization, library_versions, load_model,
-                           peak_memory_gb, select_attention, select_precision, write_adapter)
+from model_loading import (adapter_save_dtype, autocast, enable_recomputation, gpu_utilization, library_versions, load_model,
+                           loss_scaler, peak_memory_gb, select_attention, select_precision, write_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class Run:
     warnings: list = field(default_factory=list)
     resumed_from: int | None = None
     base_name: str = ""  # the base model as `train` was given it
+    scaler: Any = None  # fp16's loss scaler (model_loading.loss_scaler; a no-op in other dtypes)
 
     @property
     def trainable(self) -> list:
@@ -146,7 +147,7 @@ def setup(data: Data, base_path: Path, hp: Hyperparameters, world: distributed.W
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = Run(hp, base_path, data, plan, world, device, compute_dtype, model, tokenizer, chat_format, optimizer,
               get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps), pad_id, base_weights,
-              estimate, checkpoint_dir, fingerprint, progress)
+              estimate, checkpoint_dir, fingerprint, progress, scaler=loss_scaler(device, compute_dtype))
     if checkpoint_dir is not None:
         saved, run.warnings = load_latest_checkpoint(checkpoint_dir, fingerprint, set_aside=world.main)
         if saved is not None:
@@ -200,8 +201,9 @@ def loss_sum(model, batch, use_mask: bool = True):
 def _forward_backward(run: Run, batches: list, n_trained: float) -> float:
     total, use_mask = 0.0, run.plan.attention != "flash_attention_2"
     for batch in batches:
-        loss = loss_sum(run.model, batch, use_mask) / n_trained
-        loss.backward()
+        with autocast(run.device, run.compute_dtype):
+            loss = loss_sum(run.model, batch, use_mask) / n_trained
+        run.scaler.scale(loss).backward()
         total = loss.detach() + total  # stays on the device: nothing is read back until the step's end
     return float(total)
 
@@ -245,21 +247,27 @@ def train_step(run: Run, sequences: list, stop) -> tuple[dict, bool]:
     loss = _backward(run, batches, max(n_trained, 1))
     loss, real, computed, stops = distributed.reduce_step(world, run.trainable, [
         loss, sum(b["real_tokens"] for b in batches), sum(b["computed_tokens"] for b in batches), bool(stop)])
+    run.scaler.unscale_(run.optimizer)  # fp16: the true gradients (inf where they overflowed), before clipping
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, run.hp.max_grad_norm))
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # before the step spoils the weights
+    skipped = run.scaler.is_enabled() and not math.isfinite(grad_norm)  # fp16 overflow: the scaler skips this step
+    if not (math.isfinite(loss) and (math.isfinite(grad_norm) or skipped)) or run.scaler.get_scale() < 1:
         raise JobError(f"training diverged at step {run.state.step + 1} (loss {loss}, gradient norm {grad_norm}): lower "
                        f"hyperparameters.learning_rate (now {run.hp.learning_rate:g}) and resubmit")
     lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
+    run.scaler.step(run.optimizer)  # the optimizer's step, unless the gradients overflowed
+    run.scaler.update()
+    if not skipped:  # a skipped step leaves the learning rate where it was, as it leaves the weights
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     s = run.state
     s.step, s.real_tokens, s.computed_tokens, s.trained_tokens = (
         s.step + 1, s.real_tokens + int(real), s.computed_tokens + int(computed), s.trained_tokens + int(n_trained))
+    s.skipped_steps += skipped
     seconds = max(time.monotonic() - started, 1e-9)
     return {"step": s.step, "epoch": s.epoch, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
             "tokens_per_second": real / seconds, "real_tokens": int(real), "trained_tokens": int(n_trained),
-            "gpu_utilization": gpu_utilization(run.device)}, stops > 0
+            "gpu_utilization": gpu_utilization(run.device),
+            **({"loss_scale": run.scaler.get_scale(), "skipped": skipped} if run.scaler.is_enabled() else {})}, stops > 0
 
 
 def evaluate(run: Run, sequences: list) -> float | None:
@@ -271,7 +279,7 @@ def evaluate(run: Run, sequences: list) -> float | None:
     mine, micro = sequences[run.world.rank::run.world.size], run.plan.micro_batch_size
     run.model.eval()
     total = count = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), autocast(run.device, run.compute_dtype):
         for i in range(0, len(mine), micro):
             batch = run.batch(mine[i:i + micro])
             total += float(loss_sum(run.model, batch, run.plan.attention != "flash_attention_2"))
@@ -349,6 +357,7 @@ def save(run: Run, output_dir: Path, seconds: dict, validation_loss: float | Non
         "compute_dtype": str(run.compute_dtype).removeprefix("torch."), "length_report": data.length_report,
         "labelled": data.labelled, "chat_format": run.chat_format.describe(), "memory_estimate": run.estimate.to_dict(),
         "resumed_from_step": run.resumed_from, "packing": data.packing_note, "warnings": data.warnings + run.warnings,
+        "skipped_steps": s.skipped_steps, "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None,
     }
     if not run.world.main:
         return metrics

@@ -250,3 +250,50 @@ def test_the_default_validation_split_holds_out_whole_conversations():
     assert held_out == [] and len(small) == 9 and "fewer than the 10 needed" in warning and "val_fraction" in warning
     lines = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(30)]
     assert len(split_validation(lines, None, 1)[1]) == 3  # no conversation_id: each line is a conversation
+
+
+def test_fp16_trains_with_a_loss_scale_that_backs_off_after_an_overflow_and_resumes_with_it(tiny_qwen2, tmp_path,
+                                                                                          monkeypatch):
+    """fp16 (GPUs without bf16) under autocast with dynamic loss scaling, on the CPU: a scale too large for fp16
+    overflows the first steps' gradients; those steps are skipped (the weights do not move), the scale halves each
+    time, then training goes on with finite losses. The scale is in the checkpoint, and a resumed job goes on with it."""
+    import model_loading
+
+    monkeypatch.setattr(model_loading, "FP16_INIT_SCALE", 2.0**26)  # fp16's largest value is ~2**16
+    conversations = load_dataset(SAMPLE)[0][:16]
+    hp = Hyperparameters(compute_dtype="float16", max_steps=20, batch_size=2, max_seq_length=384, lora_rank=4,
+                         learning_rate=1e-3, warmup_steps=0, val_fraction=0, checkpoint_steps=5)
+    events = []
+    result = train(conversations, tiny_qwen2, tmp_path / "adapter", hp, on_progress=events.append,
+                   checkpoint_dir=tmp_path / "checkpoints", fingerprint="fp16")
+    steps = [e for e in events if "loss" in e and "grad_norm" in e]
+    skipped = [e["step"] for e in steps if e["skipped"]]
+    assert skipped[0] == 1 and len(skipped) < 20 and result.metrics["skipped_steps"] == len(skipped)
+    scales = [2.0**26] + [e["loss_scale"] for e in steps]  # each step's scale after its update
+    for event, before, after in zip(steps, scales, scales[1:]):  # halved after an overflow, kept after a clean step
+        assert after == (before / 2 if event["skipped"] else before), event["step"]
+        assert math.isfinite(event["loss"]) and (event["skipped"] or math.isfinite(event["grad_norm"]))
+    assert result.metrics["loss_scale"] == scales[-1] < 2.0**26 and result.metrics["compute_dtype"] == "float16"
+    trained = [e["learning_rate"] for e in steps if not e["skipped"]]
+    assert len(trained) >= 5 and trained == sorted(trained, reverse=True)  # the schedule moves with the steps taken
+    saved = torch.load(tmp_path / "checkpoints" / "checkpoint-20" / "state.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == scales[-1] and saved["state"]["skipped_steps"] == len(skipped)
+    again = train(conversations, tiny_qwen2, tmp_path / "again", hp, checkpoint_dir=tmp_path / "checkpoints",
+                  fingerprint="fp16").metrics  # resumed from the final checkpoint: the scale it had, not a new one
+    assert again["resumed_from_step"] == 20 and again["loss_scale"] == scales[-1] and again["skipped_steps"] == len(skipped)
+
+
+def test_lora_layers_compute_in_the_compute_dtype_under_autocast(tiny_qwen2):
+    """Without autocast PEFT casts each adapted layer's input to the fp32 LoRA weights (a copy kept for backward); under
+    autocast the LoRA matmuls run in the compute dtype."""
+    from model_loading import autocast, load_model
+
+    model, _ = load_model(tiny_qwen2, Hyperparameters(lora_rank=4), "cpu", torch.bfloat16, recompute=False)
+    dtypes = []
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    lora_a.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    ids = torch.tensor([[5, 17, 99, 312]])
+    model(ids)
+    with autocast("cpu", torch.bfloat16):
+        model(ids)
+    assert dtypes == [torch.float32, torch.bfloat16]
