@@ -543,17 +543,20 @@ def check_fits(base_path: Path, hp: Hyperparameters, name: str, trust_remote_cod
 
     import torch
 
-    from model_loading import select_precision
+    from model_loading import gpu_facts, select_precision
 
     device, compute_dtype = select_precision(hp.compute_dtype)
-    if device == "cuda":  # a warm worker's previous job may still hold memory (reference cycles, cached blocks)
-        gc.collect()
+    free_gb = None
+    if device == "cuda" and torch.cuda.is_initialized():  # a training process, on its own GPU
+        gc.collect()  # a warm worker's previous job may still hold memory (reference cycles, cached blocks)
         torch.cuda.empty_cache()
+        free_gb = torch.cuda.mem_get_info()[0] / 1024**3
+    elif device == "cuda":  # the handler, before any download: NVML, no CUDA context taken for the worker's life
+        free_gb = (gpu_facts() or [{"free_bytes": torch.cuda.mem_get_info()[0]}])[0]["free_bytes"] / 1024**3
     config = load_config(base_path)
     estimate = estimate_job_memory(
         config, max_seq_length=hp.max_seq_length, batch_size=math.ceil(hp.batch_size / world_size),
-        micro_batch_size=hp.micro_batch_size, lora_rank=hp.lora_rank,
-        gpu_memory_gb=torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None,
+        micro_batch_size=hp.micro_batch_size, lora_rank=hp.lora_rank, gpu_memory_gb=free_gb,
         gradient_checkpointing=hp.gradient_checkpointing,  # "auto": decided from memory
         quantize_experts=experts_in_4bit(config) and not trust_remote_code,
         compute_bytes=torch.tensor([], dtype=compute_dtype).element_size())

@@ -42,6 +42,30 @@ class World:
         return self.rank == 0
 
 
+NCCL_SHM_MIN_BYTES = 1 << 30  # below this, NCCL's shared-memory transport fails between ranks (Docker's default: 64 MB)
+_shm_disabled_here = False  # NCCL_SHM_DISABLE was set by shared_memory_note, not by the deployment
+
+
+def shared_memory_note(processes: int, shm: str = "/dev/shm") -> str | None:
+    """With several ranks on a node NCCL moves data through /dev/shm; a small one (Docker's 64 MB default) makes it fail
+    mid-job. Then NCCL_SHM_DISABLE=1 is set for the ranks (they talk over sockets or P2P instead) and the note says so."""
+    import shutil
+
+    global _shm_disabled_here
+    if processes < 2 or (os.environ.get("NCCL_SHM_DISABLE") and not _shm_disabled_here):  # the deployment's choice
+        return None
+    try:
+        size = shutil.disk_usage(shm).total
+    except OSError:
+        return None
+    if size >= NCCL_SHM_MIN_BYTES:
+        return None
+    os.environ["NCCL_SHM_DISABLE"], _shm_disabled_here = "1", True
+    return (f"{shm} holds only {size / 1024**2:.0f} MB, too little for NCCL's shared-memory transport between the "
+            f"{processes} training processes: the worker set NCCL_SHM_DISABLE=1 (slower transfers between GPUs). Give the "
+            "container at least 1 GB of shared memory (docker run --shm-size=1g) or set NCCL_SHM_DISABLE=1 yourself")
+
+
 def visible_gpus() -> int:
     import torch
 

@@ -38,6 +38,7 @@ from files import new_file, private_dir, volume_fault, write_atomically  # noqa:
 from storage import (JobLock, LinkExpired, check_storage, download_dataset, post_callback, presigned_urls,  # noqa: E402
                      supabase_object, upload_files)
 from base_models import HubDownload, check_fits, find_base_model, resolve_base_model, trust_remote_code_for  # noqa: E402
+from distributed import shared_memory_note  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -215,6 +216,11 @@ def _run_locked(spec, job_id: str, job_dir: Path, settings: WorkerSettings, prog
             check_storage(settings, job_id)
     with _stage("loading_model", progress, announce=False):
         processes = training_processes(settings)
+        _check_gpus()
+        if note := shared_memory_note(processes):
+            warnings.append(note)
+        for name, value in settings.compile_cache_env().items():
+            os.environ.setdefault(name, value)
         base_path, model_download = _find_or_plan_download(base_model, hp, settings, trust_remote_code, progress, processes)
     log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path or "to download",
              redact_url(spec.dataset_url))
@@ -445,6 +451,15 @@ def training_processes(settings: WorkerSettings) -> int:
     return wanted or max(1, gpus)
 
 
+def _check_gpus() -> None:
+    """A GPU the installed torch has no kernels for is refused before any download (it would fail at its first
+    kernel with "no kernel image is available", hours of downloads later for a large model)."""
+    from model_loading import unsupported_gpu
+
+    if why := unsupported_gpu():
+        raise JobError(why)
+
+
 def _gpu_warnings(gpu_config, metrics: dict) -> list[str]:
     """gpu_config.count is informational: a count that differs from the ranks that trained is a warning."""
     used = f"{metrics['world_size']} GPU(s)" if metrics["device"] == "cuda" else "the CPU (no GPU visible)"
@@ -570,6 +585,9 @@ def check_deployment() -> None:
         return
     try:
         processes = training_processes(settings)
+        _check_gpus()
+        if note := shared_memory_note(processes):
+            log.warning("worker settings: %s", note)
     except JobError as exc:
         log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed", exc)
         return

@@ -375,6 +375,30 @@ class WorkerSettings:
         return self.model_cache_dir / ".quantized" if self.keep_quantized_base else None
 
     @property
+    def compile_cache_dir(self) -> Path:
+        """Where Triton and Inductor keep compiled kernels (flex attention's), on the volume beside the models and per
+        torch version: a worker's second job and a fresh worker skip the compiles."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            torch_version = version("torch")
+        except PackageNotFoundError:
+            torch_version = "none"
+        return self.model_cache_dir.parent / "compile-cache" / f"torch-{torch_version}"
+
+    def compile_cache_env(self) -> dict[str, str]:
+        """TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR on the volume, unless the deployment set them or the volume
+        cannot hold them (the compilers then use their own default under /tmp). Both write their entries atomically
+        (a temporary file renamed into place), so a worker killed mid-write leaves no half entry."""
+        root = self.compile_cache_dir
+        try:
+            for sub in ("triton", "inductor"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return {}
+        return {"TRITON_CACHE_DIR": str(root / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}
+
+    @property
     def supabase_configured(self) -> bool:
         return bool(self.supabase_url and self.supabase_service_role_key)
 

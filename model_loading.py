@@ -23,6 +23,69 @@ from job import Hyperparameters, JobError
 log = logging.getLogger(__name__)
 
 
+def gpu_facts() -> list[dict]:
+    """The GPUs this process may use (CUDA_VISIBLE_DEVICES), as NVML sees them: `name`, `capability` (major, minor),
+    `free_bytes`, `total_bytes`. Read without creating a CUDA context (which would hold ~0.5 GB of GPU 0 for the
+    worker's life); [] where there is no GPU or no NVML."""
+    import os
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver, no library: no GPU to describe
+        return []
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:  # indices or UUIDs, in the order CUDA numbers them
+            by_uuid = {str(pynvml.nvmlDeviceGetUUID(h)): h for h in handles}
+            wanted = [v.strip() for v in visible.split(",") if v.strip()]
+            handles = [handles[int(v)] if v.isdigit() and int(v) < len(handles) else by_uuid.get(v) for v in wanted]
+            handles = handles[:handles.index(None)] if None in handles else handles  # CUDA stops at the first bad one
+        facts = []
+        for handle in handles:
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            facts.append({"name": name.decode() if isinstance(name, bytes) else str(name),
+                          "capability": tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle)),
+                          "free_bytes": int(memory.free), "total_bytes": int(memory.total)})
+        return facts
+    except Exception:  # noqa: BLE001 - a driver too old for a call: report nothing rather than fail
+        return []
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def unsupported_gpu() -> str | None:
+    """Why the installed torch cannot run on this worker's GPU (it has no kernels for its compute capability), or
+    None. A GPU runs kernels built for its own major version and a minor at or below its own, or PTX at or below."""
+    import torch
+
+    facts, archs = gpu_facts(), torch.cuda.get_arch_list()
+    if not facts or not archs:
+        return None
+    built = [(a.split("_")[0], int(a.split("_")[1][:-1]), int(a.split("_")[1][-1])) for a in archs]
+    for gpu in facts:
+        major, minor = gpu["capability"]
+        if not any(kind == "sm" and m == major and n <= minor or kind == "compute" and (m, n) <= (major, minor)
+                   for kind, m, n in built):
+            sass = sorted((m, n) for kind, m, n in built if kind == "sm")
+            return (f"this worker's GPU ({gpu['name']}, compute capability {major}.{minor}) cannot run this image's torch "
+                    f"{torch.__version__}, built for compute capability {sass[0][0]}.{sass[0][1]} to "
+                    f"{sass[-1][0]}.{sass[-1][1]}: choose other GPU types for the endpoint (V100, T4, A10, A40, A100, L4, "
+                    "L40S, H100 and H200 are in that range)")
+    return None
+
+
+def gpu_capability() -> tuple[int, int]:
+    """The first visible GPU's compute capability: from NVML, or from torch where NVML cannot say."""
+    import torch
+
+    facts = gpu_facts()
+    return facts[0]["capability"] if facts else torch.cuda.get_device_capability()
+
+
 def select_precision(setting: str = "auto"):
     """(device, compute dtype): for "auto", bf16 on GPUs with compute capability >= 8.0, fp16 below, fp32 on the
     CPU; another setting names the dtype (bf16 on the CPU runs the GPU's 16-bit path there, for tests)."""
@@ -32,7 +95,7 @@ def select_precision(setting: str = "auto"):
     if setting != "auto":
         return device, getattr(torch, setting)
     if device == "cuda":
-        major, _ = torch.cuda.get_device_capability()
+        major, _ = gpu_capability()
         return "cuda", torch.bfloat16 if major >= 8 else torch.float16
     return "cpu", torch.float32
 
@@ -284,6 +347,7 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
             raise
         except Exception as exc:  # noqa: BLE001 - judged below: bad if the base model loads where the copy did not
             reason = f"{type(exc).__name__}: {exc}"
+        free_memory(device)  # the rejected copy's 4-bit weights, before the base model loads beside them
         bad_copy = tried
         log.warning("the 4-bit copy %s could not be used (%s); quantizing the base model again", copy, reason)
     model = model_class.from_pretrained(base_model, quantization_config=quantization_config(compute_dtype), **common)
@@ -293,6 +357,18 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
         if not (copy / "config.json").is_file():
             _keep_quantized_copy(model, copy)
     return (same_kernels_in_eval(model) if device == "cpu" else model), "quantized while loading"
+
+
+def free_memory(device: str) -> None:
+    """Give back what a dropped model held: `del` alone does not (bitsandbytes' 4-bit weights point back at their
+    layers: a reference cycle only a garbage collection breaks), nor does it return the cached blocks to the GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def enable_recomputation(model) -> None:
