@@ -359,6 +359,19 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
     return (same_kernels_in_eval(model) if device == "cpu" else model), "quantized while loading"
 
 
+def keep_copy_after_training(model, base_model: Path, compute_dtype, quantized_cache: Path,
+                             trust_remote_code: bool = False) -> None:
+    """The 4-bit copy of a job in several processes, written by rank 0 once training is over: written while loading,
+    the other ranks would wait for it in their first collective (the ~42 GB of Qwen3-Next-80B on a slow volume: past
+    NCCL's timeout). The LoRA layers are taken off (not merged) first: what is saved is the base as it was loaded."""
+    if trust_remote_code:  # their own modelling code may change what a copy holds: never kept (load_base_model)
+        return
+    copy = quantized_copy_dir(base_model, compute_dtype, quantized_cache, causal_lm_class(base_model))
+    if (copy / "config.json").is_file():  # the copy this job found would not load: it quantized the model itself
+        _set_aside(copy)
+    _keep_quantized_copy(model.unload(), copy)
+
+
 def free_memory(device: str) -> None:
     """Give back what a dropped model held: `del` alone does not (bitsandbytes' 4-bit weights point back at their
     layers: a reference cycle only a garbage collection breaks), nor does it return the cached blocks to the GPU."""

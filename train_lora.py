@@ -42,8 +42,9 @@ from checkpoints import (Cancelled, StopAsked, Stopped, TrainState, capture, loa
                          stop_on_sigterm, stop_reason)
 from dataset_loader import DatasetError, load_dataset
 from job import Hyperparameters, JobError, job_fingerprint, parse_hyperparameters
-from model_loading import (adapter_save_dtype, autocast, enable_recomputation, gpu_utilization, library_versions, load_model,
-                           loss_scaler, peak_memory_gb, select_attention, select_precision, write_adapter)
+from model_loading import (adapter_save_dtype, autocast, enable_recomputation, gpu_utilization, keep_copy_after_training,
+                           library_versions, load_model, loss_scaler, peak_memory_gb, select_attention, select_precision,
+                           write_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def setup(data: Data, base_path: Path, hp: Hyperparameters, world: distributed.W
         torch.cuda.reset_peak_memory_stats()
     tokenizer, chat_format = load_tokenizer(base_path, trust_remote_code)
     model, base_weights = load_model(base_path, hp, device, compute_dtype, trust_remote_code, plan.attention,
-                                     quantized_cache, plan.recompute, keep_copy=world.main)
+                                     quantized_cache, plan.recompute, keep_copy=world.size == 1)  # else after training
     if data.packing:  # linear-attention / state-space layers: each packed example on its own
         model.get_base_model().per_example_layers = isolate_packed_examples(model)
     model.train()
@@ -408,6 +409,8 @@ def train_rank(data: Data, base_path: Path, output_dir: Path, hp: Hyperparameter
         save_checkpoint(checkpoint_dir, run.state.step, capture(run))  # a failed save resumes without training
     metrics = save(run, Path(output_dir), {**seconds, "wall": time.monotonic() - started}, validation_loss)
     distributed.stop(world)  # cleanup; after a failure the process ends without it, its error reported first
+    if world.size > 1 and world.main and quantized_cache is not None and run.base_weights == "quantized while loading":
+        keep_copy_after_training(run.model, base_path, run.compute_dtype, quantized_cache, trust_remote_code)
     return TrainResult(metrics, run.model, run.tokenizer)
 
 

@@ -202,6 +202,9 @@ def test_the_handler_runs_a_two_process_job_through_the_sdk(tmp_path, storage, t
     assert output["metrics"]["world_size"] == 2 and output["metrics"]["steps"] == 3
     assert (worker.jobs / "ddp-job" / "adapter" / "adapter_model.safetensors").is_file()
     assert "training in 2 processes" in log
+    # rank 0 keeps the base model's 4-bit copy once training is over, when no rank waits for it in a collective
+    assert log.index("kept a 4-bit copy of the base model") > log.index(" step 3/3 ")
+    assert [p.name for p in (tmp_path / "models" / ".quantized").iterdir()][0].startswith(tiny_qwen2.name)
     steps = [b["output"]["current_step"] for p, b in recorder.posts if p.startswith(f"/ddp?id={result['id']}&")
              and b["output"]["stage"] == "training" and "metrics" in b["output"]]
     assert steps[-3:] == [1, 2, 3] and len(steps) == len(set(steps))  # rank 0's progress, once per step
