@@ -21,7 +21,10 @@ from job import GpuConfig, Hyperparameters, JobInput, WorkerSettings  # noqa: E4
 README = ROOT / "README.md"
 TEST_INPUT = ROOT / "test_input.json"
 APP_JOB = ROOT / "app_job.example.json"
-CUDA_VERSIONS = ["13.0"]  # torch 2.13.0's Linux wheel on PyPI is built for CUDA 13.0 (needs an NVIDIA driver >= 580)
+# RunPod's allowedCudaVersions (the host driver's CUDA version): the image's torch is PyTorch's CUDA 12.6 build
+# (2.13.0+cu126, Dockerfile), which needs a driver >= 560 (CUDA 12.6) and runs on every newer one: all the values
+# RunPod offers from 12.6 up (its API's list ends at 13.0), none below.
+CUDA_VERSIONS = ["12.6", "12.7", "12.8", "12.9", "13.0"]
 HUB_JSON = ROOT / ".runpod" / "hub.json"
 TESTS_JSON = ROOT / ".runpod" / "tests.json"
 
