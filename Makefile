@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(STAMP)
 		&& $(PY) bench/bench_load.py --configs data/model-configs/qwen2.5-7b.json data/model-configs/mistral-7b-v0.1.json \
 			--json bench/results/load-gpu-$$(date +%F).json; \
 	else echo "no CUDA GPU here: GPU modes skipped (GPU figures: not yet measured)"; fi
+
+# On a CUDA machine: versions, the GPU tests (tests/test_gpu.py) and one 7B job through the handler, with the
+# runbook's figures (docs/BENCHMARKS.md); writes bench/results/gpu-check-<date>.json. Without a GPU: exit 2.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf .cache .pytest_cache

@@ -25,11 +25,37 @@ less the input embedding, a lookup) over a bf16 matmul peak measured in the same
 beyond torch/transformers/peft: bitsandbytes, pydantic and matplotlib (the loss plot); runpod is
 not needed. `scripts/device_wheels.sh` gathers the wheels a bare GPU image lacks. Writes
 bench/results/<mode>-<date>.json and prints a table.
+
+What is timed, exactly (both modes): `tokens_per_second` is the real tokens of steps 2..n divided by
+the wall time from the end of step 1 to the end of step n (each end stamped when the trainer reports
+the step, after its optimizer step and whatever the trainer does before reporting it); step 1 (first
+kernels, compiles, allocator growth) is never in it. `first_step_seconds` runs from the configuration's
+job start (labelling, model load and quantization included) to the end of its step 1 (with any compile
+that an earlier run in the process did not leave cached).
+
+cpu mode: one whole epoch per configuration, so the window also holds the epoch-end validation of
+our trainer (nothing compiles on the CPU); a 2-step warm-up run first (the cold start).
+
+gpu mode (and its `--allow-cpu` check), so that no compile and no evaluation falls inside a timed window:
+- every run (warm-up or timed) starts from freed GPU memory: the previous run's objects dropped,
+  `gc.collect()`, `torch.cuda.empty_cache()`, then `torch.cuda.reset_peak_memory_stats()`, so its peak is
+  its own (`allocated_at_start_gb` in each row says what was still allocated: ~0);
+- per model, before any timed run, an untimed warm-up run of our trainer for each chosen packed
+  configuration (`packed`, `packed_mb1_auto`; `packed` alone when neither is chosen) on the fewest leading
+  conversations that make one epoch of two full steps, then a short last step (the last short
+  micro-batch) and the end-of-epoch evaluation: flex attention's compiles (training, the short
+  micro-batch, evaluation) are done there, in the same process. The first warm-up's time to first step
+  is the model's cold start; its step 2 gives `syncs_per_step`;
+- the timed runs get enough copies of the sample that `--steps` optimizer steps stay inside the first
+  epoch of every configuration (checked by labelling before, and by each run's log after): the window
+  holds only full batches of one shape, never an evaluation nor the last short micro-batch. Each timed
+  run's own end-of-training evaluation comes after its last step, outside the window.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -120,9 +146,10 @@ def run_ours(convs, model_dir, hp: Hyperparameters, out_dir: Path, count_syncs: 
     row = {"first_step_seconds": stamps[0] - timer_start, "tokens_per_second": _steady_tokens_per_second(stamps, history),
            "token_efficiency": m["token_efficiency"], "peak_memory_gb": m["peak_memory_gb"], "steps": m["steps"],
            "real_tokens": m["tokens"], "gradient_checkpointing": "on" if m["gradient_checkpointing"] else "off",
-           "micro_batch_size": result_config(out_dir)["plan"]["micro_batch_size"]}
+           "micro_batch_size": result_config(out_dir)["plan"]["micro_batch_size"], "epochs_begun": m["epochs"],
+           "attention": m["attention"]}
     if counting and len(syncs_at) > 1:
-        row["syncs_per_step"] = syncs_at[-1] - syncs_at[-2]
+        row["syncs_per_step"] = syncs_at[1] - syncs_at[0]  # step 2: a full step after the first, no evaluation in it
     return row
 
 
@@ -177,10 +204,13 @@ def run_hf_trainer(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict
     stamps: list[float] = []
     tokens_at: list[int] = []
 
+    epochs_at: list[float] = []
+
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             stamps.append(time.monotonic())
             tokens_at.append(counted["real"])
+            epochs_at.append(state.epoch or 0.0)
 
     micro = hp.effective_micro_batch_size
     args = TrainingArguments(
@@ -197,7 +227,60 @@ def run_hf_trainer(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict
     return {"first_step_seconds": stamps[0] - started, "tokens_per_second": steady,
             "token_efficiency": counted["real"] / max(counted["computed"], 1), "peak_memory_gb": peak,
             "steps": len(stamps), "real_tokens": counted["real"], "micro_batch_size": micro,
-            "gradient_checkpointing": "on" if hp.gradient_checkpointing else "off"}
+            "gradient_checkpointing": "on" if hp.gradient_checkpointing else "off",
+            "epochs_begun": max(1, math.ceil(epochs_at[-1] - 1e-9)) if epochs_at else 0, "attention": "sdpa"}
+
+
+def fresh_gpu_memory() -> float | None:
+    """Start a run from freed GPU memory: whatever the previous run left unreferenced (reference cycles
+    of its model and optimizer) collected, the caching allocator's free blocks given back, the peak
+    reset. Returns the GB still allocated (a leftover would show here), or None without CUDA."""
+    import torch
+
+    gc.collect()
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 1024**3
+
+
+def model_flops_parameters(model_dir: Path) -> int:
+    """N of the 6·N FLOPs per token: the parameters less the input embedding (a lookup, not a matmul)."""
+    from base_models import count_parameters, load_config
+
+    p = count_parameters(load_config(Path(model_dir)))
+    return p["total"] - p["embeddings"] + p["vocab"] * p["hidden"]
+
+
+def timed_conversations(model_dir: Path, hp: dict, steps: int) -> list[dict]:
+    """gpu mode: enough copies of the sample that `steps` optimizer steps stay inside the first epoch of every
+    configuration, whole batches only (packing makes the fewest sequences; unpacked and the HF Trainer's rows,
+    one per conversation, are at least as many), checked by labelling them as the trainer does."""
+    from chat_labels import prepare_data
+
+    batch, copies = hp["batch_size"], max(2, math.ceil((steps + 2) * hp["batch_size"] / 22))
+    for _ in range(5):
+        convs = conversations(copies)
+        sequences = len(prepare_data(convs, model_dir, Hyperparameters(**{**hp, "packing": True})).train)
+        if sequences >= (steps + 1) * batch:  # step `steps + 1` is whole too: no epoch end before it
+            return convs
+        copies = math.ceil(copies * (steps + 1) * batch / max(sequences, 1)) + 1
+    raise RuntimeError(f"could not make {steps} steps of {batch} sequences fit in one epoch")
+
+
+def warmup_conversations(convs: list[dict], model_dir: Path, hp: Hyperparameters) -> list[dict]:
+    """The fewest leading conversations whose one epoch is two full optimizer steps, then a short last step,
+    with a validation share (the end-of-epoch evaluation): the shapes of a whole job, for the warm-up run."""
+    from chat_labels import prepare_data
+
+    batch = hp.batch_size
+    for k in range(2 * batch + 1, len(convs) + 1):
+        data = prepare_data(convs[:k], model_dir, hp)
+        if 2 * batch < len(data.train) < 3 * batch and data.validation:
+            return convs[:k]
+    raise RuntimeError("no leading subset of the conversations makes a warm-up epoch of 2 full steps and a short one")
 
 
 def _rss_peak_gb() -> float:
@@ -275,48 +358,81 @@ def run_all(args, work: Path) -> int:
     from tiny_model import build_tiny_model
 
     tiny = build_tiny_model("qwen2", work / "tiny-qwen2")
-    steps = args.steps or (None if args.mode == "cpu" else 30)  # cpu: one whole epoch, so every config sees the same data
+    gpu_mode = args.mode == "gpu"
+    steps = args.steps or (30 if gpu_mode else None)  # cpu: one whole epoch, so every config sees the same data
     seq = args.max_seq_length or 2048
-    convs = conversations(copies=2 if args.mode == "cpu" or args.allow_cpu else 8)
+    base_hp = dict(max_steps=steps, epochs=1 if steps is None else 20, batch_size=8 if gpu_mode else 4, max_seq_length=seq,
+                   lora_rank=16, warmup_steps=1, gradient_checkpointing=gpu_mode)
+    # gpu mode: as many copies as keep the timed steps inside one epoch (the tiny tokenizer is every model's)
+    convs = timed_conversations(tiny, base_hp, steps) if gpu_mode else conversations(copies=2)
     # gpu mode: each model is built from its config when its turn comes, and deleted after (~15 GB each)
-    models = {"tiny-qwen2": None} if args.mode == "cpu" else {
+    models = {"tiny-qwen2": None} if not gpu_mode else {
         config_file.stem: config_file for config_file in
         (Path(name) if name.endswith(".json") else CONFIGS / f"{name}.json" for name in args.configs)}
+    chosen = args.only or [c for c in CONFIGURATIONS if gpu_mode or c != "packed_mb1_auto"]
+    config_hp = {
+        "packed": {**base_hp, "packing": True},
+        "padded": {**base_hp, "packing": False},
+        "hf_trainer": {**base_hp, "packing": False},
+        # The same batch one sequence per forward with `gradient_checkpointing: auto`: does skipping the
+        # recomputation, where the estimate allows it, pay for the smaller micro-batch? (not the same peak memory)
+        "packed_mb1_auto": {**base_hp, "gradient_checkpointing": "auto", "packing": True, "micro_batch_size": 1},
+    }
 
     results = {"mode": args.mode, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "steps": steps,
                "max_seq_length": seq, "conversations": len(convs), "bf16_matmul_peak_tflops": matmul_peak_tflops(),
+               "timed": ("tokens_per_second: real tokens of steps 2..n over the time from the end of step 1 to the end of "
+                         "step n" + (", all inside the first epoch (no evaluation, no short micro-batch); compiles done "
+                                     "by an untimed warm-up run per packed configuration" if gpu_mode else
+                                     ", one whole epoch (its end-of-epoch validation included)")),
                "models": {}}
+
+    def measured(run) -> dict:
+        at_start = fresh_gpu_memory()  # the previous run's model and optimizer freed, the peak reset
+        row = run()
+        if at_start is not None:
+            row["allocated_at_start_gb"] = at_start
+        return row
+
     for name, config_file in models.items():
         path = tiny if config_file is None else build_random_model(config_file, tiny, work / name)
-        hp = dict(max_steps=steps, epochs=1 if steps is None else 20, batch_size=4 if args.mode == "cpu" else 8, max_seq_length=seq,
-                  lora_rank=16, warmup_steps=1, gradient_checkpointing=args.mode == "gpu")
-        # A one-step warm-up pays the imports, kernel initialisation and the first read of the weights
-        # from disk (its time to first step is the cold start); the measured runs below are warm.
-        cold = run_ours(convs, path, Hyperparameters(**{**hp, "max_steps": 2, "epochs": 20}), work / f"{name}-warmup",
-                        count_syncs=True)
+        if gpu_mode:
+            # Untimed warm-up runs: one epoch of two full steps, a short last one and the evaluation, for each packed
+            # configuration (flex attention compiles per shape); the first one's time to first step is the cold start.
+            warm = [c for c in ("packed", "packed_mb1_auto") if c in chosen] or ["packed"]
+            subset = warmup_conversations(convs, path, Hyperparameters(**config_hp["packed"]))
+            warmups = {c: measured(lambda c=c: run_ours(
+                subset, path, Hyperparameters(**{**config_hp[c], "max_steps": None, "epochs": 1}),
+                work / f"{name}-warmup-{c}", count_syncs=True)) for c in warm}
+            cold = warmups[warm[0]]
+            results.setdefault("warmup", {})[name] = {
+                "conversations": len(subset), **{c: {k: r[k] for k in ("steps", "first_step_seconds", "attention")}
+                                                 for c, r in warmups.items()}}
+        else:
+            # A one-step warm-up pays the imports, kernel initialisation and the first read of the weights
+            # from disk (its time to first step is the cold start); the measured runs below are warm.
+            cold = run_ours(convs, path, Hyperparameters(**{**base_hp, "max_steps": 2, "epochs": 20}), work / f"{name}-warmup",
+                            count_syncs=True)
         runs = {
-            "packed": lambda: run_ours(convs, path, Hyperparameters(**hp, packing=True), work / f"{name}-packed"),
-            "padded": lambda: run_ours(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-padded"),
-            "hf_trainer": lambda: run_hf_trainer(convs, path, Hyperparameters(**hp, packing=False), work / f"{name}-hf"),
-            # The same batch one sequence per forward with `gradient_checkpointing: auto`: does skipping the
-            # recomputation, where the estimate allows it, pay for the smaller micro-batch? (not the same peak memory)
-            "packed_mb1_auto": lambda: run_ours(convs, path, Hyperparameters(**{**hp, "gradient_checkpointing": "auto"},
-                                                                            packing=True, micro_batch_size=1), work / f"{name}-mb1"),
+            "packed": lambda: run_ours(convs, path, Hyperparameters(**config_hp["packed"]), work / f"{name}-packed"),
+            "padded": lambda: run_ours(convs, path, Hyperparameters(**config_hp["padded"]), work / f"{name}-padded"),
+            "hf_trainer": lambda: run_hf_trainer(convs, path, Hyperparameters(**config_hp["hf_trainer"]), work / f"{name}-hf"),
+            "packed_mb1_auto": lambda: run_ours(convs, path, Hyperparameters(**config_hp["packed_mb1_auto"]), work / f"{name}-mb1"),
         }
-        chosen = args.only or [c for c in CONFIGURATIONS if args.mode == "gpu" or c != "packed_mb1_auto"]
         # Repeated with the configurations interleaved, the best run of each kept (a shared machine's
         # slow spells then hit every configuration alike); every run's tokens/s is kept too.
         tries: dict[str, list[dict]] = {config: [] for config in CONFIGURATIONS if config in chosen}
         for _ in range(args.repeats or (3 if args.mode == "cpu" else 1)):
             for config, done in tries.items():
-                done.append(runs[config]())
+                row = measured(runs[config])
+                if gpu_mode and row["epochs_begun"] != 1:  # an epoch end (evaluation, short batch) in the timed window
+                    raise RuntimeError(f"{name} {config}: its {row['steps']} timed steps crossed an epoch end")
+                done.append(row)
         row = {config: {**max(done, key=lambda r: r["tokens_per_second"]),
                         "tokens_per_second_runs": [round(r["tokens_per_second"]) for r in done]}
                for config, done in tries.items()}
         if results["bf16_matmul_peak_tflops"]:
-            from base_models import count_parameters, load_config
-            p = count_parameters(load_config(path))
-            n = p["total"] - p["embeddings"] + p["vocab"] * p["hidden"]  # the input embedding is a lookup, not a matmul
+            n = model_flops_parameters(path)
             for r in row.values():
                 recomputes = r["gradient_checkpointing"] != "off"
                 r["mfu"] = (6 if recomputes else 4) * n * r["tokens_per_second"] / (results["bf16_matmul_peak_tflops"] * 1e12)
