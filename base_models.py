@@ -86,6 +86,11 @@ def cached_models(cache_dirs: list[Path]) -> list[str]:
             if not cfg.relative_to(d).parts[0].startswith(".")]  # .quantized/, .downloads/: the worker's own
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set: the Hugging Face client refuses every download, so none is attempted."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def resolve_base_model(name: str, cache_dirs: list[Path], *, allowed: list[str] | None = None,
                        runpod_cache: Path = RUNPOD_CACHED_MODELS, downloads: bool = False) -> Path:
     """A local directory holding `name` (with config.json), or JobError naming every place searched.
@@ -93,6 +98,7 @@ def resolve_base_model(name: str, cache_dirs: list[Path], *, allowed: list[str] 
     found = find_base_model(name, cache_dirs, allowed=allowed, runpod_cache=runpod_cache)
     if found is None:
         how = ("name a Hugging Face Hub model as <org>/<name> to download it" if downloads
+               else "or unset HF_HUB_OFFLINE to let the worker download it" if hub_offline()
                else "or set ALLOW_MODEL_DOWNLOAD=true")
         raise JobError(
             f"base model {name!r} was not found; searched {', '.join(str(p) for p in model_search_paths(name, cache_dirs, runpod_cache))} "
@@ -124,6 +130,10 @@ def find_base_model(name: str, cache_dirs: list[Path], *, allowed: list[str] | N
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
 SMALL_FILE_SUFFIXES = (".json", ".model", ".txt", ".tiktoken", ".jinja")  # configs, tokenizers, chat templates
 DOWNLOAD_MARGIN_BYTES = GB  # free space kept on the volume beyond the files themselves
+
+
+class ModelNotOnHub(JobError):
+    """The Hub has no such repository (or hides a private one): not worth a retry."""
 
 
 def files_to_load(listing: dict[str, int], weight_index: dict | None, with_code: bool = False) -> list[str]:
@@ -221,8 +231,8 @@ class HubDownload:
                    "set HF_TOKEN on the endpoint to a token of an account that accepted its conditions on " + page)
             raise JobError(f"base model {self.name!r} is gated on the Hugging Face Hub: {how}") from None
         except RepositoryNotFoundError:
-            raise JobError(f"base model {self.name!r} is not on the Hugging Face Hub ({self.endpoint or 'huggingface.co'}), "
-                           "or is private: check hyperparameters.base_model (for a private model, set HF_TOKEN)") from None
+            raise ModelNotOnHub(f"base model {self.name!r} is not on the Hugging Face Hub ({self.endpoint or 'huggingface.co'}), "
+                                "or is private: check hyperparameters.base_model (for a private model, set HF_TOKEN)") from None
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
             if status == 401 and self.token:

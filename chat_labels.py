@@ -771,6 +771,10 @@ def prepare_data(conversations: list[dict], base_path: Path, hp: Hyperparameters
         raise JobError(f"no example could be tokenized for training: {quoted}")
     packing, packing_note = packing_support(load_config(base_path)) if hp.packing else (False, "off (packing: false)")
     sequences = (lambda ex: pack_examples(ex, hp.max_seq_length)) if packing else (lambda ex: [[e] for e in ex])
+    if val_convs and not val_examples:  # every held-out conversation was longer than max_seq_length allows
+        split_warning = (f"no validation loss: the {len(val_convs)} held-out line(s) could not fit max_seq_length="
+                         f"{hp.max_seq_length} even with their oldest turns removed; raise max_seq_length, or hold out "
+                         "more conversations (hyperparameters.val_fraction)")
     counts = {"examples": len(train_examples), "validation_examples": len(val_examples),
               "validation_conversations": len({c.get("conversation_id", i) for i, c in enumerate(val_convs)})}
     data = Data(fingerprint, sequences(train_examples), sequences(val_examples), counts, length_report, packing,

@@ -37,7 +37,8 @@ from job import (JOB_ID_RULE, MAX_MESSAGE_CHARS, JobError, WorkerSettings, is_sa
 from files import new_file, private_dir, volume_fault, write_atomically  # noqa: E402
 from storage import (JobLock, LinkExpired, check_storage, download_dataset, post_callback, presigned_urls,  # noqa: E402
                      supabase_object, upload_files)
-from base_models import HubDownload, check_fits, find_base_model, resolve_base_model, trust_remote_code_for  # noqa: E402
+from base_models import (HubDownload, ModelNotOnHub, cached_models, check_fits, find_base_model, hub_offline,  # noqa: E402
+                         resolve_base_model, trust_remote_code_for)
 from distributed import shared_memory_note  # noqa: E402
 
 log = logging.getLogger("worker")
@@ -327,12 +328,16 @@ def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote
     found = find_base_model(name, cache_dirs, allowed=settings.allowed_base_models, runpod_cache=settings.runpod_model_cache)
     if found is not None:
         return found, None
-    if not settings.allow_model_download or "/" not in name or Path(name).is_absolute() or Path(name).exists():
+    downloads = settings.allow_model_download and not hub_offline()
+    if not downloads or "/" not in name or Path(name).is_absolute() or Path(name).exists():
         resolve_base_model(name, cache_dirs, runpod_cache=settings.runpod_model_cache,  # raises, naming where it looked
-                           downloads=settings.allow_model_download)
+                           downloads=downloads)
     plan = HubDownload(name, settings.model_cache_dir, token=settings.hf_token, with_code=trust_remote_code)
     try:
-        config_dir = plan.prepare(on_wait=progress.on_event)
+        try:
+            config_dir = plan.prepare(on_wait=progress.on_event)
+        except ModelNotOnHub as exc:
+            raise ModelNotOnHub(f"{exc}. Cached models on this worker: {', '.join(cached_models(cache_dirs)) or 'none'}") from None
         if config_dir is None:  # another worker completed it while this one waited
             return plan.target, None
         check_fits(config_dir, hp, name, trust_remote_code, processes)

@@ -169,3 +169,19 @@ def test_an_examples_first_token_is_never_counted_as_trained():
     # labelled token is its first has nothing to train (and is skipped rather than crash a step).
     assert Example(input_ids=[5, 6, 7], labels=[5, IGNORE, IGNORE]).num_trained == 0
     assert Example(input_ids=[5, 6, 7], labels=[5, IGNORE, 7]).num_trained == 1
+
+
+def test_a_held_out_conversation_that_cannot_fit_is_said_not_silently_dropped(tiny_qwen2):
+    """The bundled sample at 256 tokens: its one held-out conversation cannot fit even shortened; the job says why
+    there is no validation loss instead of reporting null."""
+    from chat_labels import prepare_data
+    from conftest import SAMPLE
+    from dataset_loader import load_dataset
+    from job import Hyperparameters
+
+    data = prepare_data(load_dataset(SAMPLE)[0], tiny_qwen2, Hyperparameters(max_seq_length=256))
+    assert data.validation == [] and data.counts["validation_examples"] == 0
+    [warning] = [w for w in data.warnings if w.startswith("no validation loss")]
+    assert "could not fit max_seq_length=256" in warning and "val_fraction" in warning
+    fits = prepare_data(load_dataset(SAMPLE)[0], tiny_qwen2, Hyperparameters(max_seq_length=1024))
+    assert fits.validation and not any(w.startswith("no validation loss") for w in fits.warnings)

@@ -273,3 +273,28 @@ def test_a_model_that_runs_its_own_code_is_downloaded_with_it():
     assert files_to_load(listing, None) == ["config.json", "model.safetensors"]
     assert files_to_load(listing, None, with_code=True) == ["config.json", "configuration_acme.py", "model.safetensors",
                                                              "modeling_acme.py"]
+
+
+def test_a_model_not_on_the_hub_or_offline_names_the_cached_ones_instead_of_a_retry(hub, storage, tiny_qwen2, tmp_path,
+                                                                                    monkeypatch):
+    """A repository the Hub does not have, or any model while HF_HUB_OFFLINE is set: no retry would help, so the
+    error names the model and lists what this worker has cached, before the dataset is downloaded."""
+    import shutil
+
+    import handler
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_qwen2, models / "acme" / "cached-chat")
+    for name, value in {"HF_ENDPOINT": hub.endpoint, "JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(models),
+                        "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true"}.items():
+        monkeypatch.setenv(name, value)
+    missing = handler.handler({"id": "r-404", "input": job(storage, "hub-404", "acme/nope")})
+    assert missing["error"].startswith("loading_model: base model 'acme/nope' is not on the Hugging Face Hub")
+    assert missing["error"].endswith("Cached models on this worker: acme/cached-chat") and "Retry" not in missing["error"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    requests_before = len(hub.requests)
+    offline = handler.handler({"id": "r-off", "input": job(storage, "hub-offline", "acme/tiny-chat")})
+    assert offline["error"].startswith("loading_model: base model 'acme/tiny-chat' was not found; searched ")
+    assert "Cached models: acme/cached-chat" in offline["error"] and "unset HF_HUB_OFFLINE" in offline["error"]
+    assert "Retry" not in offline["error"] and len(hub.requests) == requests_before
+    assert storage.hits[SAMPLE.name] == 0
