@@ -80,7 +80,7 @@ class JobRow:
         self.table, self.exists, self.stopped_by = settings.supabase_jobs_table, False, None
         self.warnings: list[str] = []
         key = settings.supabase_service_role_key
-        self._status: int | None = None  # the HTTP status of the last answer (the response hook's)
+        self._local = threading.local()  # .status: the HTTP status of this thread's last answer (the response hook's)
         self._http = httpx.Client(
             base_url=f"{settings.supabase_url.rstrip('/')}/rest/v1",
             headers={"apikey": key, "Authorization": f"Bearer {key}"},
@@ -98,7 +98,15 @@ class JobRow:
         self._last_io = time.monotonic()
 
     def _record_status(self, response) -> None:
-        self._status = response.status_code
+        self._local.status = response.status_code
+
+    @property
+    def _status(self) -> int | None:
+        return getattr(self._local, "status", None)
+
+    def _scrub(self, text: str) -> str:
+        """Text for a message or a log: URLs and query values redacted, the service key never quoted."""
+        return redact_text(text.replace(self.settings.supabase_service_role_key, "<SUPABASE_SERVICE_ROLE_KEY>"), 200)
 
     # ------------------------------------------------------------------ the first second
 
@@ -110,8 +118,15 @@ class JobRow:
         row = cls(settings, job_id, runpod_job_id, on_stop)
         try:
             return row._claim()
+        except JobError:
+            row.close()
+            raise
+        except Exception as exc:  # the claim's write not answered in time, or refused
+            row.close()
+            raise JobError(f"the app's job row {job_id} could not be claimed ({row._scrub(str(exc))}); check "
+                           "SUPABASE_URL and resubmit", stage="starting") from None
         except BaseException:
-            row._http.close()
+            row.close()
             raise
 
     @classmethod
@@ -169,7 +184,7 @@ class JobRow:
             raise self._refused("read", exc) from None
         except Exception as exc:  # noqa: BLE001 - httpx's transport errors: the URL, DNS, TLS, a timeout
             raise JobError(f"could not reach the app's database at SUPABASE_URL={redact_url(self.settings.supabase_url)} "
-                           f"({type(exc).__name__}: {redact_text(str(exc), 200)}): check SUPABASE_URL (the project's URL, "
+                           f"({type(exc).__name__}: {self._scrub(str(exc))}): check SUPABASE_URL (the project's URL, "
                            "https://<project-ref>.supabase.co). Nothing was downloaded or trained", stage="starting") from None
         return rows[0] if rows and is_uuid(self.job_id) else None
 
@@ -184,7 +199,7 @@ class JobRow:
         else:
             fix = "check SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY"
         return JobError(f"the app's database refused the {what} of job row {self.job_id} (HTTP {status}, {exc.code}: "
-                        f"{redact_text(str(message), 200)}); {fix}. Nothing was downloaded or trained", stage="starting")
+                        f"{self._scrub(str(message))}); {fix}. Nothing was downloaded or trained", stage="starting")
 
     # ------------------------------------------------------------------ writes
 
@@ -193,27 +208,27 @@ class JobRow:
         import httpx
         from postgrest.exceptions import APIError
 
-        self._status = None
+        self._local.status = None
         try:
             with self._io:
                 self._last_io = time.monotonic()
                 return request.execute().data
         except (httpx.TransportError, httpx.TimeoutException) as exc:
-            raise _Transient(f"{type(exc).__name__}: {redact_text(str(exc), 200)}") from None
+            raise _Transient(f"{type(exc).__name__}: {self._scrub(str(exc))}") from None
         except APIError as exc:
             if self._status is None or self._status == 429 or self._status >= 500:
-                raise _Transient(f"HTTP {self._status}: {redact_text(str(exc.message or exc.details), 200)}") from None
+                raise _Transient(f"HTTP {self._status}: {self._scrub(str(exc.message or exc.details))}") from None
             raise
 
     def _retried(self, request, deadline: float):
-        """`request` until it answers or `deadline` (monotonic) passes; raises _Transient then. Closing the row stops a
-        progress write's retries (the final write supersedes it)."""
+        """`request` until it answers or `deadline` (monotonic) passes; raises _Transient then. In the writer thread,
+        closing the row ends the retries (the final write, on the closing thread, supersedes what it was writing)."""
         delay = 0.5
         while True:
             try:
                 return self._call(request)
             except _Transient as exc:
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline or (self._closing and threading.current_thread() is self._thread):
                     raise
                 log.warning("the app's job row: %s; retrying in %.1f s", exc, delay)
                 time.sleep(delay)
@@ -314,7 +329,9 @@ class JobRow:
                 log.warning("the app's job row was not updated (%s); training goes on, the next write carries newer "
                             "figures", exc)
             except (APIError, JobError) as exc:
-                log.warning("the app's job row refused a write: %s", getattr(exc, "message", exc))
+                log.warning("the app's job row refused a write: %s", self._scrub(str(getattr(exc, "message", exc))))
+            except Exception as exc:  # noqa: BLE001 - the thread must live on: it is what notices a cancel
+                log.warning("the app's job row: %s: %s", type(exc).__name__, self._scrub(str(exc)))
             if self.stopped_by:
                 return
 
@@ -323,13 +340,19 @@ class JobRow:
     def finish(self, values: dict, deadline_s: float | None = None) -> str | None:
         """The final write (`completed` or `failed` with their columns), after the buffered metrics; retried until the
         deadline. Returns None once it landed, else why it did not (nothing is written over a row someone else ended)."""
+        try:
+            return self._finish(values, deadline_s)
+        finally:
+            self._http.close()
+
+    def _finish(self, values: dict, deadline_s: float | None) -> str | None:
         from postgrest.exceptions import APIError
 
         if self._thread is not None:
             with self._wake:
                 self._closing = True
                 self._wake.notify()
-            self._thread.join(REQUEST_TIMEOUT_S + 5)
+            self._thread.join()  # its request ends within REQUEST_TIMEOUT_S, and it retries no more once closing
         if not self.exists:
             return None
         if self.stopped_by:
@@ -351,9 +374,9 @@ class JobRow:
         except _Transient as exc:
             return f"the app's database did not answer for {deadline_s:g} s ({exc})"
         except APIError as exc:
-            return f"the app's database refused it ({exc.code}: {redact_text(str(exc.message), 200)})"
-        finally:
-            self._http.close()
+            return f"the app's database refused it ({exc.code}: {self._scrub(str(exc.message))})"
+        except Exception as exc:  # noqa: BLE001 - a value the client cannot send (NaN), a client closed: said, not raised
+            return f"{type(exc).__name__}: {self._scrub(str(exc))}"
 
     def close(self) -> None:
         """Stop the thread without a final write (the app ended the job, or there is no row to write)."""
@@ -361,7 +384,7 @@ class JobRow:
             self._closing = True
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(REQUEST_TIMEOUT_S + 5)
+            self._thread.join()
         self._http.close()
 
 

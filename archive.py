@@ -115,6 +115,7 @@ def _too_large(archive: Archive) -> JobError:
 
 
 def _failed(what: str, detail: str, settings: WorkerSettings) -> JobError:
+    detail = detail.replace(settings.supabase_service_role_key, "<SUPABASE_SERVICE_ROLE_KEY>")
     return JobError(f"the adapter archive's {what} to Supabase Storage (bucket {settings.supabase_bucket!r}) failed: "
                     f"{redact_text(detail, 300)}. Check SUPABASE_BUCKET exists and SUPABASE_SERVICE_ROLE_KEY, and resubmit: "
                     "the job completes from its final checkpoint without training again")
@@ -175,7 +176,10 @@ def _tus_upload(http, base: str, bucket: str, path: str, archive: Archive, setti
         **tus, "Upload-Length": str(archive.bytes), "Upload-Metadata": metadata, "x-upsert": "true"})
     if created.status_code != 201 or not created.headers.get("Location"):
         raise _failed("resumable upload", f"HTTP {created.status_code}: {created.text[:300]}", settings)
-    location = created.headers["Location"]
+    location = httpx.URL(base).join(created.headers["Location"])  # a relative Location is allowed
+    if (location.scheme, location.host, location.port) != (httpx.URL(base).scheme, httpx.URL(base).host, httpx.URL(base).port):
+        raise _failed("resumable upload", f"the server sent the upload elsewhere ({location.host}): the service key "
+                      "goes to SUPABASE_URL's host only", settings)
     offset, stalls = 0, 0
     with open(archive.path, "rb") as f:
         while offset < archive.bytes:
@@ -183,19 +187,25 @@ def _tus_upload(http, base: str, bucket: str, path: str, archive: Archive, setti
             chunk = f.read(TUS_CHUNK)
             answer = send("PATCH", location, content=chunk, headers={
                 **tus, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"})
-            if answer is not None and answer.status_code == 204:
-                offset, stalls = int(answer.headers["Upload-Offset"]), 0
+            moved = _offset(answer) if answer is not None and answer.status_code == 204 else None
+            if moved is not None and moved > offset:
+                offset, stalls = moved, 0
                 continue
-            if answer is not None and answer.status_code != 409:  # 409: another offset than ours; ask
+            if answer is not None and answer.status_code not in (204, 409):  # 409: another offset than ours; ask
                 raise _failed("resumable upload", f"HTTP {answer.status_code}: {answer.text[:300]}", settings)
             stalls += 1
             if stalls > RETRIES:
                 raise _failed("resumable upload", f"no progress at byte {offset} of {archive.bytes}", settings)
             head = send("HEAD", location, headers=tus)
-            if head.status_code != 200:
+            if head.status_code != 200 or _offset(head) is None:
                 raise _failed("resumable upload", f"HTTP {head.status_code} asking where the upload stands", settings)
-            offset = int(head.headers["Upload-Offset"])
+            offset = _offset(head)
             log.warning("resumable upload of %s: going on from byte %d of %d", archive.path.name, offset, archive.bytes)
+
+
+def _offset(response) -> int | None:
+    value = response.headers.get("Upload-Offset", "")
+    return int(value) if value.isdigit() else None
 
 
 def _check_uploaded(bucket_api, path: str, archive: Archive, settings: WorkerSettings) -> None:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -92,10 +93,13 @@ class ProgressReporter:
         stage = self.stage = event.get("stage", self.stage)
         if self.row is not None:
             self.row.metrics(event)
-            if self.row.stopped_by and stage != "training":  # in training the trainer stops after its step, checkpointed
+            # in training the trainer stops after its step, checkpointed; elsewhere at the next event on the job's own
+            # thread (the model download reports from a watcher thread, which must live on)
+            if self.row.stopped_by and stage != "training" and threading.current_thread() is threading.main_thread():
                 raise Cancelled(stopped_by_app(self.row))
         start, end = STAGE_START.get(stage, 0), _NEXT_START.get(stage, 0)
-        metrics = {name: event[key] for name, key in self.METRICS.items() if event.get(key) is not None}
+        metrics = {name: event[key] for name, key in self.METRICS.items()  # no inf (an fp16 step's skipped gradients)
+                   if event.get(key) is not None and math.isfinite(event[key])}
         self.carried.update({k: v for k, v in metrics.items() if k in self.CARRIED})
         self.payload = {
             "progress": round(start + (end - start) * event["percent"] / 100 if "percent" in event else start, 1),
@@ -196,8 +200,8 @@ def _open_row_to_report(job: dict, settings: WorkerSettings, progress: ProgressR
     if settings.supabase_configured and isinstance(job_id, str) and is_safe_job_id(job_id):
         try:
             progress.row = JobRow.open(settings, job_id, job.get("id"))
-        except JobError as exc:
-            log.warning("the app's job row could not be told of the refused input: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - the refusal itself is the job's error, whatever happens here
+            log.warning("the app's job row could not be told of the refused input: %s", redact_text(str(exc)))
 
 
 def _run_locked(spec, job_id: str, job_dir: Path, settings: WorkerSettings, progress, warnings: list[str]) -> dict:
@@ -513,10 +517,11 @@ def handler(job: dict) -> dict:
                                 interval_s=settings.progress_interval_s)
     # SIGTERM ends the job at any stage (training: after a checkpoint); the block ends after the app's row is written,
     # as the signal's default action (where the SDK left it) ends the process there
-    with stop_on_sigterm(checkpointing=False):
+    with stop_on_sigterm(checkpointing=True):  # outside run_job a signal only raises the flag: the row's word is written
         stopped, stage = False, None  # by SIGTERM: the job can be resumed; the stage that failed
         try:
-            result = run_job(job, settings, progress)
+            with stop_on_sigterm(checkpointing=False):
+                result = run_job(job, settings, progress)
         except JobError as exc:
             stopped, stage = isinstance(exc, Stopped) and not isinstance(exc, Cancelled), exc.stage
             result = {"error": redact_text(str(exc), MAX_MESSAGE_CHARS)}
@@ -532,8 +537,10 @@ def handler(job: dict) -> dict:
                                    f"{redact_text(str(exc), 500)}) in job {job.get('id')}. Retry once; if it fails again, "
                                    "report the job id"}
         if progress.row is not None:
-            with stop_on_sigterm():  # a further SIGTERM does not cut the row's last word short
+            try:
                 result = _finish_row(progress.row, result, stage or progress.stage, stopped)
+            except Exception:  # noqa: BLE001 - the job's result goes out whatever happened to the row's last word
+                log.error("the app's job row could not be finished:\n%s", redact_text(traceback.format_exc()))
     result = sendable(result)
     callback = (job.get("input") or {}).get("callback_url") if isinstance(job.get("input"), dict) else None
     if isinstance(callback, str) and callback:

@@ -425,7 +425,7 @@ class WorkerSettings:
             name, raw = next(((n, env[n]) for n in names if env.get(n)), (names[0], None))
             if raw is None:
                 continue
-            kind = f.metadata["type"]
+            kind, raw = f.metadata["type"], raw.strip()  # a value pasted with a newline (a key in a header) is refused
             try:
                 values[f.name] = _parse_bool(name, raw) if kind is bool else kind(raw)
             except ValueError as exc:
@@ -484,6 +484,10 @@ def _check_delivery(settings: WorkerSettings, env: Mapping[str, str]) -> None:
     if settings.supabase_url and (supabase.scheme not in ("http", "https") or not supabase.hostname):
         raise JobError(f"SUPABASE_URL={redact_url(settings.supabase_url)!r} is not an http(s) URL; give the project's "
                        "URL, e.g. https://<project-ref>.supabase.co")
+    if settings.supabase_service_role_key and not settings.supabase_service_role_key.isprintable() \
+            or " " in (settings.supabase_service_role_key or ""):
+        raise JobError("SUPABASE_SERVICE_ROLE_KEY holds spaces or control characters: paste the project's service_role "
+                       "key alone (Supabase dashboard: Settings, API)")
     if bool(settings.supabase_url) != bool(settings.supabase_service_role_key):
         missing = "SUPABASE_SERVICE_ROLE_KEY" if settings.supabase_url else "SUPABASE_URL"
         raise JobError(f"Supabase is half configured: {missing} is not set (set both SUPABASE_URL and "

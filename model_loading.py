@@ -63,9 +63,9 @@ def unsupported_gpu() -> str | None:
     import torch
 
     facts, archs = gpu_facts(), torch.cuda.get_arch_list()
-    if not facts or not archs:
+    built = [(m[1], int(m[2]), int(m[3])) for m in (re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", a) for a in archs) if m]
+    if not facts or not built:
         return None
-    built = [(a.split("_")[0], int(a.split("_")[1][:-1]), int(a.split("_")[1][-1])) for a in archs]
     for gpu in facts:
         major, minor = gpu["capability"]
         if not any(kind == "sm" and m == major and n <= minor or kind == "compute" and (m, n) <= (major, minor)
@@ -366,10 +366,15 @@ def keep_copy_after_training(model, base_model: Path, compute_dtype, quantized_c
     NCCL's timeout). The LoRA layers are taken off (not merged) first: what is saved is the base as it was loaded."""
     if trust_remote_code:  # their own modelling code may change what a copy holds: never kept (load_base_model)
         return
-    copy = quantized_copy_dir(base_model, compute_dtype, quantized_cache, causal_lm_class(base_model))
-    if (copy / "config.json").is_file():  # the copy this job found would not load: it quantized the model itself
-        _set_aside(copy)
-    _keep_quantized_copy(model.unload(), copy)
+    try:
+        copy = quantized_copy_dir(base_model, compute_dtype, quantized_cache, causal_lm_class(base_model))
+        if (copy / "config.json").is_file():  # another worker's, written meanwhile, or one that would not load (a
+            log.info("a 4-bit copy is already at %s; not writing another", copy)  # later single-process job replaces it)
+            return
+        _keep_quantized_copy(model.unload(), copy)
+    except Exception as exc:  # noqa: BLE001 - the adapter is saved: a copy that cannot be written costs later jobs only
+        log.warning("could not keep a 4-bit copy of the base model (%s: %s); later jobs quantize it again",
+                    type(exc).__name__, exc)
 
 
 def free_memory(device: str) -> None:

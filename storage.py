@@ -220,9 +220,11 @@ def supabase_object(url: str, supabase_url: str | None) -> str | None:
     the same object's authenticated URL (`.../object/authenticated/<bucket>/<path>`, read with the service key); None
     for any other URL.
 
-    >>> supabase_object("https://p.supabase.co/storage/v1/object/sign/training-files/u/d.jsonl?token=x", "https://p.supabase.co")
+    >>> token = "e30." + "eyJ1cmwiOiJ0cmFpbmluZy1maWxlcy91L2QuanNvbmwifQ" + ".sig"  # {"url": "training-files/u/d.jsonl"}
+    >>> supabase_object(f"https://p.supabase.co/storage/v1/object/sign/training-files/u/d.jsonl?token={token}", "https://p.supabase.co")
     'https://p.supabase.co/storage/v1/object/authenticated/training-files/u/d.jsonl'
-    >>> supabase_object("https://evil.example/storage/v1/object/sign/training-files/d.jsonl?token=x", "https://p.supabase.co")
+    >>> supabase_object(f"https://p.supabase.co/storage/v1/object/sign/training-files/u/other.jsonl?token={token}", "https://p.supabase.co")
+    >>> supabase_object(f"https://evil.example/storage/v1/object/sign/training-files/u/d.jsonl?token={token}", "https://p.supabase.co")
     """
     if not supabase_url:
         return None
@@ -232,9 +234,23 @@ def supabase_object(url: str, supabase_url: str | None) -> str | None:
     if not same_host or not link.path.startswith(base + SIGNED_PATH) or ".." in link.path.split("/"):
         return None
     rest = link.path[len(base + SIGNED_PATH):]
-    if "/" not in rest.strip("/"):
-        return None
+    if "/" not in rest.strip("/") or _signed_object(link.query) != unquote(rest):
+        return None  # only the object the app signed: Storage checks a token's expiry before the path it names
     return f"{supabase_url.rstrip('/')}/storage/v1/object/authenticated/{rest}"
+
+
+def _signed_object(query: str) -> str | None:
+    """The `<bucket>/<path>` a Supabase signed URL's token was issued for (its JWT's `url` claim; not verified here:
+    Storage verified the signature when it answered that the token had expired)."""
+    import base64
+    from urllib.parse import parse_qs
+
+    try:
+        payload = parse_qs(query)["token"][0].split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return claims["url"] if isinstance(claims.get("url"), str) else None
+    except (KeyError, IndexError, ValueError, TypeError):
+        return None
 
 
 def upload_files(files: list[Path], job_id: str, settings: WorkerSettings) -> dict[str, str]:

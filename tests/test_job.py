@@ -167,3 +167,11 @@ def test_job_directories_go_on_the_volume_wherever_it_is_mounted(tmp_path, monke
     bare = WorkerSettings.from_env(SUPABASE | {"RUNPOD_ENDPOINT_ID": "ep"})
     [warning] = bare.warnings({})
     assert "no network volume is mounted" in warning and "lost when the worker stops" in warning
+
+
+def test_a_service_key_pasted_with_a_newline_is_trimmed_and_one_with_spaces_refused_without_quoting_it():
+    assert WorkerSettings.from_env(SUPABASE | {"SUPABASE_SERVICE_ROLE_KEY": "service-role-key\n"}).supabase_service_role_key \
+        == "service-role-key"
+    with pytest.raises(JobError, match="SUPABASE_SERVICE_ROLE_KEY holds spaces or control characters") as refused:
+        WorkerSettings.from_env(SUPABASE | {"SUPABASE_SERVICE_ROLE_KEY": "eyJsecret part2"})
+    assert "eyJsecret" not in str(refused.value)

@@ -242,6 +242,12 @@ def test_an_expired_link_is_read_from_the_apps_storage_and_another_hosts_is_not(
         other = new_row(supabase)
         refused = runsync(worker, job(other, storage.url(SAMPLE.name, storage.old), tiny_qwen2, max_steps=2))
         assert refused["status"] == "FAILED" and "dataset URL has expired" in refused["error"]
+        # nor another object with that expired token (Storage checks a token's expiry before the path it names)
+        supabase.put_object("training-files", "user-2/private.jsonl", SAMPLE.read_bytes())
+        elsewhere = new_row(supabase)
+        moved = runsync(worker, job(elsewhere, url.replace("user-1/dataset.jsonl", "user-2/private.jsonl"), tiny_qwen2,
+                                    max_steps=2))
+        assert moved["status"] == "FAILED" and "dataset URL has expired" in moved["error"]
         # nor a link to this host refused for another reason (a forged token)
         forged = new_row(supabase)
         bad = runsync(worker, job(forged, url.split("?")[0] + "?token=forged", tiny_qwen2, max_steps=2))
