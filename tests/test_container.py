@@ -74,20 +74,31 @@ def pip_installs(command: str) -> list[list[str]]:
 HARMLESS = {"--no-cache-dir", "-q", "--quiet", "--no-input", "--disable-pip-version-check", "--no-compile"}
 
 
-def requirements_only(args: list[str]) -> list[str]:
-    """What is wrong with a `pip install` that must install exactly `-r requirements.txt` ([] if nothing)."""
-    problems, requirement_files, i = [], [], 0
+def parse_install(args: list[str], option: tuple[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """A `pip install`'s arguments: the values of `option` (short and long form, `--long=value` too), the packages,
+    and what is wrong with the rest (options other than HARMLESS)."""
+    values, packages, problems, i = [], [], [], 0
     while i < len(args):
         arg = args[i]
-        if arg in ("-r", "--requirement") and i + 1 < len(args):
-            requirement_files.append(args[i + 1])
+        if arg in option and i + 1 < len(args):
+            values.append(args[i + 1])
             i += 2
             continue
-        if arg.startswith("--requirement="):
-            requirement_files.append(arg.partition("=")[2])
-        elif arg not in HARMLESS:
-            problems.append(f"unexpected argument {arg!r}" if arg.startswith("-") else f"extra package {arg!r}")
+        if arg.startswith(option[1] + "="):
+            values.append(arg.partition("=")[2])
+        elif arg.startswith("-"):
+            if arg not in HARMLESS:
+                problems.append(f"unexpected argument {arg!r}")
+        else:
+            packages.append(arg)
         i += 1
+    return values, packages, problems
+
+
+def requirements_only(args: list[str]) -> list[str]:
+    """What is wrong with a `pip install` that must install exactly `-r requirements.txt` ([] if nothing)."""
+    requirement_files, packages, problems = parse_install(args, ("-r", "--requirement"))
+    problems += [f"extra package {p!r}" for p in packages]
     if requirement_files != ["requirements.txt"]:
         problems.append(f"installs requirement files {requirement_files}, not exactly ['requirements.txt']")
     return problems
@@ -109,21 +120,7 @@ def torch_pin(requirements: str) -> str:
 def torch_install_problems(args: list[str], pin: str) -> list[str]:
     """What is wrong with a `pip install` that must install exactly `torch==<pin>+cu126` from TORCH_INDEX alone
     ([] if nothing)."""
-    problems, index_urls, packages, i = [], [], [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("-i", "--index-url") and i + 1 < len(args):
-            index_urls.append(args[i + 1])
-            i += 2
-            continue
-        if arg.startswith("--index-url="):
-            index_urls.append(arg.partition("=")[2])
-        elif arg.startswith("-"):
-            if arg not in HARMLESS:
-                problems.append(f"unexpected argument {arg!r}")
-        else:
-            packages.append(arg)
-        i += 1
+    index_urls, packages, problems = parse_install(args, ("-i", "--index-url"))
     if [url.rstrip("/") for url in index_urls] != [TORCH_INDEX]:
         problems.append(f"installs from index {index_urls}, not exactly [{TORCH_INDEX!r}]")
     want = f"torch=={pin}+{TORCH_BUILD}"
