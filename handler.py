@@ -220,12 +220,7 @@ def _run_locked(spec, job_id: str, job_dir: Path, settings: WorkerSettings, prog
         with _stage("starting", progress, announce=False):
             check_storage(settings, job_id)
     with _stage("loading_model", progress, announce=False):
-        processes = training_processes(settings)
-        _check_gpus()
-        if note := shared_memory_note(processes):
-            warnings.append(note)
-        for name, value in settings.compile_cache_env().items():
-            os.environ.setdefault(name, value)
+        processes = _prepare_machine(settings, warnings)
         base_path, model_download = _find_or_plan_download(base_model, hp, settings, trust_remote_code, progress, processes)
     log.info("job %s: base model %s (%s), dataset %s", job_id, base_model, base_path or "to download",
              redact_url(spec.dataset_url))
@@ -460,13 +455,20 @@ def training_processes(settings: WorkerSettings) -> int:
     return wanted or max(1, gpus)
 
 
-def _check_gpus() -> None:
-    """A GPU the installed torch has no kernels for is refused before any download (it would fail at its first
-    kernel with "no kernel image is available", hours of downloads later for a large model)."""
+def _prepare_machine(settings: WorkerSettings, warnings: list[str]) -> int:
+    """How many processes train; before any download: a GPU the installed torch has no kernels for refused (it would
+    fail at its first kernel with "no kernel image is available"), NCCL kept off a small /dev/shm (a warning says so),
+    compiled kernels cached on the volume."""
     from model_loading import unsupported_gpu
 
+    processes = training_processes(settings)
     if why := unsupported_gpu():
         raise JobError(why)
+    if note := shared_memory_note(processes):
+        warnings.append(note)
+    for name, value in settings.compile_cache_env().items():
+        os.environ.setdefault(name, value)
+    return processes
 
 
 def _gpu_warnings(gpu_config, metrics: dict) -> list[str]:
@@ -596,9 +598,9 @@ def check_deployment() -> None:
         log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed", exc)
         return
     try:
-        processes = training_processes(settings)
-        _check_gpus()
-        if note := shared_memory_note(processes):
+        notes: list[str] = []
+        processes = _prepare_machine(settings, notes)
+        for note in notes:
             log.warning("worker settings: %s", note)
     except JobError as exc:
         log.error("worker settings: %s. Every job will fail until the endpoint's environment is fixed", exc)
