@@ -201,16 +201,21 @@ class TrainState:
     trained_tokens: int = 0
     recompute_from: int | None = None  # "auto" turned recomputation on at this step (out of memory without it)
     skipped_steps: int = 0  # fp16: steps whose gradients overflowed, skipped by the loss scaler
+    best_epoch: int | None = None  # the epoch whose end had the lowest validation loss so far (its weights: Run.best)
+    best_step: int | None = None
+    best_validation_loss: float | None = None
+    stop_reason: str | None = None  # why training ended: "epochs", "max_steps" or "early_stopping"
 
 
 def capture(run) -> dict:
-    """A checkpoint of `run` (a train_lora.Run): its TrainState, the LoRA weights, the optimizer and schedule, the
-    random state; `restore` puts it back whole."""
+    """A checkpoint of `run` (a train_lora.Run): its TrainState, the LoRA weights (and the best epoch's, when they are
+    not the current ones), the optimizer and schedule, the random state; `restore` puts it back whole."""
     import torch
     from peft import get_peft_model_state_dict
 
     return {"fingerprint": run.fingerprint, "state": asdict(run.state),
             "lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(run.model).items()},
+            "best": run.best if run.state.best_step != run.state.step else None,
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "rng_torch": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if run.device == "cuda" else None}
@@ -226,6 +231,9 @@ def restore(run, saved: dict) -> None:
     if saved.get("scaler") and run.scaler is not None and run.scaler.is_enabled():  # fp16's loss scale goes on as it was
         run.scaler.load_state_dict(saved["scaler"])
     run.state = TrainState(**saved["state"])
+    run.best = saved.get("best")
+    if run.best is None and run.state.best_step == run.state.step and run.state.best_step is not None:
+        run.best = run.best_weights()  # the checkpoint was written at the best epoch's end: its weights are the best
     if run.world.main:  # the other ranks' dropout draws from their own seeds
         torch.set_rng_state(saved["rng_torch"])
         if run.device == "cuda" and saved["rng_cuda"] is not None:

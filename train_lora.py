@@ -107,6 +107,22 @@ class Run:
     resumed_from: int | None = None
     base_name: str = ""  # the base model as `train` was given it
     scaler: Any = None  # fp16's loss scaler (model_loading.loss_scaler; a no-op in other dtypes)
+    best: dict | None = None  # rank 0: the LoRA weights of the epoch `state.best_epoch`, as they are saved
+
+    @property
+    def save_dtype(self):
+        return adapter_save_dtype(self.hp.adapter_dtype, self.compute_dtype)
+
+    @property
+    def validation_tokens(self) -> int:
+        return sum(example.num_trained for sequence in self.data.validation for example in sequence)
+
+    def best_weights(self) -> dict | None:
+        """A copy of the LoRA weights in the dtype the adapter is saved in (rank 0, which saves; None elsewhere)."""
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().to("cpu", self.save_dtype, copy=True)
+                for k, v in get_peft_model_state_dict(self.model).items()} if self.world.main else None
 
     @property
     def trainable(self) -> list:
@@ -307,7 +323,7 @@ def train_loop(run: Run) -> None:
                   "total_steps": plan.total_steps, "epoch": s.epoch, **resumed_figures})
     with stop_on_sigterm() as signalled:
         stop = StopAsked(signalled, run.checkpoint_dir)
-        while s.step < plan.total_steps:
+        while s.step < plan.total_steps and s.stop_reason is None:
             s.epoch += s.next_start == 0
             order = epoch_order(len(run.data.train), hp.seed, s.epoch)
             while s.step < plan.total_steps:
@@ -317,13 +333,17 @@ def train_loop(run: Run) -> None:
                 s.next_start = start + hp.batch_size if start + hp.batch_size < len(order) else 0
                 if s.next_start == 0 and run.data.validation:
                     record["validation_loss"] = evaluate(run, run.data.validation)
+                    keep_if_best(run, record["validation_loss"])
+                    if 0 < hp.early_stopping_patience <= s.epoch - s.best_epoch:
+                        s.stop_reason = "early_stopping"
                 s.history.append(record)
                 log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", s.step, plan.total_steps,
                          s.epoch, record["loss"], record["learning_rate"], record["grad_norm"], record["tokens_per_second"])
                 run.progress({"stage": "training", "percent": 100.0 * s.step / plan.total_steps,
                               "total_steps": plan.total_steps, **record})
                 due = s.step % hp.checkpoint_steps == 0 or time.monotonic() - last_checkpoint >= 60 * hp.checkpoint_minutes
-                if run.checkpoint_dir is not None and run.world.main and (stopping or (due and s.step < plan.total_steps)):
+                more = s.step < plan.total_steps and s.stop_reason is None
+                if run.checkpoint_dir is not None and run.world.main and (stopping or (due and more)):
                     save_checkpoint(run.checkpoint_dir, s.step, capture(run))
                     last_checkpoint = time.monotonic()
                 if stopping:  # the checkpoint is on disk; stop_on_sigterm hands the signal on
@@ -333,12 +353,42 @@ def train_loop(run: Run) -> None:
                         "a checkpoint was saved: resubmit the same job to resume" if run.checkpoint_dir else "resubmit the job"))
                 if s.next_start == 0:
                     break
+        if s.stop_reason is None:
+            s.stop_reason = "epochs" if plan.total_steps == plan.steps_per_epoch * hp.epochs else "max_steps"
+        last = s.history[-1] if s.history else {}
+        if run.data.validation and last and "validation_loss" not in last:  # max_steps ended an epoch midway
+            last["validation_loss"] = evaluate(run, run.data.validation)
+            keep_if_best(run, last["validation_loss"])
+
+
+def keep_if_best(run: Run, validation_loss: float) -> None:
+    """After a validation: the weights with the lowest validation loss so far are what `save` delivers (a copy, on rank
+    0, in the dtype the adapter is saved in; in checkpoints too)."""
+    s = run.state
+    if s.best_validation_loss is None or validation_loss < s.best_validation_loss:
+        s.best_epoch, s.best_step, s.best_validation_loss = s.epoch, s.step, validation_loss
+        run.best = run.best_weights()
 
 
 # ---------------------------------------------------------------------------- save
 
-def save(run: Run, output_dir: Path, seconds: dict, validation_loss: float | None) -> dict:
-    """The metrics; rank 0 writes the adapter and its files into a fresh directory renamed into place."""
+def deliver_best(run: Run) -> dict:
+    """The training record of the step whose weights are delivered: the best epoch's (its weights put back into the
+    model, on rank 0, which saves), or the last step's."""
+    from peft import set_peft_model_state_dict
+
+    s = run.state
+    if s.best_step is None or s.best_step == s.step:
+        return s.history[-1] if s.history else {}
+    if run.best is not None:
+        set_peft_model_state_dict(run.model, run.best)
+    log.info("delivering epoch %d (validation loss %.4f), the best of %d", s.best_epoch, s.best_validation_loss, s.epoch)
+    return next(record for record in s.history if record["step"] == s.best_step)
+
+
+def save(run: Run, output_dir: Path, seconds: dict, kept: dict) -> dict:
+    """The metrics; rank 0 writes the adapter and its files into a fresh directory renamed into place. `kept`: the
+    training record of the step whose weights are delivered."""
     from safetensors import SafetensorError
 
     from files import atomic_dir
@@ -348,7 +398,10 @@ def save(run: Run, output_dir: Path, seconds: dict, validation_loss: float | Non
     tokens_per_second = s.real_tokens / max(seconds["train"], 1e-9)
     metrics = {
         "train_loss_first": s.history[0]["loss"], "train_loss_last": s.history[-1]["loss"],
-        "validation_loss": validation_loss, "steps": s.step, "epochs": s.epoch, **data.counts, "sequences": len(data.train),
+        "train_loss_kept": kept.get("loss"), "validation_loss": kept.get("validation_loss"), "best_epoch": s.best_epoch,
+        "stop_reason": s.stop_reason, "validation_losses": [r["validation_loss"] for r in s.history if "validation_loss" in r],
+        "validation_tokens": run.validation_tokens,
+        "steps": s.step, "epochs": s.epoch, **data.counts, "sequences": len(data.train),
         "tokens": s.real_tokens, "trained_tokens": s.trained_tokens, "token_efficiency": s.real_tokens / max(s.computed_tokens, 1),
         "wall_seconds": seconds["wall"], "load_seconds": seconds["load"], "train_seconds": seconds["train"],
         "base_weights": run.base_weights, "tokens_per_second": tokens_per_second, "world_size": run.world.size,
@@ -362,7 +415,7 @@ def save(run: Run, output_dir: Path, seconds: dict, validation_loss: float | Non
     }
     if not run.world.main:
         return metrics
-    dtype = adapter_save_dtype(run.hp.adapter_dtype, run.compute_dtype)
+    dtype = run.save_dtype
     config = {"base_model": run.base_name, "base_model_path": str(run.base_path),
               "hyperparameters": run.hp.model_dump(mode="json"),
               "plan": asdict(plan), "effective": {
@@ -402,12 +455,11 @@ def train_rank(data: Data, base_path: Path, output_dir: Path, hp: Hyperparameter
     run.base_name, loaded = base_name or base_path.name, time.monotonic()
     train_loop(run)
     seconds = {"load": loaded - started, "train": time.monotonic() - loaded}
-    last = run.state.history[-1] if run.state.history else {}
-    validation_loss = last["validation_loss"] if "validation_loss" in last else evaluate(run, data.validation)
-    progress({"stage": "saving", "validation_loss": validation_loss})
     if checkpoint_dir is not None and world.main and run.resumed_from != run.state.step:
         save_checkpoint(checkpoint_dir, run.state.step, capture(run))  # a failed save resumes without training
-    metrics = save(run, Path(output_dir), {**seconds, "wall": time.monotonic() - started}, validation_loss)
+    kept = deliver_best(run)
+    progress({"stage": "saving", "validation_loss": kept.get("validation_loss")})
+    metrics = save(run, Path(output_dir), {**seconds, "wall": time.monotonic() - started}, kept)
     distributed.stop(world)  # cleanup; after a failure the process ends without it, its error reported first
     if world.size > 1 and world.main and quantized_cache is not None and run.base_weights == "quantized while loading":
         keep_copy_after_training(run.model, base_path, run.compute_dtype, quantized_cache, trust_remote_code)

@@ -26,7 +26,8 @@ CONFIGS = ROOT / "data" / "model-configs"
 
 # Exact totals (the model cards say 7.24B, 7.61B, 8.2B, 80B); cross-checked on 2026-11-22 against an
 # independent per-layer formula from the configs, which gave the same four numbers.
-@pytest.mark.parametrize("name, total", [("mistral-7b-v0.1", 7_241_732_096), ("qwen2.5-7b", 7_615_616_512),
+@pytest.mark.parametrize("name, total", [("mistral-7b-v0.1", 7_241_732_096), ("mistral-7b-instruct-v0.2", 7_241_732_096),
+                                         ("qwen2.5-7b", 7_615_616_512),
                                          ("qwen3-8b", 8_190_735_360), ("qwen3-next-80b-a3b", 79_674_391_296)])
 def test_parameter_counts_of_the_real_architectures(name, total):
     counts = count_parameters(json.loads((CONFIGS / f"{name}.json").read_text()))
@@ -212,6 +213,19 @@ def test_the_estimate_says_the_stock_path_cannot_fit_qwen3_next_80b_and_the_4bit
     assert {"required_gb", "weights_gb", "fits", "micro_batch_size", "gradient_accumulation_steps", "quantized_fraction"} <= set(result)
     assert result["fits"] and result["quantized_fraction"] > 0.98 and 35 < result["weights_gb"] < 45
     assert not result["stock_path"]["fits"] and result["stock_path"]["weights_gb"] > 140
+
+
+@pytest.mark.parametrize("batch, required_gb", [(2, 8.5), (4, 11.5), (16, 29.5)])
+def test_the_apps_batches_on_its_a40_recompute_at_their_whole_micro_batch(batch, required_gb):
+    """The README's A40 table: Mistral-7B-Instruct-v0.2 at 2048 tokens, rank 16, the A40's 45 GiB (48 GB): no batch fits
+    without recomputation (71.5 GB at micro-batch 2), and with it every batch runs whole, without accumulation."""
+    config = json.loads((CONFIGS / "mistral-7b-instruct-v0.2.json").read_text())
+    plan = estimate_job_memory(config, max_seq_length=2048, batch_size=batch, lora_rank=16, gpu_memory_gb=45,
+                               gradient_checkpointing="auto")
+    assert (plan.micro_batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing) == (batch, 1, True)
+    assert plan.fits and round(plan.required_gb, 1) == required_gb
+    assert estimate_job_memory(config, max_seq_length=2048, batch_size=2, lora_rank=16, gradient_checkpointing=False
+                               ).required_gb > 45
 
 
 def test_a_smaller_micro_batch_keeps_the_requested_effective_batch():

@@ -157,3 +157,16 @@ def test_progress_updates_follow_the_apps_columns(monkeypatch):
     resumed({"stage": "training", "percent": 100.0, "step": 4, "total_steps": 4, "epoch": 2, "loss": 1.6, "learning_rate": 0.0})
     resumed({"stage": "saving", "validation_loss": 1.8})
     assert [p["stage"] for p in sent] == ["training", "saving"] and sent[1]["metrics"]["training_loss"] == 1.6
+
+
+def test_an_adapter_the_serving_endpoint_would_refuse_is_delivered_with_the_rule_it_breaks(worker, storage, tiny_qwen2):
+    """LoRA on lm_head trains, but vLLM has no LoRA on Qwen2's lm_head: the result says so, naming the rule and the
+    vLLM source, and the adapter is still delivered."""
+    result = runsync(worker, {"job_id": "contract-lm-head", "dataset_url": storage.url(SAMPLE.name, storage.good),
+                              "hyperparameters": {"base_model": str(tiny_qwen2), "max_steps": 1, "max_seq_length": 256,
+                                                  "lora_target_modules": ["q_proj", "lm_head"]}})
+    assert result["status"] == "COMPLETED", result
+    [warning] = [w for w in result["output"]["warnings"] if "vLLM" in w]
+    assert warning.startswith("the serving endpoint (vLLM) may not load this adapter: target_modules: LoRA on ['lm_head']")
+    assert "vllm/lora/lora_model.py" in warning and "set lora_target_modules" in warning
+    assert "adapter_model.safetensors" in result["output"]["model_files"]

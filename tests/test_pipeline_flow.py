@@ -111,7 +111,7 @@ def test_a_job_moves_its_row_to_completed_and_the_archive_deploys_and_loads(supa
     from model_loading import quantization_config, same_kernels_in_eval
 
     job_id = new_row(supabase)
-    with running_worker(tmp_path, **supabase.env, **TEAM_ENV, PROGRESS_INTERVAL_S="0.2") as worker:
+    with running_worker(tmp_path, **supabase.env, **TEAM_ENV, PROGRESS_INTERVAL_S="0.2", SERVING_MAX_LORA_RANK="16") as worker:
         assert "S3_ENDPOINT_URL points at RunPod's network-volume S3 API" in worker.log.read_text()  # a warning
         watcher = RowWatcher(supabase, job_id)
         result = runsync(worker, job(job_id, dataset_url(supabase), tiny_qwen2, max_seq_length=1024))
@@ -129,13 +129,14 @@ def test_a_job_moves_its_row_to_completed_and_the_archive_deploys_and_loads(supa
     archive_path = f"lora-models/adapters/{job_id}.tar.gz"
     assert final["adapter_file_path"] == archive_path and final["status"] == "completed" and final["progress"] == 100
     assert final["current_step"] == final["total_steps"] == metrics["steps"] and final["current_epoch"] == metrics["epochs"]
-    assert final["final_loss"] == pytest.approx(metrics["train_loss_last"])
+    assert final["final_loss"] == pytest.approx(metrics["train_loss_kept"])  # the delivered epoch's, the best of the two
     for column in ("current_loss", "current_learning_rate", "tokens_per_second", "started_at", "updated_at",
                    "completed_at", "training_time_seconds"):
         assert final[column] is not None, column
     assert final["started_at"] < final["completed_at"] and final["error_message"] is None
     assert output["app_row"] == {"table": "pipeline_training_jobs", "id": job_id, "written": True, "status": "completed"}
     assert any("S3_ENDPOINT_URL points at RunPod's network-volume S3 API" in w for w in output["warnings"])
+    assert not any("vLLM" in w for w in output["warnings"])  # checked against the endpoint's rules: it loads
 
     rows = metric_rows(supabase, job_id)
     per_metric = {m: [r for r in rows if r["metric_id"] == m] for m in ("training_loss", "learning_rate", "gradient_norm",
@@ -143,7 +144,8 @@ def test_a_job_moves_its_row_to_completed_and_the_archive_deploys_and_loads(supa
     assert [r["step_number"] for r in per_metric["training_loss"]] == list(range(1, metrics["steps"] + 1))
     assert len(per_metric["learning_rate"]) == len(per_metric["gradient_norm"]) == metrics["steps"]
     assert [r["epoch_number"] for r in per_metric["validation_loss"]] == [1, 2]  # one held-out conversation, each epoch
-    assert per_metric["validation_loss"][-1]["value"] == pytest.approx(metrics["validation_loss"])
+    kept = min(per_metric["validation_loss"], key=lambda r: r["value"])
+    assert (kept["epoch_number"], kept["value"]) == (metrics["best_epoch"], pytest.approx(metrics["validation_loss"]))
 
     # The archive, as the app's deployer gets it: downloaded from the bucket, one leading folder stripped
     data = supabase.objects[("lora-models", f"adapters/{job_id}.tar.gz")]
@@ -312,10 +314,18 @@ def test_a_job_the_app_cancelled_while_queued_is_not_run(supabase, tiny_qwen2, t
 
 
 def test_an_input_the_worker_refuses_still_ends_the_apps_row(supabase, tiny_qwen2, tmp_path):
-    job_id = new_row(supabase)
-    with running_worker(tmp_path, **supabase.env) as worker:
+    """A setting out of range, and a rank the serving endpoint (SERVING_MAX_LORA_RANK) would refuse: both in the
+    job's first second, before anything is downloaded."""
+    job_id, too_large = new_row(supabase), new_row(supabase)
+    with running_worker(tmp_path, **supabase.env, SERVING_MAX_LORA_RANK="16") as worker:
         result = runsync(worker, job(job_id, dataset_url(supabase), tiny_qwen2, learning_rate=0.5))
+        refused = runsync(worker, job(too_large, dataset_url(supabase), tiny_qwen2, rank=32))
     assert result["error"] == "validating: invalid job input: hyperparameters.learning_rate=0.5 is above 0.001"
-    final = row(supabase, job_id)
-    assert final["status"] == "failed" and final["error_message"] == result["error"]
-    assert final["error_details"]["stage"] == "validating"
+    assert refused["error"].startswith("validating: the adapter could not be served: rank: lora_rank 32 exceeds the "
+                                       "serving endpoint's max_lora_rank 16 (SERVING_MAX_LORA_RANK): set lora_rank to 16 "
+                                       "or less, or raise the endpoint's max_lora_rank (vLLM v0.")
+    for job_id, answer in ((job_id, result), (too_large, refused)):
+        final = row(supabase, job_id)
+        assert final["status"] == "failed" and final["error_message"] == answer["error"]
+        assert final["error_details"]["stage"] == "validating"
+    assert not any(r[1].startswith("/storage/v1/object/sign/") and r[0] == "GET" for r in supabase.requests)

@@ -3,12 +3,13 @@ models' own vocabularies where a package ships one (tiny_model.CHAT_TEMPLATE_VOC
 the system prompt goes, what closes a turn, and that the template saved with the adapter renders the same way."""
 
 import json
+from itertools import groupby
 
 import pytest
 from transformers import AutoTokenizer
 
-from chat_labels import (IGNORE, NON_THINKING_PRELUDE, SkipExample, prepare_chat_template, render, supports_tools,
-                         tokenize_conversation, trained_char_spans, trained_runs)
+from chat_labels import (IGNORE, NON_THINKING_PRELUDE, SkipExample, label_conversations, prepare_chat_template, render,
+                         supports_tools, tokenize_conversation, trained_char_spans, trained_runs)
 from conftest import SAMPLE
 from dataset_loader import load_dataset
 from tiny_model import CHAT_TEMPLATE_VOCABULARIES, chat_template_tokenizer
@@ -152,6 +153,38 @@ def test_a_trailing_end_of_text_is_not_taken_for_the_end_of_each_turn():
     assert [run for run in trained_runs(tokenizer, example)] == [
         "Start with ten percent of what you take home.<|end|>", "Then save five percent, and raise it with every pay rise.<|end|>"]
     assert tokenizer.convert_ids_to_tokens(example.input_ids[-1]) == "<|endoftext|>" and example.labels[-1] == IGNORE
+
+
+def test_mistral_v0_2_keeps_the_system_prompt_in_the_first_user_turn_and_trains_each_answer_and_its_eos():
+    """Mistral-7B-Instruct-v0.2's 2024 template on its own (v1) vocabulary, where `[INST]` and `[/INST]` are plain text:
+    `<s> [INST] system\\n\\nuser [/INST] answer</s> [INST] user [/INST] answer</s>`. The template itself puts the system
+    prompt in the first user turn (no prelude), and what is trained is each weighted answer's tokens and `</s>`."""
+    tokenizer = chat_template_tokenizer("mistralai-Mistral-7B-Instruct-v0.2")
+    published = tokenizer.chat_template
+    fmt = prepare_chat_template(tokenizer)
+    assert (fmt.end_of_turn, fmt.system_prompt, tokenizer.chat_template) == ("</s>", "template", published)
+    unk = tokenizer.unk_token_id
+    assert tokenizer.convert_tokens_to_ids(["<s>", "</s>", "[INST]", "[/INST]"]) == [1, 2, unk, unk]
+    conversations, _ = load_dataset(SAMPLE)  # BrightRun: system, user, then weight-0 history, one trained answer
+    examples, report = label_conversations(tokenizer, conversations, 4096, fmt.end_of_turn)
+    assert report["dropped"] == 0 and len(examples) == len(conversations)  # no example skipped
+    assert not any(e.dropped_messages or e.truncated for e in examples)
+    for conversation, example in zip(conversations, examples):
+        system, *turns = conversation["messages"]
+        expected = "<s>"
+        for k in range(0, len(turns), 2):
+            user, answer = turns[k], turns[k + 1]
+            first = system["content"] + "\n\n" if k == 0 else ""
+            expected += f" [INST] {first}{user['content']} [/INST] {answer['content']}</s>"
+        assert render(tokenizer, conversation["messages"]) == expected
+        assert list(example.input_ids) == tokenizer(expected, add_special_tokens=False)["input_ids"]
+        trained = [(i, label) for i, label in zip(example.input_ids, example.labels) if label != IGNORE]
+        assert all(i == label for i, label in trained)
+        answers = [m["content"] for m in turns if m["role"] == "assistant" and m.get("weight", 1)]
+        runs = [[label for _, label in run] for is_trained, run in
+                groupby(zip(example.input_ids, example.labels), key=lambda pair: pair[1] != IGNORE) if is_trained]
+        # the space the template writes before an answer is SentencePiece's "▁" on the answer's first word
+        assert runs == [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
 
 
 def test_where_the_system_prompt_went_is_recorded_in_the_report_and_the_training_config(tmp_path):

@@ -297,3 +297,113 @@ def test_lora_layers_compute_in_the_compute_dtype_under_autocast(tiny_qwen2):
     with autocast("cpu", torch.bfloat16):
         model(ids)
     assert dtypes == [torch.float32, torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------- the epoch delivered
+
+def contradicted(n: int = 16) -> list[dict]:
+    """The same question in every conversation; the trained answers say "Yes.", the held-out ones (the trainer's own
+    split, val_fraction 0.25) "No.": the held-out loss falls while the shared format is learnt, then rises as "Yes."
+    is. On the tiny model at BEST_HP: lowest at epoch 3 of 12, then up by about 0.3 (5.16, 4.90, 4.79, 5.07, 5.13...)."""
+    from dataset_loader import split_validation
+
+    conversations = [{"conversation_id": f"c{i}", "messages": [{"role": "user", "content": f"Question {i}: is it raining?"},
+                                                                {"role": "assistant", "content": "Yes."}]} for i in range(n)]
+    for held_out in split_validation(conversations, BEST_HP["val_fraction"], BEST_HP["seed"])[1]:
+        held_out["messages"][1]["content"] = "No."
+    return conversations
+
+
+BEST_HP = dict(learning_rate=1e-3, batch_size=1, epochs=12, lora_rank=16, lora_alpha=512, lora_dropout=0.0,
+               max_seq_length=128, warmup_steps=0, val_fraction=0.25, packing=False, seed=42)
+STEPS_PER_EPOCH = 12  # 16 conversations, 4 held out, batch 1
+
+
+@pytest.fixture
+def epoch_weights(monkeypatch):
+    """The LoRA weights at each validation (an epoch's end), read by a spy on the trainer's evaluate."""
+    import train_lora
+    from peft import get_peft_model_state_dict
+
+    seen, evaluate = {}, train_lora.evaluate
+
+    def spy(run, sequences):
+        seen[run.state.epoch] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(run.model).items()}
+        return evaluate(run, sequences)
+
+    monkeypatch.setattr(train_lora, "evaluate", spy)
+    return seen
+
+
+def delivered(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter_model.safetensors")
+
+
+def assert_delivers(out, weights):
+    saved = delivered(out)
+    assert saved.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(saved[name], tensor.to(saved[name].dtype)), name
+
+
+def test_the_best_epoch_is_delivered_and_training_stops_once_patience_runs_out(tiny_qwen2, tmp_path, epoch_weights):
+    hp = Hyperparameters(**BEST_HP, early_stopping_patience=2)
+    result = train(contradicted(), tiny_qwen2, tmp_path / "adapter", hp)
+    m = result.metrics
+    losses = m["validation_losses"]
+    print("validation loss per epoch:", [round(v, 4) for v in losses])
+    best = 1 + losses.index(min(losses))
+    assert 1 < best < len(losses), "the held-out loss must fall, then rise (the test's data is built for it)"
+    assert m["best_epoch"] == best and m["stop_reason"] == "early_stopping" and m["epochs"] == len(losses) == best + 2
+    assert m["validation_loss"] == min(losses) and m["steps"] == STEPS_PER_EPOCH * m["epochs"] < STEPS_PER_EPOCH * 12
+    assert_delivers(tmp_path / "adapter", epoch_weights[best])
+    kept = [json.loads(l) for l in (tmp_path / "adapter" / "training_log.jsonl").read_text().splitlines()
+            if json.loads(l).get("validation_loss") == min(losses)]
+    assert m["train_loss_kept"] == kept[0]["loss"] != m["train_loss_last"]
+    assert json.loads((tmp_path / "adapter" / "metrics.json").read_text())["best_epoch"] == best
+
+
+def test_patience_0_trains_every_epoch_and_still_delivers_the_best(tiny_qwen2, tmp_path, epoch_weights):
+    m = train(contradicted(), tiny_qwen2, tmp_path / "adapter", Hyperparameters(**BEST_HP, early_stopping_patience=0)).metrics
+    losses = m["validation_losses"]
+    assert m["epochs"] == len(losses) == 12 and m["stop_reason"] == "epochs"
+    assert m["best_epoch"] == 1 + losses.index(min(losses)) < 12
+    assert_delivers(tmp_path / "adapter", epoch_weights[m["best_epoch"]])
+
+
+def test_without_a_validation_set_the_last_epoch_is_delivered(tiny_qwen2, tmp_path, epoch_weights):
+    from peft import get_peft_model_state_dict
+
+    hp = Hyperparameters(**{**BEST_HP, "val_fraction": 0, "epochs": 3})
+    result = train(contradicted(), tiny_qwen2, tmp_path / "adapter", hp)
+    m = result.metrics
+    assert epoch_weights == {} and m["best_epoch"] is None and m["validation_losses"] == [] and m["validation_loss"] is None
+    assert m["stop_reason"] == "epochs" and m["epochs"] == 3 and m["train_loss_kept"] == m["train_loss_last"]
+    assert_delivers(tmp_path / "adapter", get_peft_model_state_dict(result.model))
+
+
+def test_a_job_resumed_after_its_best_epoch_delivers_that_epoch(tiny_qwen2, tmp_path):
+    """Crashed two epochs after its best one (a checkpoint in between), the job resumes and delivers the same weights
+    as the run that was never interrupted: the best epoch's weights are in the checkpoint."""
+    hp = Hyperparameters(**{**BEST_HP, "epochs": 8}, early_stopping_patience=0, checkpoint_steps=STEPS_PER_EPOCH)
+    whole = train(contradicted(), tiny_qwen2, tmp_path / "whole", hp).metrics
+    assert whole["best_epoch"] <= 6  # the crash below comes after it
+    best_step = whole["best_epoch"] * STEPS_PER_EPOCH
+    crash = best_step + STEPS_PER_EPOCH + 5  # a checkpoint at the next epoch's end holds its weights and the best's
+
+    def on_progress(event):
+        if event.get("step") == crash and "loss" in event:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(contradicted(), tiny_qwen2, tmp_path / "adapter", hp, on_progress=on_progress,
+              checkpoint_dir=tmp_path / "checkpoints", fingerprint="best")
+    saved = torch.load(tmp_path / "checkpoints" / f"checkpoint-{best_step + STEPS_PER_EPOCH}" / "state.pt", weights_only=True)
+    assert saved["state"]["best_epoch"] == whole["best_epoch"] and saved["best"] is not None
+    resumed = train(contradicted(), tiny_qwen2, tmp_path / "adapter", hp, checkpoint_dir=tmp_path / "checkpoints",
+                    fingerprint="best").metrics
+    assert resumed["resumed_from_step"] == best_step + STEPS_PER_EPOCH and resumed["best_epoch"] == whole["best_epoch"]
+    assert resumed["validation_losses"] == pytest.approx(whole["validation_losses"], abs=1e-6)
+    assert_delivers(tmp_path / "adapter", delivered(tmp_path / "whole"))
