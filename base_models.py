@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from job import RUNPOD_CACHED_MODELS, Hyperparameters, JobError, redact_text
+from files import real_dir, remove
+from job import RUNPOD_CACHED_MODELS, Hyperparameters, JobError, WorkerSettings, redact_text
 
 GB = 1024**3
 NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # = 0.5161 bytes per weight
@@ -130,6 +131,14 @@ def find_base_model(name: str, cache_dirs: list[Path], *, allowed: list[str] | N
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
 SMALL_FILE_SUFFIXES = (".json", ".model", ".txt", ".tiktoken", ".jinja")  # configs, tokenizers, chat templates
 DOWNLOAD_MARGIN_BYTES = GB  # free space kept on the volume beyond the files themselves
+# The most a repo's weight files may hold per parameter its config.json implies: 4 bytes (fp32, the widest dtype
+# checkpoints are stored in; a bf16 checkpoint has twice the room), plus 25% for tensors saved beside the parameters
+# (GPT-2's causal masks add 10% in fp32) and 1 MB for the files' headers. More is data the model does not use.
+WEIGHT_BYTES_PER_PARAMETER, WEIGHT_MARGIN, WEIGHT_HEADER_BYTES = 4, 1.25, 2**20
+
+
+def _size(n: int) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 2**20:.1f} MB"
 
 
 class ModelNotOnHub(JobError):
@@ -191,16 +200,18 @@ class HubDownload:
     `prepare()` lists the repo at one commit and fetches its small files (config.json first), so the fit
     check and the volume's free-space check run before any weight is fetched; `complete()` fetches the
     weights, checks every file's size against the listing, and renames the directory into place
-    (`<cache>/<org>/<name>`), where later jobs find it. Until then it lives in
-    `<cache>/.downloads/<org>--<name>/`, which no job reads; the files a killed worker completed there
-    are kept by the next one while the repo is at the same commit (a file cut short is fetched again
-    whole; a new commit starts over). One worker downloads a model at a time (a lock beside it); another
-    one waits for it.
+    (`<cache>/<org>/<name>`), where later jobs find it. Until then it lives in a fresh directory,
+    `<cache>/.downloads/<org>--<name>/`, which no job reads; a download that does not complete is deleted
+    (`release`). The listing's sizes are checked before any byte is fetched (`check_sizes`), and no link
+    on the way from the cache down to either directory is followed (`files.real_dir`). One worker
+    downloads a model at a time (a lock beside it); another one waits for it.
     """
 
-    def __init__(self, name: str, cache_dir: Path, token: str | None = None, with_code: bool = False):
+    def __init__(self, name: str, cache_dir: Path, token: str | None = None, with_code: bool = False,
+                 max_bytes: int = WorkerSettings.max_model_download_bytes):
         self.name, self.token, self.with_code = name, token, with_code  # with_code: the repo's *.py (remote code)
         self.endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it at import
+        self.cache_dir, self.max_bytes = cache_dir, max_bytes
         self.target = cache_dir / name
         self.partial = cache_dir / ".downloads" / name.replace("/", "--")
         self.sha, self.sizes, self.files = "", {}, []
@@ -213,9 +224,20 @@ class HubDownload:
         self.release()
 
     def release(self) -> None:
+        """Let the download's lock go; what a download that did not complete had fetched is deleted first."""
         if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+            try:
+                remove(self.partial)
+            finally:
+                self.lock.release()
+                self.lock = None
+
+    def _real_dir(self, path: Path) -> Path:
+        """`path` as a real directory with no link on the way down from the cache (readable by all, as models are)."""
+        try:
+            return real_dir(path, root=self.cache_dir, mode=0o755)
+        except NotADirectoryError as exc:
+            raise JobError(f"base model {self.name!r} cannot be downloaded: {exc}") from None
 
     def _hub(self, call, *args, **kwargs):
         from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
@@ -242,8 +264,8 @@ class HubDownload:
                            "Retry the job; if it persists, put the model in MODEL_CACHE_DIR") from None
         except Exception as exc:  # noqa: BLE001 - connection resets (httpx errors), a full disk, the client's own checks
             raise JobError(f"downloading base model {self.name!r} failed: {type(exc).__name__}: {redact_text(str(exc))[:300]}. "
-                           "Retry the job (the download resumes); if it persists, check the worker's network and the "
-                           "volume, or put the model in MODEL_CACHE_DIR") from None
+                           "Retry the job; if it persists, check the worker's network and the volume, or put the model "
+                           "in MODEL_CACHE_DIR") from None
 
     def _fetch(self, name: str) -> None:
         from huggingface_hub import hf_hub_download
@@ -255,7 +277,7 @@ class HubDownload:
         """Hold the download's lock; False when another worker completed the model meanwhile."""
         from storage import JobLock
 
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._real_dir(self.partial.parent)
         lock = JobLock(self.partial.with_name(self.partial.name + ".lock"))
         deadline = time.monotonic() + wait_s
         while True:
@@ -285,13 +307,9 @@ class HubDownload:
             return None
         self.sha = info.sha
         self.sizes = {s.rfilename: s.size for s in info.siblings}
-        marker = self.partial / ".commit"  # which commit the files already here came from (a killed download)
-        if self.partial.exists() and not (marker.is_file() and marker.read_text() == self.sha):
-            import shutil
-
-            shutil.rmtree(self.partial)  # another commit's files must not be mixed with this one's
-        self.partial.mkdir(parents=True, exist_ok=True)
-        marker.write_text(self.sha)
+        self._real_dir(self.target.parent)  # where the model will go: checked before anything is fetched
+        remove(self.partial)  # what a killed worker left, or a link planted there: neither is followed nor reused
+        self._real_dir(self.partial)
         if "config.json" not in self.sizes:
             raise JobError(f"base model {self.name!r} on the Hugging Face Hub has no config.json: it is not a transformers "
                            "model; pick another base model")
@@ -299,6 +317,7 @@ class HubDownload:
             "pytorch_model.bin.index.json" if "pytorch_model.bin.index.json" in self.sizes
             and not any(n.endswith(".safetensors") for n in self.sizes) else None)
         small = [n for n in files_to_load(self.sizes, None, self.with_code) if n.endswith(SMALL_FILE_SUFFIXES + (".py",))]
+        self.check_sizes(small)
         for name in ["config.json"] + [n for n in small if n != "config.json"]:  # config.json first, no weight
             self._fetch(name)
         index = json.loads((self.partial / index_name).read_text()) if index_name else None
@@ -306,10 +325,30 @@ class HubDownload:
         if not any(n.endswith(WEIGHT_SUFFIXES) for n in self.files):
             raise JobError(f"base model {self.name!r} on the Hugging Face Hub has no weights in safetensors or PyTorch "
                            "format; pick another base model")
+        self.check_sizes(self.files)
         return self.partial
 
+    def check_sizes(self, names: list[str]) -> None:
+        """Refuse, by the listing and before they are fetched, files over MAX_MODEL_DOWNLOAD_BYTES together, and weight
+        files larger than the parameters of config.json (fetched by then) can take."""
+        total = sum(self.sizes.get(n, 0) for n in names)  # a file the listing lacks fails when it is fetched
+        if total > self.max_bytes:
+            raise JobError(f"base model {self.name!r} is {_size(total)} to download, more than MAX_MODEL_DOWNLOAD_BYTES allows "
+                           f"({self.max_bytes:,} bytes, {_size(self.max_bytes)}): pick a smaller model, or raise "
+                           "MAX_MODEL_DOWNLOAD_BYTES on the endpoint (with room for it on the volume)")
+        weights = sum(self.sizes.get(n, 0) for n in names if n.endswith(WEIGHT_SUFFIXES))
+        if not weights:
+            return
+        parameters = sum(p.numel() for p in meta_model(load_config(self.partial)).parameters())  # count_parameters' total
+        room = int(parameters * WEIGHT_BYTES_PER_PARAMETER * WEIGHT_MARGIN) + WEIGHT_HEADER_BYTES
+        if weights > room:
+            raise JobError(f"base model {self.name!r} lists {_size(weights)} of weights, more than its config.json's "
+                           f"{parameters:,} parameters can take ({_size(room)}: {WEIGHT_BYTES_PER_PARAMETER} bytes each, "
+                           f"plus {WEIGHT_MARGIN - 1:.0%} and {_size(WEIGHT_HEADER_BYTES)}): the repo carries files the model "
+                           f"does not use. Pick another base model, or put the model in {self.target} yourself")
+
     def missing_bytes(self) -> int:
-        """Bytes still to fetch (files already complete from an earlier, killed download are not counted)."""
+        """Bytes still to fetch: the weights (the small files came with `prepare`)."""
         return sum(size for name, size in self.sizes.items() if name in self.files and not self._complete(name))
 
     def _complete(self, name: str) -> bool:
@@ -341,17 +380,12 @@ class HubDownload:
             raise JobError(f"the download of base model {self.name!r} is incomplete ({', '.join(wrong[:3])} has the wrong "
                            "size); retry the job")
         shutil.rmtree(self.partial / ".cache", ignore_errors=True)  # huggingface_hub's own bookkeeping
-        (self.partial / ".commit").unlink(missing_ok=True)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        if (self.target / "config.json").is_file():  # another worker's copy, complete: keep it
-            shutil.rmtree(self.partial, ignore_errors=True)
-        elif self.target.exists() and any(self.target.iterdir()):
-            raise JobError(f"{self.target} exists but holds no config.json (an unfinished copy?): remove it, or complete "
-                           f"it, then resubmit; the downloaded model waits in {self.partial}")
-        else:
-            if self.target.exists():
-                self.target.rmdir()
-            os.replace(self.partial, self.target)
+        target = self._real_dir(self.target)  # made empty where missing
+        if not (target / "config.json").is_file():  # else another worker's copy, complete: kept, and ours deleted
+            if any(target.iterdir()):
+                raise JobError(f"{target} exists but holds no config.json (an unfinished copy?): remove it, or complete "
+                               "it, then resubmit")
+            os.replace(self.partial, target)  # onto the empty directory
         self.release()
         return self.target
 

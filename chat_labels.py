@@ -15,11 +15,13 @@ special token is ever added (QLoRA does not train the embeddings).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 from array import array
@@ -320,40 +322,61 @@ def _labelled(tokenizer, messages: list[dict], tools: list | None, eot_text: str
     return ids, labels
 
 
-# The longest token of the vocabularies seen (Qwen's and Llama 3's: 128 spaces), in characters: a message longer than
-# max_seq_length times this cannot fit, so it is cut to that before rendering (the sequence is then truncated, and
-# says so), and a 10 MB message costs what a fitting one costs. Likewise a conversation keeps at most max_seq_length
-# messages (every message takes a token at least): its oldest turns beyond those could never fit.
-MAX_CHARS_PER_TOKEN = 128
+# A conversation's text is held to MAX_BYTES_PER_TOKEN x max_seq_length bytes of UTF-8 before it is rendered: a token
+# covers a byte at least (byte-level BPE, SentencePiece's byte fallback), so this bounds what the tokenizer makes of it,
+# whatever the script. Whole texts average far fewer (measured on the Qwen2.5, Llama-3, DeepSeek-V3 and GLM-4
+# vocabularies): prose about 4.5 bytes a token, Python 4, JSON indented by 8 spaces 11, markdown table rules 12.6; only
+# long runs of one character go beyond (128 spaces make one token). So a conversation over the budget could not fit,
+# short of being mostly such runs, and the tokenizer makes at most 32x max_seq_length tokens of any conversation.
+MAX_BYTES_PER_TOKEN = 32
 
 
-def _fit_bounds(messages: list[dict], max_seq_length: int) -> tuple[list[dict], bool]:
-    """`messages` with what can never fit left out (the oldest turns beyond max_seq_length messages, the text of a
-    message beyond max_seq_length x MAX_CHARS_PER_TOKEN characters); and whether any text was cut."""
+def _utf8_size(text: str, limit: int) -> int:
+    """len(text.encode()); a text of more than `limit` characters, over it in any case, is not encoded."""
+    return len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _message_size(message: dict, limit: int) -> int:
+    calls = json.dumps(message["tool_calls"], ensure_ascii=False) if message.get("tool_calls") else ""
+    return _utf8_size(message.get("content") or "", limit) + _utf8_size(calls, limit)
+
+
+def _within_budget(messages: list[dict], tools: list | None, max_seq_length: int) -> list[dict]:
+    """`messages` without the oldest turns that could never fit: the system prompt and the newest whole turns (each from
+    a user message) within max_seq_length messages (each takes a token at least) and MAX_BYTES_PER_TOKEN x
+    max_seq_length bytes of text, the tools' included. Raises SkipExample when that leaves no trained answer: the answer
+    would have to be cut, and a cut answer is never trained. Nothing is rendered or tokenized here."""
+    budget = max_seq_length * MAX_BYTES_PER_TOKEN
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(head):]
-    if len(body) > max_seq_length:
-        users = [i for i, m in enumerate(body) if m["role"] == "user" and i >= len(body) - max_seq_length]
-        body = body[users[0]:] if users else body[-max_seq_length:]
-    limit, cut = max_seq_length * MAX_CHARS_PER_TOKEN, False
-    kept = []
-    for m in head + body:
-        if isinstance(m.get("content"), str) and len(m["content"]) > limit:
-            m, cut = dict(m, content=m["content"][:limit]), True
-        kept.append(m)
-    return kept, cut
+    room = budget - sum(_message_size(m, budget) for m in head)
+    room -= _utf8_size(json.dumps(tools, ensure_ascii=False), budget) if tools else 0
+    start = len(body)  # the oldest message kept
+    while start > 0 and len(body) - start < max_seq_length:
+        size = _message_size(body[start - 1], budget)
+        if size > room:
+            break
+        room, start = room - size, start - 1
+    if start > 0:  # what is kept starts with a turn's user message
+        start = next((i for i in range(start, len(body)) if body[i]["role"] == "user"), len(body))
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in body[start:]):
+        raise SkipExample(f"the conversation cannot fit max_seq_length={max_seq_length} even with its oldest turns removed: "
+                          f"its last turn with a trained answer, with the system prompt and tools, holds more than "
+                          f"{budget:,} bytes of text ({MAX_BYTES_PER_TOKEN} a token) or {max_seq_length} messages, and a "
+                          "trained answer is never cut: shorten its messages, or raise max_seq_length")
+    return head + body[start:]
 
 
 def tokenize_conversation(tokenizer, conversation: dict, max_seq_length: int, eot_text: str) -> Example:
     """Token ids and labels for one canonical conversation, shortened to fit `max_seq_length`.
 
-    Too long: the oldest history turns go first (system message and a trained answer kept); how many is found by
-    bisection over the turns, a few labellings whatever the conversation's length. If the rest still does not fit,
-    the sequence is cut at its end. Raises SkipExample when nothing is left to train or the template cannot render
-    the conversation.
+    Too long: the oldest history turns go first (system message and a trained answer kept): those beyond the text
+    budget unrendered (_within_budget), then as many as must go, found by bisection over the turns, a few labellings
+    whatever the conversation's length. If the rest still does not fit, the sequence is cut at its end. Raises
+    SkipExample when nothing is left to train or the template cannot render the conversation.
     """
     tools = conversation.get("tools")
-    messages, cut = _fit_bounds(conversation["messages"], max_seq_length)
+    messages = _within_budget(conversation["messages"], tools, max_seq_length)
     uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
     if uses_tools and not supports_tools(tokenizer):
         raise SkipExample("the conversation uses tools but the chat template cannot render tool messages")
@@ -378,7 +401,7 @@ def tokenize_conversation(tokenizer, conversation: dict, max_seq_length: int, eo
             else:
                 low = middle + 1
         t, (ids, labels) = best if best is not None else (len(starts) - 1, labelled(len(starts) - 1))
-    truncated = cut or len(ids) > max_seq_length
+    truncated = len(ids) > max_seq_length
     ids, labels = ids[:max_seq_length], labels[:max_seq_length]
     dropped = len(conversation["messages"]) - len(head) - (len(body) - starts[t])
     example = Example(ids, labels, dropped_messages=dropped, truncated=truncated)
@@ -581,7 +604,10 @@ def labelling_processes(conversations: int) -> int:
 
 
 def _start_labelling(base_model: Path, trust_remote_code: bool) -> None:
+    """A labelling process's start: SIGTERM back to its default action (fork copies the job's handler, under which the
+    process would outlive a terminate()), then the tokenizer, loaded once."""
     global _worker_tokenizer
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     tokenizer, chat_format = load_tokenizer(base_model, trust_remote_code)
     _worker_tokenizer = tokenizer, chat_format.end_of_turn
 
@@ -599,31 +625,83 @@ def _label_chunk(first: int, conversations: list[dict], max_seq_length: int, tok
     return examples, problems
 
 
+def _label_in_processes(conversations: list[dict], max_seq_length: int, processes: int, base_model: Path,
+                        trust_remote_code: bool) -> list[tuple]:
+    """Each chunk's (examples, problems), in order, labelled in `processes` processes. Whatever ends the labelling
+    early (SIGTERM's Stopped, a chunk's error, a process killed: a JobError saying how), every process it started is
+    killed and reaped first."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import active_children, get_context
+
+    from job import JobError
+
+    size = math.ceil(len(conversations) / (4 * processes))  # a few chunks each: a slow one does not hold the rest
+    # fork where there is one: a spawned process spends ~3 s importing transformers (and torch) before it labels
+    # anything. The children only tokenize (no CUDA, no torch ops, no logging), which is what fork is safe for.
+    context = get_context("fork" if sys.platform == "linux" else "spawn")
+    others = set(active_children())
+    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_labelling,
+                               initargs=(base_model, trust_remote_code))
+    started = []
+    try:
+        futures = [pool.submit(_label_chunk, s, conversations[s:s + size], max_seq_length)
+                   for s in range(0, len(conversations), size)]
+        started = [p for p in active_children() if p not in others]  # every process has started by now
+        chunks = [future.result() for future in futures]
+        pool.shutdown()
+        return chunks
+    except BrokenProcessPool:  # a process died; the pool has just terminated the others
+        raise JobError(_labelling_process_died(started, processes)) from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        started += [p for p in active_children() if p not in others and p not in started]
+        for process in started:
+            process.kill()  # SIGKILL: one blocked writing its result to a pipe no one reads any more dies too
+        for process in started:
+            process.join()
+
+
+def _labelling_process_died(started: list, processes: int) -> str:
+    """Why labelling failed, from the exit codes of its processes (-N: killed by signal N), and what to do."""
+    from multiprocessing.connection import wait
+
+    ended = wait([p.sentinel for p in started], timeout=0)  # a process closes it as it dies, before it can be reaped
+    for process in started:
+        if process.sentinel in ended:
+            process.join()
+    codes = [p.exitcode for p in started if p.exitcode]
+    # once one dies the pool terminates the others (SIGTERM): the first death is the code that is not that, if any
+    code = next((c for c in codes if c != -signal.SIGTERM), codes[0] if codes else None)
+    if code == -signal.SIGKILL:
+        return (f"labelling the conversations failed: a labelling process was killed by SIGKILL, most likely by the "
+                f"out-of-memory killer ({_memory()}, for {processes} labelling processes and the worker): use fewer or "
+                "shorter conversations, a lower max_seq_length, or a worker with more memory")
+    names = {number.value: number.name for number in signal.Signals}
+    how = ("ended abruptly" if code is None else f"exited with code {code}" if code > 0
+           else f"was killed by {names.get(-code, f'signal {-code}')}")
+    return (f"labelling the conversations failed: a labelling process {how} (the worker's log may say why): resubmit "
+            "the job; should it fail again, use fewer or shorter conversations, or a worker with more memory")
+
+
+def _memory() -> str:
+    """The memory there is, in words: the container's limit (cgroup v2 `memory.max`), else the machine's."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().split()[0]
+        if limit != "max":
+            return f"the container has {int(limit) / 2**30:.1f} GiB of memory"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"the machine has {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB of memory"
+
+
 def label_conversations(tokenizer, conversations: list[dict], max_seq_length: int, eot_text: str, *,
                         processes: int = 1, base_model: Path | None = None, trust_remote_code: bool = False):
     """Tokenize and label every conversation, in order; returns (examples, length report). With `processes` > 1
     (and `base_model`, whose tokenizer each process loads once) the conversations are labelled in that many
     processes, in contiguous chunks, and come back in their order: the same examples as in one."""
     if processes > 1 and base_model is not None and len(conversations) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-
-        size = math.ceil(len(conversations) / (4 * processes))  # a few chunks each: a slow one does not hold the rest
-        starts = range(0, len(conversations), size)
-        # fork where there is one: a spawned process spends ~3 s importing transformers (and torch) before it labels
-        # anything. The children only tokenize (no CUDA, no torch ops, no logging), which is what fork is safe for.
-        context = get_context("fork" if sys.platform == "linux" else "spawn")
-        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_labelling,
-                                   initargs=(base_model, trust_remote_code))
-        try:
-            chunks = list(pool.map(_label_chunk, starts, [conversations[s:s + size] for s in starts],
-                                   [max_seq_length] * len(starts)))
-        except BaseException:  # SIGTERM (Stopped) or a failed chunk: do not wait for the chunks still queued
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
-            raise
-        pool.shutdown()
+        chunks = _label_in_processes(conversations, max_seq_length, processes, base_model, trust_remote_code)
     else:
         chunks = [_label_chunk(0, conversations, max_seq_length, tokenizer, eot_text)]
     examples = [e for chunk_examples, _ in chunks for e in chunk_examples]
@@ -735,31 +813,29 @@ class Data:
 
 
 DATA_FILE = "labelled-data.pt"
+# Raise it when a change here changes the ids or labels written for a conversation: labelled data a job kept under
+# another version is labelled again.
+LABELLING_VERSION = 1
+# The files a tokenizer is read from (the names transformers uses): their contents key the kept labelled data too.
+TOKENIZER_FILES = re.compile(r"tokeni[sz]er.*|vocab.*|merges\.txt|special_tokens_map\.json|added_tokens\.json|"
+                             r"chat_template.*|.*\.model|.*\.tiktoken")
 
 
 def prepare_data(conversations: list[dict], base_path: Path, hp: Hyperparameters, trust_remote_code: bool = False,
                  keep_in: Path | None = None, fingerprint: str = "") -> Data:
     """Split off the validation conversations, label and pack both sides; with `keep_in` (the job's checkpoint
-    directory) the result is saved there and a resumed job with the same fingerprint reads it back."""
-    import torch
-
+    directory) the result is kept there, and a resumed job reads it back while its fingerprint, LABELLING_VERSION and
+    the tokenizer's files are the same and it holds only what labelling writes."""
     from base_models import load_config, packing_support
     from dataset_loader import split_validation
     from job import JobError
 
     path = keep_in / DATA_FILE if keep_in is not None and fingerprint else None
-    if path is not None and path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved["fingerprint"] == fingerprint:
-                log.info("labelled data reused from %s", path)
-                return Data(**{**saved, "train": sequences_from_tensors(saved["train"]),
-                               "validation": sequences_from_tensors(saved["validation"]),
-                               "labelled": "reused from the job directory"})
-        except Exception as exc:  # noqa: BLE001 - unreadable: label again
-            log.warning("could not reuse the labelled data in %s (%s); labelling again", path, exc)
     started = time.monotonic()
     tokenizer, chat_format = load_tokenizer(base_path, trust_remote_code)
+    key = {"fingerprint": fingerprint, "labelling_version": LABELLING_VERSION, "tokenizer": tokenizer_digest(base_path)}
+    if path is not None and path.is_file() and (kept := _kept_data(path, key, len(tokenizer))) is not None:
+        return kept
     train_convs, val_convs, split_warning = split_validation(conversations, hp.val_fraction, hp.seed)
     processes = labelling_processes(len(conversations))
     train_examples, length_report = label_conversations(
@@ -780,15 +856,67 @@ def prepare_data(conversations: list[dict], base_path: Path, hp: Hyperparameters
     data = Data(fingerprint, sequences(train_examples), sequences(val_examples), counts, length_report, packing,
                 packing_note, [w for w in (split_warning, hp.packing and not packing and f"packing {packing_note}") if w],
                 f"{processes} process(es), {time.monotonic() - started:.1f} s")
-    if path is not None:  # a cache: a failed write costs a resumed job the labelling, nothing else
-        from files import atomic_file, private_dir
-
-        fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
-        try:
-            private_dir(keep_in)
-            with atomic_file(path) as f:
-                torch.save({**fields, "train": sequences_to_tensors(data.train),
-                            "validation": sequences_to_tensors(data.validation)}, f)
-        except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
-            log.warning("could not keep the labelled data in %s (%s); a resumed job labels it again", path, exc)
+    if path is not None:
+        _keep_data(path, data, key)
     return data
+
+
+def tokenizer_digest(base_model: Path) -> str:
+    """sha256 over the names and contents of the base model's tokenizer files (TOKENIZER_FILES)."""
+    digest = hashlib.sha256()
+    for path in sorted(base_model.iterdir()):
+        if TOKENIZER_FILES.fullmatch(path.name) and path.is_file():
+            content = path.read_bytes()
+            digest.update(f"{path.name}\0{len(content)}\0".encode() + content)
+    return digest.hexdigest()
+
+
+def _keep_data(path: Path, data: Data, key: dict) -> None:
+    """Save `data` with its key; a cache: a failed write costs a resumed job the labelling, nothing else."""
+    import torch
+
+    from files import atomic_file, private_dir
+
+    fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+    try:
+        private_dir(path.parent)
+        with atomic_file(path) as f:
+            torch.save({**fields, "key": key, "train": sequences_to_tensors(data.train),
+                        "validation": sequences_to_tensors(data.validation)}, f)
+    except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
+        log.warning("could not keep the labelled data in %s (%s); a resumed job labels it again", path, exc)
+
+
+def _kept_data(path: Path, key: dict, vocabulary: int) -> Data | None:
+    """The labelled data kept in `path` when it was saved under `key` and holds only what labelling writes; else None,
+    with a warning (the job labels again)."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        problem = ("it was labelled for another job input, labelling version or tokenizer" if saved.pop("key", None) != key
+                   else _labels_problem(saved["train"], vocabulary) or _labels_problem(saved["validation"], vocabulary))
+        if problem is None:
+            log.info("labelled data reused from %s", path)
+            return Data(**{**saved, "train": sequences_from_tensors(saved["train"]),
+                           "validation": sequences_from_tensors(saved["validation"]),
+                           "labelled": "reused from the job directory"})
+    except Exception as exc:  # noqa: BLE001 - unreadable, or not what sequences_to_tensors writes
+        problem = f"it could not be read ({type(exc).__name__}: {exc})"
+    log.warning("could not reuse the labelled data in %s: %s; labelling again", path, problem)
+    return None
+
+
+def _labels_problem(saved: dict, vocabulary: int) -> str | None:
+    """What in saved sequences (sequences_to_tensors) labelling never writes, or None: lengths that do not add up, a
+    token id outside the vocabulary (the embedding's IndexError in training), a label neither IGNORE nor its token."""
+    ids, labels, lengths = saved["input_ids"], saved["labels"], saved["lengths"]
+    examples = (len(lengths), int(saved["per_sequence"].sum()), len(saved["dropped_messages"]), len(saved["truncated"]))
+    if not (len(ids) == len(labels) == int(lengths.sum()) and bool((lengths > 0).all()) and len(set(examples)) == 1):
+        return "its lengths do not add up"
+    outside = ids[(ids < 0) | (ids >= vocabulary)]
+    if len(outside):
+        return f"it holds token id {int(outside[0])}, outside the tokenizer's {vocabulary}"
+    if not bool(((labels == IGNORE) | (labels == ids)).all()):
+        return "it holds a label that is neither ignored nor its own token"
+    return None

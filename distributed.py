@@ -10,7 +10,13 @@ Rank 0 alone reports progress (through a queue to the launching process) and wri
 adapter and the result. A rank that fails ends the job: the launcher stops the others (SIGTERM, then
 SIGKILL after torch's own 30 s) and raises JobError with the failed rank's own message; SIGTERM sent to
 the launching process reaches every rank, which stop together after the same step (SIGKILL after
-`SHUTDOWN_TIMEOUT_S`).
+`SHUTDOWN_TIMEOUT_S`). Each rank touches a heartbeat file from a thread of its own; a rank whose every
+thread stopped (SIGSTOP, a call that never releases the GIL) is killed after `HEARTBEAT_TIMEOUT_S` and
+named, where its peers would wait in the all-reduce for `COLLECTIVE_TIMEOUT`.
+
+Everything listens on loopback only: the launcher's store (rendezvous, then the ranks' own) is bound to
+127.0.0.1, and gloo and NCCL bootstrap over `lo` (torch's own store listens on every interface, and gloo
+and NCCL on the one the hostname resolves to: eth0 in a container).
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from job import JobError
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 60  # after SIGTERM: how long the ranks get to finish the step and checkpoint before SIGKILL
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails the job (a hung rank)
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails the job (a rank stuck, still beating)
+HEARTBEAT_INTERVAL_S = 2  # how often each rank's heartbeat thread touches its file
+HEARTBEAT_TIMEOUT_S = 60  # a rank whose heartbeat is older than this is stopped or frozen: killed, and named
 
 
 @dataclass(frozen=True)
@@ -146,13 +155,31 @@ def report(kind: str, payload) -> None:
         _events.put((kind, payload))
 
 
-def _rank_main(entrypoint, events, args):
+def _heartbeat(path: Path) -> None:
+    """Write this process's pid to `path`, then touch it every HEARTBEAT_INTERVAL_S from a daemon thread: it ages when
+    every thread of the process stops (SIGSTOP, a frozen cgroup, a call that holds the GIL), not when the main thread
+    waits in a collective (that releases the GIL)."""
+    path.write_text(str(os.getpid()))
+
+    def beat():
+        while True:
+            time.sleep(HEARTBEAT_INTERVAL_S)
+            os.utime(path)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+def _rank_main(entrypoint, events, heartbeats, args):
     """What each launched process runs: `entrypoint(*args)` with its failure sent to the launcher, in words."""
     global _events
     from checkpoints import stop_on_sigterm
 
     _events = events
     rank = int(os.environ.get("RANK", "0"))
+    _heartbeat(Path(heartbeats) / str(rank))
+    # One node: gloo and NCCL bootstrap over loopback, whatever interface the deployment or the hostname points at
+    # (NCCL moves the data itself through P2P or shared memory; over lo as well where both are unavailable).
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,  # one rank tells the steps
                         format=f"%(asctime)s rank {rank} %(levelname)s %(name)s %(message)s")
     with stop_on_sigterm(checkpointing=False):  # outside training SIGTERM ends the rank at once
@@ -167,12 +194,56 @@ def _rank_main(entrypoint, events, args):
             raise
 
 
+def _watch_heartbeats(heartbeats: Path, done: threading.Event, hung: list) -> None:
+    """Until `done`: once any running rank's heartbeat is older than HEARTBEAT_TIMEOUT_S, kill the one silent longest
+    (SIGKILL: a stopped process runs no handler) and note (rank, seconds). The launcher then sees a failed rank and
+    stops the others, whose all-reduce fails as the killed rank's sockets close."""
+    while not done.wait(HEARTBEAT_INTERVAL_S):
+        silent = []
+        for path in heartbeats.iterdir():
+            try:
+                age, pid = time.time() - path.stat().st_mtime, int(path.read_text())
+            except (OSError, ValueError):  # being written
+                continue
+            if age > HEARTBEAT_TIMEOUT_S and _runs(pid):
+                silent.append((age, int(path.name), pid))
+        if silent:
+            age, rank, pid = max(silent)
+            hung.append((rank, round(age)))
+            os.kill(pid, signal.SIGKILL)
+            return
+
+
+def _runs(pid: int) -> bool:
+    """Whether `pid` has not exited (a rank that exited stays a zombie until the launcher reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _loopback_store():
+    """The launcher's TCPStore on a socket bound to 127.0.0.1 (torch's own binds every interface). `multi_tenant`: the
+    static rendezvous's TCPStore on the same port is this one, and the ranks connect to it as the agent's store."""
+    import socket
+
+    from torch.distributed import TCPStore
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    return TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=listener.detach(), multi_tenant=True)
+
+
 def launch(processes: int, entrypoint, args: tuple, on_event=None):
     """Run `entrypoint(*args)` in `processes` ranks on this node; returns rank 0's return value.
 
     `on_event(payload)` receives what rank 0 reports as "progress", in the launching process (from a thread).
     Raises JobError naming the rank that failed first and why; Stopped when SIGTERM stopped the ranks."""
     import multiprocessing
+    import shutil
+    import tempfile
 
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -184,6 +255,8 @@ def launch(processes: int, entrypoint, args: tuple, on_event=None):
     # can die with the rank holding the queue's lock, and the launcher then hangs at exit). Only the ranks write.
     events, done = multiprocessing.get_context("spawn").SimpleQueue(), threading.Event()
     errors: list[tuple] = []
+    # One node, one store: the static rendezvous (no rendezvous round, no state unpickled from the store) on our store
+    store = _loopback_store()
 
     def relay():
         while not (done.is_set() and events.empty()):
@@ -201,16 +274,19 @@ def launch(processes: int, entrypoint, args: tuple, on_event=None):
 
     relayer = threading.Thread(target=relay, name="rank-events", daemon=True)
     relayer.start()
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0, monitor_interval=0.5,
-                          start_method="spawn", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    heartbeats, hung = Path(tempfile.mkdtemp(prefix="rank-heartbeats-")), []
+    watchdog = threading.Thread(target=_watch_heartbeats, args=(heartbeats, done, hung), name="rank-heartbeats", daemon=True)
+    watchdog.start()
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, rdzv_backend="static",
+                          rdzv_endpoint=f"127.0.0.1:{store.port}", rdzv_configs={"rank": 0}, run_id=str(uuid.uuid4()),
+                          max_restarts=0, monitor_interval=0.5, start_method="spawn", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     # the launcher replaces the handlers of these signals for good: what was there before is put back after it
     handlers = {sig: signal.getsignal(sig) for sig in (getattr(signal, name.strip(), None)
                                                        for name in config.signals_to_handle.split(",")) if sig is not None}
     log.info("training in %d processes (torch.distributed, %s)", processes, "nccl" if visible_gpus() else "gloo")
     failure = None
     try:
-        returned = elastic_launch(config, _rank_main)(entrypoint, events, args)
+        returned = elastic_launch(config, _rank_main)(entrypoint, events, str(heartbeats), args)
     except (SignalException, ChildFailedError) as exc:
         failure = exc
     finally:
@@ -219,10 +295,12 @@ def launch(processes: int, entrypoint, args: tuple, on_event=None):
                 signal.signal(sig, handler)
         done.set()
         relayer.join(timeout=5)  # every message the ranks sent, read
+        watchdog.join()
+        shutil.rmtree(heartbeats, ignore_errors=True)
     if failure is None:
         return returned[0]
     if isinstance(failure, ChildFailedError):
-        raise JobError(_failure_message(processes, errors, failure))
+        raise JobError(_failure_message(processes, errors, failure, hung))
     # SIGTERM here: the launcher handed it to every rank and waited for them; what was there before hears of it too
     previous = handlers.get(failure.sigval)
     if callable(previous):
@@ -234,8 +312,14 @@ def launch(processes: int, entrypoint, args: tuple, on_event=None):
     raise Stopped(stopped[0][2] if stopped else "the worker was asked to stop (SIGTERM); resubmit the job")
 
 
-def _failure_message(processes: int, errors: list[tuple], exc) -> str:
-    """The first failure, in the failed rank's words: its JobError, its exception, or the signal that killed it."""
+def _failure_message(processes: int, errors: list[tuple], exc, hung: list[tuple]) -> str:
+    """The first failure, in the failed rank's words: its JobError, its exception, or the signal that killed it; a rank
+    the heartbeat watchdog killed is the cause whatever its peers then said."""
+    if hung:
+        rank, seconds = hung[0]
+        return (f"training process {rank} of {processes} stopped responding (no heartbeat for {seconds} s: the process "
+                "was stopped or frozen); it was killed and the others were stopped. Resubmit the job: it resumes from its "
+                "last checkpoint")
     rank, failure = exc.get_first_failure()
     killed = [(r, f) for r, f in sorted(exc.failures.items()) if f.exitcode == -signal.SIGKILL]
     if killed and not any(e[1] in ("JobError", "Stopped", "Cancelled") for e in errors):

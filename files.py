@@ -3,8 +3,9 @@
 Anyone with write access to the network volume can plant a symbolic link where the worker will write (a job's
 `dataset.download.part` pointing at a file in site-packages, say), and the worker writes as root. So a new file is
 created exclusively (`O_EXCL`), without following a link (`O_NOFOLLOW`), readable by the worker only, after whatever
-was at its name (a file or a link: the link itself, never its target) is removed; a file that must not be seen
-half-written is written under a temporary name, flushed to the disk and renamed into place.
+was at its name (a file or a link: the link itself, never its target) is removed; a directory the worker writes in
+has no link on its way down from the setting that names it (`real_dir`: job directories, the model cache's downloads);
+a file that must not be seen half-written is written under a temporary name, flushed to the disk and renamed into place.
 """
 
 from __future__ import annotations
@@ -76,13 +77,25 @@ def atomic_dir(path: Path):
         raise
 
 
-def private_dir(path: Path) -> Path:
-    """`path` as a real directory of the worker's own: created if missing; a link there is refused."""
-    path = Path(path)
-    if path.is_symlink():
-        raise NotADirectoryError(f"{path} is a symbolic link, not a directory: remove it")
-    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+def real_dir(path: Path, root: Path | None = None, mode: int = PRIVATE_DIR) -> Path:
+    """`path` as a real directory, with no symbolic link from `root` (trusted: the directory a setting names, such as
+    MODEL_CACHE_DIR; by default `path`'s parent) down to it: each directory on the way is created (`mode`) where
+    missing, and a link on the way is refused, naming it (never followed, never removed: the operator may have made it).
+    Anyone who can write to the volume can plant such a link, and the worker, writing as root, would write where it points."""
+    path, here = Path(path), Path(path.parent if root is None else root)
+    here.mkdir(parents=True, exist_ok=True)
+    for part in path.relative_to(here).parts:
+        here = here / part
+        if here.is_symlink():
+            raise NotADirectoryError(f"{here} is a symbolic link (to {os.readlink(here)}) where the worker makes a directory "
+                                     "of its own, and it never writes through a link: remove the link and resubmit")
+        here.mkdir(mode=mode, exist_ok=True)
     return path
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a real directory readable by the worker only (`real_dir`): a job's directory, its checkpoints."""
+    return real_dir(path)
 
 
 _FIXES = {

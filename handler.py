@@ -336,7 +336,8 @@ def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote
     if not downloads or "/" not in name or Path(name).is_absolute() or Path(name).exists():
         resolve_base_model(name, cache_dirs, runpod_cache=settings.runpod_model_cache,  # raises, naming where it looked
                            downloads=downloads)
-    plan = HubDownload(name, settings.model_cache_dir, token=settings.hf_token, with_code=trust_remote_code)
+    plan = HubDownload(name, settings.model_cache_dir, token=settings.hf_token, with_code=trust_remote_code,
+                       max_bytes=settings.max_model_download_bytes)
     try:
         try:
             config_dir = plan.prepare(on_wait=progress.on_event)

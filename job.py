@@ -27,6 +27,7 @@ VALIDATION_MAX_HELD_OUT = 200
 # With a validation set the adapter delivered is the epoch with the lowest validation loss, and training stops once it
 # has not improved for EARLY_STOPPING_PATIENCE epochs (the default argued in the README, "The epoch delivered").
 EARLY_STOPPING_PATIENCE = 2
+MAX_STEPS = 1_000_000  # optimizer steps a job may take (about a day at 0.1 s a step): more is a mistake in the settings
 
 
 class JobError(Exception):
@@ -121,7 +122,7 @@ class Hyperparameters(_Section):
     batch_size: int = Field(4, ge=1, le=64, description="Sequences per optimizer step (packed sequences when packing)")
     micro_batch_size: int | None = Field(None, ge=1, le=64, description="Sequences per forward pass; default batch_size; the rest is gradient accumulation")
     epochs: int = Field(3, ge=1, le=20, validation_alias=AliasChoices("epochs", "num_epochs"), description="Passes over the dataset (alias num_epochs)")
-    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Stop after this many optimizer steps (default: run all epochs)")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Stop after this many optimizer steps (default: run all epochs)")
     lora_rank: int = Field(16, ge=4, le=128, validation_alias=AliasChoices("lora_rank", "rank"), description="LoRA rank r (alias rank)")
     lora_alpha: float | None = Field(None, gt=0, le=1024, validation_alias=AliasChoices("lora_alpha", "alpha"), description="LoRA alpha (alias alpha); default 2 x rank")
     lora_dropout: float = Field(0.05, ge=0.0, le=0.5, validation_alias=AliasChoices("lora_dropout", "dropout"), description="LoRA dropout (alias dropout)")
@@ -334,6 +335,7 @@ class WorkerSettings:
     keep_quantized_base: bool = _setting(True, "after a base model's first job, keep its 4-bit copy in `<MODEL_CACHE_DIR>/.quantized/` and load that on later jobs (a quarter of the bytes to read, no quantization)", bool)
     default_base_model: str = _setting(DEFAULT_BASE_MODEL, "the base model when a job names none", str)
     allow_model_download: bool = _setting(True, "download a base model that is not cached into MODEL_CACHE_DIR from the Hugging Face Hub (`HF_ENDPOINT`) on first use; later jobs reuse it", bool)
+    max_model_download_bytes: int = _setting(200 * 1024**3, "most bytes one base model's download may take, checked on the Hub's listing before any is fetched (200 GiB: Qwen3-Next-80B-A3B in bf16 is about 150 GiB); weight files larger than the model's config.json implies are refused either way", int)
     hf_token: str | None = _setting(None, "Hugging Face token for gated models, used only to download", str)
     base_model_allowlist: str = _setting("", "comma-separated base models a job may use; empty: any", str)
     trust_remote_code_models: str = _setting("", "comma-separated base models allowed to run their own modelling code; empty: none", str)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from base_models import per_expert_model_class, per_expert_names
 from chat_labels import end_of_turn_token
+from files import real_dir
 from job import Hyperparameters, JobError
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def _keep_quantized_copy(model, copy: Path) -> None:
 
     tmp = None
     try:
-        copy.parent.mkdir(parents=True, exist_ok=True)
+        real_dir(copy.parent, root=copy.parent.parent, mode=0o755)  # a link planted as `.quantized` is refused
         tmp = Path(tempfile.mkdtemp(dir=copy.parent, prefix=f"{copy.name}.tmp-"))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the copy from workers running as another user
         model.save_pretrained(tmp, save_original_format=False, max_shard_size="5GB")
@@ -332,9 +333,9 @@ def load_base_model(base_model: Path, device: str, compute_dtype, trust_remote_c
     copy = bad_copy = None
     if quantized_cache is not None and not trust_remote_code:
         copy = quantized_copy_dir(base_model, compute_dtype, quantized_cache, model_class)
-        if quantized_cache.is_dir():
+        if quantized_cache.is_dir() and not quantized_cache.is_symlink():  # never sweep where a link points
             _sweep(quantized_cache)
-    if copy is not None and (copy / "config.json").is_file():
+    if copy is not None and not copy.is_symlink() and (copy / "config.json").is_file():
         tried = copy.stat().st_ino  # which copy this was: another worker may put a new one in its place
         try:
             model, info = model_class.from_pretrained(copy, output_loading_info=True, **common)
@@ -445,10 +446,11 @@ def library_versions() -> dict:
     return versions
 
 
-def write_adapter(model, tokenizer, eot_text: str, tmp: Path, config: dict, metrics: dict, history: list[dict],
+def write_adapter(model, tokenizer, eot_text: str, tmp: Path, config: dict, metrics: dict, training_log: Path,
                   dtype=None) -> None:
     """The adapter's files in `tmp`: LoRA weights (in `dtype`), a config stock PEFT loads whole, the tokenizer and a
-    generation config that stop at the end-of-turn token, the training config, metrics, per-step log and loss chart."""
+    generation config that stop at the end-of-turn token, the training config, metrics, the per-step log (a copy of
+    `training_log`) and its loss chart."""
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig
 
@@ -474,22 +476,26 @@ def write_adapter(model, tokenizer, eot_text: str, tmp: Path, config: dict, metr
     GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
     (tmp / "training_config.json").write_text(json.dumps(config, indent=2))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    with open(tmp / "training_log.jsonl", "w") as f:
-        for record in history:
-            f.write(json.dumps(record) + "\n")
-    plot_losses(history, tmp / "loss_curve.png")
+    shutil.copyfile(training_log, tmp / "training_log.jsonl")
+    plot_losses(tmp / "training_log.jsonl", tmp / "loss_curve.png")
 
 
-def plot_losses(history: list[dict], path: Path) -> None:
+def plot_losses(training_log: Path, path: Path) -> None:
     """Training loss per step and validation loss (where measured), as a PNG for a person to look at."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps, losses, validation = [], [], []
+    with open(training_log) as f:
+        for record in map(json.loads, f):
+            steps.append(record["step"])
+            losses.append(record["loss"])
+            if record.get("validation_loss") is not None:
+                validation.append((record["step"], record["validation_loss"]))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="training loss", linewidth=1.2)
-    validation = [(r["step"], r["validation_loss"]) for r in history if r.get("validation_loss") is not None]
+    ax.plot(steps, losses, label="training loss", linewidth=1.2)
     if validation:
         ax.plot(*zip(*validation), "o-", label="validation loss", linewidth=1.2)
     ax.set_xlabel("optimizer step")

@@ -28,7 +28,9 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,10 +40,10 @@ import distributed
 from base_models import (LOSS_CHUNK_TOKENS, check_fits, estimate_command, isolate_packed_examples, load_config, meta_model,
                          resolve_base_model, token_mixers)
 from chat_labels import Data, SkipExample, collate, load_tokenizer, prepare_data, preview, print_preview
-from checkpoints import (Cancelled, StopAsked, Stopped, TrainState, capture, load_latest_checkpoint, restore, save_checkpoint,
-                         stop_on_sigterm, stop_reason)
+from checkpoints import (Cancelled, StopAsked, Stopped, TrainingLog, TrainState, capture, checkpoint_spacing,
+                         load_latest_checkpoint, restore, save_checkpoint, stop_on_sigterm, stop_reason)
 from dataset_loader import DatasetError, load_dataset
-from job import Hyperparameters, JobError, job_fingerprint, parse_hyperparameters
+from job import MAX_STEPS, Hyperparameters, JobError, job_fingerprint, parse_hyperparameters
 from model_loading import (adapter_save_dtype, autocast, enable_recomputation, gpu_utilization, keep_copy_after_training,
                            library_versions, load_model, loss_scaler, peak_memory_gb, select_attention, select_precision,
                            write_adapter)
@@ -70,6 +72,10 @@ class Plan:
 def make_plan(data: Data, hp: Hyperparameters, estimate, world_size: int, device: str, base_path: Path) -> Plan:
     steps_per_epoch = math.ceil(len(data.train) / hp.batch_size)
     total = min(steps_per_epoch * hp.epochs, hp.max_steps or steps_per_epoch * hp.epochs)
+    if total > MAX_STEPS:
+        raise JobError(f"the job would take {total:,} optimizer steps ({len(data.train):,} sequences at batch_size "
+                       f"{hp.batch_size} is {steps_per_epoch:,} an epoch, x {hp.epochs} epochs), more than the {MAX_STEPS:,} "
+                       "a job may take: raise hyperparameters.batch_size, lower epochs, or set max_steps")
     # flex attention where transformers has it for the architecture, not beside linear-attention layers
     architecture = meta_model(load_config(base_path))
     flex = getattr(type(architecture), "_supports_flex_attn", False) and not token_mixers(architecture)
@@ -108,6 +114,8 @@ class Run:
     base_name: str = ""  # the base model as `train` was given it
     scaler: Any = None  # fp16's loss scaler (model_loading.loss_scaler; a no-op in other dtypes)
     best: dict | None = None  # rank 0: the LoRA weights of the epoch `state.best_epoch`, as they are saved
+    log: TrainingLog = field(default_factory=lambda: TrainingLog(None))  # the per-step records (rank 0)
+    checkpoints: dict = field(default_factory=lambda: {"written": 0, "seconds": 0.0, "last_seconds": 0.0})
 
     @property
     def save_dtype(self):
@@ -176,6 +184,10 @@ def setup(data: Data, base_path: Path, hp: Hyperparameters, world: distributed.W
         if steps != run.state.step * world.size:  # a rank could not read the checkpoint the others resumed from
             raise JobError(f"the training processes resumed from different checkpoints (rank {world.rank}: step "
                            f"{run.state.step}); resubmit the job, and if it fails again set retrain: true")
+    if world.main:  # the per-step log beside the checkpoints (a job without them: a directory of its own, removed at the end)
+        run.log = TrainingLog((checkpoint_dir or Path(tempfile.mkdtemp(prefix="lora-training-log-"))) / "training_log.jsonl")
+        if (lost := run.log.start(run.state.step)) is not None:
+            run.warnings.append(lost)
     return run
 
 
@@ -314,11 +326,12 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
 
 
 def train_loop(run: Run) -> None:
-    """Steps until `plan.total_steps`; checkpoints by rank 0 every `checkpoint_steps` / `checkpoint_minutes`, and when
-    a rank was asked to stop (SIGTERM: Stopped is raised then; a stop request, the app's cancel: Cancelled)."""
+    """Steps until `plan.total_steps` (or early stopping); checkpoints by rank 0 every `checkpoint_steps` /
+    `checkpoint_minutes`, no closer than their own cost allows (checkpoint_spacing), and when a rank was asked to stop
+    (SIGTERM: Stopped is raised then; a stop request, the app's cancel: Cancelled)."""
     hp, s, plan = run.hp, run.state, run.plan
     last_checkpoint = time.monotonic()
-    resumed_figures = {k: s.history[-1][k] for k in ("loss", "learning_rate")} if s.history else {}  # the app's NOT NULLs
+    resumed_figures = {k: s.last_record[k] for k in ("loss", "learning_rate")} if s.last_record else {}  # app NOT NULLs
     run.progress({"stage": "training", "percent": 100.0 * s.step / plan.total_steps, "step": s.step,
                   "total_steps": plan.total_steps, "epoch": s.epoch, **resumed_figures})
     with stop_on_sigterm() as signalled:
@@ -331,20 +344,13 @@ def train_loop(run: Run) -> None:
                 record, stopping = train_step(run, [run.data.train[i] for i in order[start:start + hp.batch_size]], stop)
                 stopping = stopping or (run.world.size == 1 and bool(stop))  # alone: a signal during the update counts too
                 s.next_start = start + hp.batch_size if start + hp.batch_size < len(order) else 0
-                if s.next_start == 0 and run.data.validation:
-                    record["validation_loss"] = evaluate(run, run.data.validation)
-                    keep_if_best(run, record["validation_loss"])
-                    if 0 < hp.early_stopping_patience <= s.epoch - s.best_epoch:
-                        s.stop_reason = "early_stopping"
-                s.history.append(record)
-                log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", s.step, plan.total_steps,
-                         s.epoch, record["loss"], record["learning_rate"], record["grad_norm"], record["tokens_per_second"])
-                run.progress({"stage": "training", "percent": 100.0 * s.step / plan.total_steps,
-                              "total_steps": plan.total_steps, **record})
-                due = s.step % hp.checkpoint_steps == 0 or time.monotonic() - last_checkpoint >= 60 * hp.checkpoint_minutes
+                record_step(run, record, epoch_end=s.next_start == 0)
+                now = time.monotonic()
+                due = ((s.step % hp.checkpoint_steps == 0 or now - last_checkpoint >= 60 * hp.checkpoint_minutes)
+                       and now - last_checkpoint >= checkpoint_spacing(run.checkpoints["last_seconds"]))
                 more = s.step < plan.total_steps and s.stop_reason is None
                 if run.checkpoint_dir is not None and run.world.main and (stopping or (due and more)):
-                    save_checkpoint(run.checkpoint_dir, s.step, capture(run))
+                    write_checkpoint(run)
                     last_checkpoint = time.monotonic()
                 if stopping:  # the checkpoint is on disk; stop_on_sigterm hands the signal on
                     if (reason := stop_reason(run.checkpoint_dir)) is not None:  # the app cancelled the job
@@ -355,19 +361,45 @@ def train_loop(run: Run) -> None:
                     break
         if s.stop_reason is None:
             s.stop_reason = "epochs" if plan.total_steps == plan.steps_per_epoch * hp.epochs else "max_steps"
-        last = s.history[-1] if s.history else {}
-        if run.data.validation and last and "validation_loss" not in last:  # max_steps ended an epoch midway
-            last["validation_loss"] = evaluate(run, run.data.validation)
-            keep_if_best(run, last["validation_loss"])
+        if run.data.validation and s.last_record and "validation_loss" not in s.last_record:  # max_steps, mid-epoch
+            s.last_record["validation_loss"] = validate(run, s.last_record["loss"])
 
 
-def keep_if_best(run: Run, validation_loss: float) -> None:
-    """After a validation: the weights with the lowest validation loss so far are what `save` delivers (a copy, on rank
-    0, in the dtype the adapter is saved in; in checkpoints too)."""
+def record_step(run: Run, record: dict, epoch_end: bool) -> None:
+    """A step done: at an epoch's end the validation (the best weights kept, early stopping decided); then the record
+    into the log and the state, the log line, the progress event."""
+    s, hp = run.state, run.hp
+    if epoch_end and run.data.validation:
+        record["validation_loss"] = validate(run, record["loss"])
+        if 0 < hp.early_stopping_patience <= s.epoch - s.best_epoch:
+            s.stop_reason = "early_stopping"
+    s.first_loss = record["loss"] if s.first_loss is None else s.first_loss
+    s.last_record = record
+    run.log.append(record)
+    log.info("step %d/%d epoch %d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", s.step, run.plan.total_steps,
+             s.epoch, record["loss"], record["learning_rate"], record["grad_norm"], record["tokens_per_second"])
+    run.progress({"stage": "training", "percent": 100.0 * s.step / run.plan.total_steps,
+                  "total_steps": run.plan.total_steps, **record})
+
+
+def validate(run: Run, train_loss: float) -> float:
+    """The validation loss of the weights as they are; the lowest so far makes them the ones `save` delivers (a copy,
+    on rank 0, in the dtype the adapter is saved in; in checkpoints too)."""
     s = run.state
-    if s.best_validation_loss is None or validation_loss < s.best_validation_loss:
-        s.best_epoch, s.best_step, s.best_validation_loss = s.epoch, s.step, validation_loss
+    loss = evaluate(run, run.data.validation)
+    s.validation_losses.append(loss)
+    if s.best_validation_loss is None or loss < s.best_validation_loss:
+        s.best_epoch, s.best_step, s.best_validation_loss, s.best_loss = s.epoch, s.step, loss, train_loss
         run.best = run.best_weights()
+    return loss
+
+
+def write_checkpoint(run: Run) -> None:
+    started = time.monotonic()
+    save_checkpoint(run.checkpoint_dir, run.state.step, capture(run))
+    run.checkpoints["last_seconds"] = seconds = time.monotonic() - started
+    run.checkpoints["seconds"] += seconds
+    run.checkpoints["written"] += 1
 
 
 # ---------------------------------------------------------------------------- save
@@ -379,11 +411,11 @@ def deliver_best(run: Run) -> dict:
 
     s = run.state
     if s.best_step is None or s.best_step == s.step:
-        return s.history[-1] if s.history else {}
+        return s.last_record
     if run.best is not None:
         set_peft_model_state_dict(run.model, run.best)
     log.info("delivering epoch %d (validation loss %.4f), the best of %d", s.best_epoch, s.best_validation_loss, s.epoch)
-    return next(record for record in s.history if record["step"] == s.best_step)
+    return {"step": s.best_step, "epoch": s.best_epoch, "loss": s.best_loss, "validation_loss": s.best_validation_loss}
 
 
 def save(run: Run, output_dir: Path, seconds: dict, kept: dict) -> dict:
@@ -397,9 +429,9 @@ def save(run: Run, output_dir: Path, seconds: dict, kept: dict) -> dict:
     peaks = distributed.gather_figure(run.world, peak_memory_gb(run.device), run.device)
     tokens_per_second = s.real_tokens / max(seconds["train"], 1e-9)
     metrics = {
-        "train_loss_first": s.history[0]["loss"], "train_loss_last": s.history[-1]["loss"],
+        "train_loss_first": s.first_loss, "train_loss_last": s.last_record["loss"],
         "train_loss_kept": kept.get("loss"), "validation_loss": kept.get("validation_loss"), "best_epoch": s.best_epoch,
-        "stop_reason": s.stop_reason, "validation_losses": [r["validation_loss"] for r in s.history if "validation_loss" in r],
+        "stop_reason": s.stop_reason, "validation_losses": s.validation_losses,
         "validation_tokens": run.validation_tokens,
         "steps": s.step, "epochs": s.epoch, **data.counts, "sequences": len(data.train),
         "tokens": s.real_tokens, "trained_tokens": s.trained_tokens, "token_efficiency": s.real_tokens / max(s.computed_tokens, 1),
@@ -411,7 +443,7 @@ def save(run: Run, output_dir: Path, seconds: dict, kept: dict) -> dict:
         "compute_dtype": str(run.compute_dtype).removeprefix("torch."), "length_report": data.length_report,
         "labelled": data.labelled, "chat_format": run.chat_format.describe(), "memory_estimate": run.estimate.to_dict(),
         "resumed_from_step": run.resumed_from, "packing": data.packing_note, "warnings": data.warnings + run.warnings,
-        "skipped_steps": s.skipped_steps, "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None,
+        "checkpoints": {k: run.checkpoints[k] for k in ("written", "seconds")}, "skipped_steps": s.skipped_steps, "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None,
     }
     if not run.world.main:
         return metrics
@@ -426,7 +458,7 @@ def save(run: Run, output_dir: Path, seconds: dict, kept: dict) -> dict:
               "seed": run.hp.seed, "versions": library_versions(), "device": run.device}
     try:
         with atomic_dir(output_dir) as tmp:
-            write_adapter(run.model, run.tokenizer, run.chat_format.end_of_turn, tmp, config, metrics, s.history, dtype)
+            write_adapter(run.model, run.tokenizer, run.chat_format.end_of_turn, tmp, config, metrics, run.log.path, dtype)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as SafetensorError
         raise JobError(f"could not save the adapter ({getattr(exc, 'strerror', None) or exc}): free space on the volume and resubmit "
                        "the job; it resumes from its final checkpoint without training again") from None
@@ -456,11 +488,13 @@ def train_rank(data: Data, base_path: Path, output_dir: Path, hp: Hyperparameter
     train_loop(run)
     seconds = {"load": loaded - started, "train": time.monotonic() - loaded}
     if checkpoint_dir is not None and world.main and run.resumed_from != run.state.step:
-        save_checkpoint(checkpoint_dir, run.state.step, capture(run))  # a failed save resumes without training
+        write_checkpoint(run)  # a failed save resumes without training
     kept = deliver_best(run)
     progress({"stage": "saving", "validation_loss": kept.get("validation_loss")})
     metrics = save(run, Path(output_dir), {**seconds, "wall": time.monotonic() - started}, kept)
     distributed.stop(world)  # cleanup; after a failure the process ends without it, its error reported first
+    if checkpoint_dir is None and run.log.path is not None:
+        shutil.rmtree(run.log.path.parent, ignore_errors=True)
     if world.size > 1 and world.main and quantized_cache is not None and run.base_weights == "quantized while loading":
         keep_copy_after_training(run.model, base_path, run.compute_dtype, quantized_cache, trust_remote_code)
     return TrainResult(metrics, run.model, run.tokenizer)

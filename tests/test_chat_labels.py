@@ -61,6 +61,23 @@ def test_too_long_conversations_lose_their_oldest_turns_first(tiny_qwen2):
     assert cut.truncated and len(cut.input_ids) == len(shorter.input_ids) - 3 and cut.num_trained > 0
 
 
+def test_turns_beyond_the_text_budget_are_left_out_unrendered_and_counted(tiny_qwen2, monkeypatch):
+    """A conversation's text is held to 32 bytes a token of max_seq_length (8,192 at 256) before anything is rendered:
+    its oldest turns beyond that are dropped as too-long ones are, the system prompt and the trained answer kept."""
+    import chat_labels
+
+    rendered = []
+    render = chat_labels.render
+    monkeypatch.setattr(chat_labels, "render", lambda *args, **kwargs: rendered.append(render(*args, **kwargs)) or rendered[-1])
+    long_turn = [{"role": "user", "content": "context " * 2000}, {"role": "assistant", "content": "Noted.", "weight": 1}]
+    conversation = {"messages": CONVERSATION["messages"][:1] + long_turn + CONVERSATION["messages"][3:]}
+    tokenizer, _, _, example = labelled(tiny_qwen2, conversation, max_len=256)
+    assert example.dropped_messages == 2 and not example.truncated
+    assert trained_runs(tokenizer, example) == ["Then paying it down early is a safe return.<|im_end|>"]
+    assert "careful financial planner" in tokenizer.decode(example.input_ids)
+    assert rendered and not any("context context" in text for text in rendered)
+
+
 def test_packed_examples_do_not_see_each_other(tiny_qwen2):
     """The packed batch's per-example losses equal the unpacked ones."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)

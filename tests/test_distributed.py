@@ -1,11 +1,13 @@
 """Data-parallel training in real torch.distributed processes (PyTorch's elastic launcher, gloo on the CPU):
-two ranks train what one does, only rank 0 writes, checkpoints move between world sizes, and a failing or
-stopped rank ends the job in bounded time with nothing left running."""
+two ranks train what one does, only rank 0 writes, checkpoints move between world sizes, nothing listens beyond
+loopback, and a failing, killed or stopped rank ends the job in bounded time, named, with nothing left running."""
 
+import ipaddress
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,7 +152,9 @@ def test_sigterm_stops_every_rank_once_with_a_checkpoint_another_world_size_resu
     assert losses(tmp_path / "adapter") == pytest.approx(losses(one_process[0]), rel=1e-4)
 
 
-def test_a_rank_killed_with_sigkill_fails_the_job_within_a_minute_and_leaves_nothing_running(tiny_qwen2, tmp_path):
+def two_ranks_training(tiny_qwen2, tmp_path):
+    """A 2-process CLI job at its step 2: the launcher's Popen, its 2 ranks (psutil, in rank order: RANK is set inside
+    them, after exec, so /proc shows no trace of it) and every process of the job."""
     import psutil
 
     proc = cli(tmp_path, "adapter", 2, "--base-model", str(tiny_qwen2), "--max-steps", "80", "--epochs", "20",
@@ -159,15 +163,62 @@ def test_a_rank_killed_with_sigkill_fails_the_job_within_a_minute_and_leaves_not
         if " step 2/" in line:
             break
     assert proc.poll() is None, proc.stderr.read()
-    # the ranks, started in rank order (RANK is set inside them, after exec: /proc shows no trace of it)
     ranks = sorted((p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())), key=lambda p: p.pid)
-    assert len(ranks) == 2
-    everything = children(proc.pid)
+    assert len(ranks) == 2, proc.stderr.read()
+    return proc, ranks, children(proc.pid)
+
+
+def test_a_rank_killed_with_sigkill_fails_the_job_within_a_minute_and_leaves_nothing_running(tiny_qwen2, tmp_path):
+    proc, ranks, everything = two_ranks_training(tiny_qwen2, tmp_path)
     killed_at = time.monotonic()
     ranks[1].kill()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 2 and time.monotonic() - killed_at < 60
     assert "training process 1 of 2 was killed by SIGKILL" in err and "resumes from its last checkpoint" in err
+    assert not running(everything)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_two_process_job_listens_on_loopback_only(tiny_qwen2, tmp_path):
+    """The rendezvous store, the ranks' store and gloo's sockets are bound to 127.0.0.1: nothing outside the container
+    reaches them. The deployment here points gloo and NCCL at the node's network interface (as a container whose
+    hostname resolves to eth0 does): the ranks of a one-node job use loopback all the same."""
+    import psutil
+
+    outward = next((name for name, addrs in psutil.net_if_addrs().items() for a in addrs
+                    if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback), None)
+    env = {"GLOO_SOCKET_IFNAME": outward, "NCCL_SOCKET_IFNAME": outward} if outward else {}
+    proc = cli(tmp_path, "adapter", 2, "--base-model", str(tiny_qwen2), "--max-steps", "12", "--val-fraction", "0", env=env)
+    for line in proc.stderr:
+        if " step 2/" in line:
+            break
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    listening = [(p.pid, c.laddr) for p in tree for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    ranks = [p.pid for p in tree if "spawn_main" in " ".join(p.cmdline())]
+    metrics = finished(proc)
+    assert len(ranks) == 2 and {proc.pid, *ranks} <= {pid for pid, _ in listening}  # listed while all three ran
+    assert all(ipaddress.ip_address(addr.ip).is_loopback for _, addr in listening), listening
+    assert metrics["world_size"] == 2 and metrics["steps"] == 12
+
+
+def test_a_stopped_rank_is_named_within_minutes_and_nothing_of_the_job_is_left(tiny_qwen2, tmp_path):
+    """A rank that stops answering (SIGSTOP: its every thread stops) leaves the others waiting in the all-reduce for
+    torch's collective timeout (30 minutes). Its heartbeat stops too: the launcher kills it and names it."""
+    import psutil
+
+    proc, ranks, everything = two_ranks_training(tiny_qwen2, tmp_path)
+    try:
+        ranks[1].suspend()  # SIGSTOP
+        _, err = proc.communicate(timeout=180)  # the heartbeat's limit is 60 s; torch's own timeout, 30 minutes
+    finally:
+        for pid in [proc.pid, *everything]:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert proc.returncode == 2, err[-3000:]
+    assert re.search(r"error: training process 1 of 2 stopped responding \(no heartbeat for \d+ s", err), err[-3000:]
+    assert "resumes from its last checkpoint" in err
     assert not running(everything)
     assert not (tmp_path / "adapter").exists()
 

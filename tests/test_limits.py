@@ -1,6 +1,7 @@
 """No input can make a stage work out of proportion to its size, or reach the worker as anything but plain data.
 Bounds are ratios or generous limits measured in one run, never tight timings."""
 
+import json
 import time
 
 import pytest
@@ -83,19 +84,64 @@ def test_shortening_a_long_conversation_costs_in_proportion_to_its_length(tiny_q
     assert long_example.dropped_messages > 0 and len(long_example.input_ids) <= 2048 and not long_example.truncated
 
 
-def test_a_ten_megabyte_message_costs_what_a_fitting_one_does(tiny_qwen2):
-    from transformers import AutoTokenizer
+LABELLING_COST = r"""
+import json, resource, sys, time
+from transformers import AutoTokenizer
+from chat_labels import SkipExample, prepare_chat_template, tokenize_conversation
 
-    from chat_labels import prepare_chat_template, tokenize_conversation
+model, max_seq_length, case = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+tokenizer = AutoTokenizer.from_pretrained(model)
+eot = prepare_chat_template(tokenizer).end_of_turn
+tokenize_conversation(tokenizer, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+                      max_seq_length, eot)  # warm-up
+messages = {
+    "fits": [{"role": "user", "content": "word " * (max_seq_length // 5)},
+             {"role": "assistant", "content": "word " * (max_seq_length // 5)}],
+    # 8 messages at the per-message cap there was (128 characters a token of max_seq_length): a 2 MB line at 2048
+    "8 messages of 128 characters a token": [
+        {"role": ("user", "assistant")[i % 2], "content": "wordy " * (max_seq_length * 128 // 6)} for i in range(8)],
+    "a 10 MB answer of emoji": [{"role": "user", "content": "Summarise this."},
+                                {"role": "assistant", "content": "\U0001F600" * 2_500_000}],
+}[case]
+before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+try:
+    example = tokenize_conversation(tokenizer, {"messages": messages}, max_seq_length, eot)
+    outcome = f"{len(example.input_ids)} tokens, {example.dropped_messages} messages dropped"
+except SkipExample as exc:
+    outcome = f"skipped: {exc}"
+print(json.dumps({"seconds": time.perf_counter() - start, "outcome": outcome,
+                  "mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
-    eot = prepare_chat_template(tokenizer).end_of_turn
-    huge = {"messages": [{"role": "user", "content": "Summarise this."},
-                         {"role": "assistant", "content": "word " * 2_000_000, "weight": 1}]}
-    assert seconds(tokenize_conversation, tokenizer, huge, 2048, eot) < 10.0  # it took 26 s and 1.9 GB
-    example = tokenize_conversation(tokenizer, huge, 2048, eot)
-    assert example.truncated and len(example.input_ids) == 2048
 
+def labelling_cost(model, max_seq_length: int, case: str) -> dict:
+    """Seconds and growth of peak memory (MB, the process's high-water mark: so each case in a fresh process) of labelling
+    one conversation, and what became of it."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", LABELLING_COST, str(model), str(max_seq_length), case], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case, max_seq_length", [("8 messages of 128 characters a token", 2048),
+                                                  ("a 10 MB answer of emoji", 32768)])
+def test_a_conversation_far_beyond_max_seq_length_costs_what_a_fitting_one_does(tiny_qwen2, case, max_seq_length):
+    """The cap was per message: 8 messages at it took 5.0 s and +380 MB here at 2048 tokens (the review's figures at
+    8192: 33 s and +2.4 GB; a 64 MB line ~18 GB), and a 10 MB answer of emoji 24 s and +2.5 GB at 32768, in every
+    labelling process at once. Now a conversation's text is bounded as a whole before it is rendered."""
+    fits = labelling_cost(tiny_qwen2, max_seq_length, "fits")
+    beyond = labelling_cost(tiny_qwen2, max_seq_length, case)
+    assert beyond["seconds"] < 2 * fits["seconds"] + 1.0 and beyond["mb"] < 2 * fits["mb"] + 100, (fits, beyond)
+    assert fits["outcome"].endswith(" tokens, 0 messages dropped")
+    # its last turn alone is beyond what max_seq_length can hold: skipped, saying so, rather than train a cut answer
+    assert beyond["outcome"].startswith("skipped: ") and f"max_seq_length={max_seq_length}" in beyond["outcome"]
+    assert "a trained answer is never cut" in beyond["outcome"]
 
 
 def test_labelled_examples_hold_a_few_bytes_a_token(tiny_qwen2):
@@ -524,3 +570,67 @@ def test_a_deeply_nested_unknown_key_is_a_warning_not_an_internal_error(section,
     spec, warnings = parse_job_input(job_input)
     assert warnings == [f"unknown input key ignored: {section}.notes"]
     assert "notes" not in spec.model_dump(mode="json")[section]  # carried nowhere
+
+
+# ---------------------------------------------------------------------------- the step budget and checkpoints
+
+def test_a_job_of_more_steps_than_a_job_may_take_is_refused_before_the_model_loads(tiny_qwen2):
+    """60,000 sequences x 20 epochs at batch 1 is 1,200,000 steps: refused by the plan (which comes before the model
+    loads) with the figures and the fixes; max_steps within the limit makes the same job acceptable."""
+    from types import SimpleNamespace
+
+    from job import MAX_STEPS, Hyperparameters
+    from train_lora import make_plan
+
+    data = SimpleNamespace(train=[None] * 60_000, packing=False)
+    estimate = SimpleNamespace(gradient_checkpointing=False, micro_batch_size=1, gradient_accumulation_steps=1)
+    with pytest.raises(JobError) as refused:
+        make_plan(data, Hyperparameters(epochs=20, batch_size=1), estimate, 1, "cpu", tiny_qwen2)
+    assert str(refused.value).startswith("the job would take 1,200,000 optimizer steps (60,000 sequences at batch_size 1")
+    assert f"more than the {MAX_STEPS:,} a job may take" in str(refused.value) and "set max_steps" in str(refused.value)
+    plan = make_plan(data, Hyperparameters(epochs=20, batch_size=1, max_steps=MAX_STEPS), estimate, 1, "cpu", tiny_qwen2)
+    assert plan.total_steps == MAX_STEPS
+
+
+def test_a_checkpoint_costs_the_same_at_any_step_and_the_log_holds_every_step(tiny_qwen2, tmp_path, monkeypatch):
+    """The per-step records go to training_log.jsonl as they are made, not into every checkpoint (which rewrote all of
+    them: 7.5 MB and 0.86 s a checkpoint at step 100,000)."""
+    import pickle
+
+    import checkpoints
+    import torch
+    from conftest import SAMPLE
+    from dataset_loader import load_dataset
+    from job import Hyperparameters
+    from train_lora import train
+
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_TIME_SHARE", 1.0)  # a checkpoint every 10 steps, however cheap
+    hp = Hyperparameters(max_steps=40, epochs=20, batch_size=1, max_seq_length=256, lora_rank=4, checkpoint_steps=10)
+    train(load_dataset(SAMPLE)[0][:12], tiny_qwen2, tmp_path / "adapter", hp, checkpoint_dir=tmp_path / "ck", fingerprint="f")
+    sizes = {step: len(pickle.dumps(torch.load(tmp_path / "ck" / f"checkpoint-{step}" / "state.pt", weights_only=True)["state"]))
+             for step in (30, 40)}
+    assert abs(sizes[40] - sizes[30]) < 400, sizes  # ten more steps: ten more records were ~3.8 kB
+    logged = [json.loads(line) for line in (tmp_path / "ck" / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 41))
+    assert (tmp_path / "adapter" / "training_log.jsonl").read_text() == (tmp_path / "ck" / "training_log.jsonl").read_text()
+
+
+def test_checkpoints_every_step_on_a_slow_volume_take_a_small_share_of_the_time(tiny_qwen2, tmp_path, monkeypatch):
+    """checkpoint_steps 1 with each write taking 0.5 s (fsync on a slow network volume): checkpoints are spaced by their
+    cost (at most a tenth of the time), where before each of the 40 steps wrote one."""
+    import os
+
+    from conftest import SAMPLE
+    from dataset_loader import load_dataset
+    from job import Hyperparameters
+    from train_lora import train
+
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (time.sleep(0.5), fsync(fd)))
+    hp = Hyperparameters(max_steps=40, epochs=20, batch_size=1, max_seq_length=256, lora_rank=4, checkpoint_steps=1)
+    m = train(load_dataset(SAMPLE)[0][:12], tiny_qwen2, tmp_path / "adapter", hp, checkpoint_dir=tmp_path / "ck",
+              fingerprint="f").metrics
+    written, spent = m["checkpoints"]["written"], m["checkpoints"]["seconds"]
+    print(f"{written} checkpoints in {spent:.1f} s of {m['train_seconds']:.1f} s training")
+    # the first, then one each 9 x its write time of training at most, and the final one
+    assert 2 <= written <= 2 + m["train_seconds"] / (9 * 0.5), written

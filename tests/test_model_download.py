@@ -1,9 +1,11 @@
 """A base model that is not cached, downloaded on first use from a local server that speaks the Hub's file API
 (tests/hub_server.py, with the real huggingface_hub client): what is fetched, in which order, what is checked
-before any weight arrives, and that a download cut short is never used."""
+before any weight arrives (the GPU, the volume's room, the listed sizes), that no link planted on the volume is written
+through, and that a download cut short is never used nor left behind."""
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -96,7 +98,7 @@ def test_a_download_cut_short_is_never_used_and_the_next_attempt_completes_it(wo
     assert "Retry the job" in failed["error"]
     target = worker.models / "acme" / "tiny-cut"
     assert not target.exists()  # nothing half-downloaded is where jobs look for models
-    assert not any(p.name == "model.safetensors" for p in (worker.models / ".downloads").rglob("*"))
+    assert not (worker.models / ".downloads" / "acme--tiny-cut").exists()  # nor left on the volume
 
     again = runsync(worker, job(storage, "cut-1", "acme/tiny-cut"))
     assert again["status"] == "COMPLETED", again
@@ -246,7 +248,9 @@ def test_a_second_worker_waits_for_the_first_ones_download_and_uses_it(hub, tiny
     assert hub.bytes_served[("acme/shared", "model.safetensors")] == (tiny_qwen2 / "model.safetensors").stat().st_size
 
 
-def test_a_retry_after_the_repo_moved_to_a_new_commit_starts_over(hub, tmp_path, monkeypatch):
+def test_a_download_that_fails_midway_is_deleted_and_the_retry_starts_over(hub, tmp_path, monkeypatch):
+    """The first shard arrives whole, the second is cut: nothing of it stays in `.downloads`; the repo then moves to a new
+    commit (same names and sizes, other bytes) and the retry fetches that one."""
     repo = hub.root / "acme" / "moving"
     repo.mkdir(parents=True)
     (repo / "config.json").write_text('{"model_type": "qwen2"}')
@@ -259,7 +263,8 @@ def test_a_retry_after_the_repo_moved_to_a_new_commit_starts_over(hub, tmp_path,
     with pytest.raises(JobError, match="failed"), HubDownload("acme/moving", tmp_path) as plan:
         plan.prepare()
         plan.complete()
-    assert (tmp_path / ".downloads" / "acme--moving" / shards[0]).read_bytes() == b"A" * 300_000
+    assert hub.bytes_served[("acme/moving", shards[0])] == 300_000  # bytes were written before it failed
+    assert not (tmp_path / ".downloads" / "acme--moving").exists() and not (tmp_path / "acme" / "moving").exists()
     for shard in shards:  # a new commit: same names, same sizes, other bytes
         (repo / shard).write_bytes(b"B" * 300_000)
     with HubDownload("acme/moving", tmp_path) as plan:
@@ -298,3 +303,90 @@ def test_a_model_not_on_the_hub_or_offline_names_the_cached_ones_instead_of_a_re
     assert "Cached models: acme/cached-chat" in offline["error"] and "unset HF_HUB_OFFLINE" in offline["error"]
     assert "Retry" not in offline["error"] and len(hub.requests) == requests_before
     assert storage.hits[SAMPLE.name] == 0
+
+
+def test_a_link_planted_as_the_download_folder_is_replaced_by_a_directory_of_the_workers_own(hub, tmp_path, monkeypatch):
+    """`.downloads/<org>--<name>` pointing outside the volume, with the repo's commit in a `.commit` there (what a killed
+    download would leave): the download is made in a fresh directory instead, and what the link pointed to is untouched.
+    The model runs its own code (TRUST_REMOTE_CODE_MODELS), so its `.py` files are fetched too."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    repo = hub.root / "acme" / "coded"
+    shutil.copytree(hub.root / "acme" / "tiny-chat", repo)
+    (repo / "modeling_acme.py").write_text("# the repo's modelling code\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text("precious")
+    (outside / ".commit").write_text(hub.commit("acme/coded"))
+    models = tmp_path / "models"
+    (models / ".downloads").mkdir(parents=True)
+    (models / ".downloads" / "acme--coded").symlink_to(outside)
+    with HubDownload("acme/coded", models, with_code=True) as plan:
+        plan.prepare()
+        target = plan.complete()
+    assert sorted(p.name for p in outside.iterdir()) == [".commit", "config.json"]
+    assert (outside / "config.json").read_text() == "precious"
+    assert target == models / "acme" / "coded" and not target.is_symlink() and target.is_dir()
+    assert (target / "modeling_acme.py").read_text() == "# the repo's modelling code\n"
+    assert (target / "model.safetensors").read_bytes() == (repo / "model.safetensors").read_bytes()
+    assert not os.path.lexists(models / ".downloads" / "acme--coded")
+
+
+@pytest.mark.parametrize("planted", [".downloads", "acme"])
+def test_a_link_above_the_download_or_the_model_is_refused_naming_it(hub, tmp_path, monkeypatch, planted):
+    """`MODEL_CACHE_DIR/.downloads` or `MODEL_CACHE_DIR/<org>` pointing outside: the job fails naming the link and what to
+    do, and nothing is written where it points."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / planted).symlink_to(outside)
+    served = hub.bytes_served[("acme/tiny-chat", "model.safetensors")]
+    with pytest.raises(JobError, match=rf"base model 'acme/tiny-chat' cannot be downloaded: {re.escape(str(models / planted))} "
+                                       rf"is a symbolic link \(to {re.escape(str(outside))}\).* remove the link and resubmit"):
+        with HubDownload("acme/tiny-chat", models) as plan:
+            plan.prepare()
+            plan.complete()
+    assert list(outside.iterdir()) == []
+    assert hub.bytes_served[("acme/tiny-chat", "model.safetensors")] == served
+
+
+def test_weights_larger_than_the_config_implies_are_refused_before_any_weight_byte(hub, tiny_qwen2, tmp_path, monkeypatch):
+    """The tiny model (336,448 parameters: 1.3 MB in fp32) with a 4 MB tensor it does not use in a second shard."""
+    from safetensors.torch import save_file
+
+    repo = hub.root / "acme" / "padded"
+    shutil.copytree(tiny_qwen2, repo)
+    save_file({"unused": torch.zeros(1_000_000)}, repo / "unused.safetensors")
+    (repo / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": "model.safetensors", "unused": "unused.safetensors"}}))
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    with pytest.raises(JobError) as refused, HubDownload("acme/padded", tmp_path) as plan:
+        plan.prepare()
+        plan.complete()
+    assert str(refused.value) == (
+        "base model 'acme/padded' lists 5.1 MB of weights, more than its config.json's 336,448 parameters can take "
+        "(2.6 MB: 4 bytes each, plus 25% and 1.0 MB): the repo carries files the model does not use. Pick another base "
+        f"model, or put the model in {tmp_path / 'acme' / 'padded'} yourself")
+    assert hub.bytes_served[("acme/padded", "model.safetensors")] == hub.bytes_served[("acme/padded", "unused.safetensors")] == 0
+    assert not (tmp_path / ".downloads" / "acme--padded").exists() and not (tmp_path / "acme" / "padded").exists()
+
+
+def test_a_model_over_max_model_download_bytes_is_refused_before_any_weight_byte(hub, tmp_path, monkeypatch):
+    from base_models import load_config, meta_model
+    from job import WorkerSettings
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    served = hub.bytes_served[("acme/tiny-chat", "model.safetensors")]
+    with pytest.raises(JobError) as refused, HubDownload("acme/tiny-chat", tmp_path, max_bytes=1_000_000) as plan:
+        plan.prepare()
+        plan.complete()
+    assert str(refused.value) == (
+        "base model 'acme/tiny-chat' is 1.4 MB to download, more than MAX_MODEL_DOWNLOAD_BYTES allows (1,000,000 bytes, "
+        "1.0 MB): pick a smaller model, or raise MAX_MODEL_DOWNLOAD_BYTES on the endpoint (with room for it on the volume)")
+    assert hub.bytes_served[("acme/tiny-chat", "model.safetensors")] == served
+    assert not (tmp_path / ".downloads" / "acme--tiny-chat").exists()
+    # the default takes Qwen3-Next-80B-A3B (the largest model documented for one GPU) in bf16
+    next_80b = sum(p.numel() for p in meta_model(load_config(CONFIGS / "qwen3-next-80b-a3b.json")).parameters())
+    assert 2 * next_80b < WorkerSettings.max_model_download_bytes
+    assert WorkerSettings.from_env({"MAX_MODEL_DOWNLOAD_BYTES": "1000"}).max_model_download_bytes == 1000

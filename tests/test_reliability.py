@@ -29,6 +29,15 @@ class Crash(Exception):
     pass
 
 
+@pytest.fixture(autouse=True)
+def checkpoints_where_asked(monkeypatch):
+    """These tests pin which steps have a checkpoint: every `checkpoint_steps`, not spaced by their write time
+    (checkpoints.CHECKPOINT_TIME_SHARE; tested in tests/test_train_lora.py)."""
+    import checkpoints
+
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_TIME_SHARE", 1.0)
+
+
 def crash_at(step):
     def on_progress(event):
         if event.get("step") == step and "loss" in event:
@@ -57,7 +66,7 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_exactly_like_an_unin
     with pytest.raises(Crash):
         train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP), on_progress=crash_at(5),
               checkpoint_dir=checkpoints, fingerprint="job-1")
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "labelled-data.pt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "labelled-data.pt", "training_log.jsonl"]
     import chat_labels
 
     labelled = []
@@ -111,7 +120,8 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous
         train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP),
               checkpoint_dir=tmp_path / "checkpoints", fingerprint="job-3")
     monkeypatch.setattr(torch, "save", real_save)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2", "labelled-data.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "checkpoint-2", "labelled-data.pt", "training_log.jsonl"]
     state, warnings = load_latest_checkpoint(tmp_path / "checkpoints", "job-3")
     assert state["state"]["step"] == 2 and warnings == []
     assert not (tmp_path / "adapter").exists()
@@ -280,6 +290,25 @@ def test_a_4bit_copy_the_volume_cannot_hold_leaves_nothing_behind_and_the_job_go
     assert list((tmp_path / ".quantized").iterdir()) == []  # no partial copy, no temporary directory
     assert load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path / ".quantized")[1] == "quantized while loading"
     assert load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path / ".quantized")[1] == "4-bit copy"
+
+
+def test_a_link_planted_as_the_4bit_copies_folder_is_never_written_through_nor_swept(tiny_qwen2, tmp_path, caplog):
+    """MODEL_CACHE_DIR/.quantized planted as a link to a directory elsewhere: the copy is not kept (logged), nothing is
+    written or deleted where the link points, and the job loads the base model itself."""
+    from model_loading import load_base_model
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    old = elsewhere / "tiny-0.tmp-x"  # what the sweep of day-old leftovers would delete
+    old.mkdir()
+    os.utime(old, (0, 0))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / ".quantized").symlink_to(elsewhere)
+    for _ in range(2):
+        model, source = load_base_model(tiny_qwen2, "cpu", torch.float32, quantized_cache=tmp_path / "models" / ".quantized")
+        assert source == "quantized while loading"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["tiny-0.tmp-x"]
+    assert "could not keep a 4-bit copy" in caplog.text and "is a symbolic link" in caplog.text
 
 
 def test_a_copy_whose_weights_do_not_match_the_model_is_set_aside(tiny_qwen2, tmp_path, caplog):

@@ -384,9 +384,12 @@ def test_without_a_validation_set_the_last_epoch_is_delivered(tiny_qwen2, tmp_pa
     assert_delivers(tmp_path / "adapter", get_peft_model_state_dict(result.model))
 
 
-def test_a_job_resumed_after_its_best_epoch_delivers_that_epoch(tiny_qwen2, tmp_path):
+def test_a_job_resumed_after_its_best_epoch_delivers_that_epoch(tiny_qwen2, tmp_path, monkeypatch):
     """Crashed two epochs after its best one (a checkpoint in between), the job resumes and delivers the same weights
     as the run that was never interrupted: the best epoch's weights are in the checkpoint."""
+    import checkpoints
+
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_TIME_SHARE", 1.0)  # a checkpoint at every epoch's end, however cheap
     hp = Hyperparameters(**{**BEST_HP, "epochs": 8}, early_stopping_patience=0, checkpoint_steps=STEPS_PER_EPOCH)
     whole = train(contradicted(), tiny_qwen2, tmp_path / "whole", hp).metrics
     assert whole["best_epoch"] <= 6  # the crash below comes after it
