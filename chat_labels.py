@@ -1,64 +1,28 @@
-"""Conversations → token ids and labels that train exactly the assistant's words and end-of-turn.
+"""Conversations → token ids and labels that train exactly the assistant's words and end-of-turn; the text budget and
+truncation, packing, the tensors (and attention mask) of a micro-batch, and `train_lora.py preview`'s view of it.
 
 The trained tokens of a conversation are its assistant messages with weight ≠ 0 plus the token(s)
 that close each of those turns (so the model learns to stop); nothing else. Spans are found in the
-rendered text, not through `{% generation %}` markers (most real templates, Qwen2.5 and Mistral
-among them, have none): each assistant message's content is located in the full rendering, starting
+rendered text (chat_templates.render), not through `{% generation %}` markers (most real templates, Qwen2.5 and
+Mistral among them, have none): each assistant message's content is located in the full rendering, starting
 where the rendering of the conversation before it ends, and extended over the template's end-of-turn
 text. Character spans map to tokens through the tokenizer's offsets, so a SentencePiece token that
 merges a leading space with the first word is trained.
-
-A base model without a chat template gets a default chosen from tokens its vocabulary already has
-(ChatML when `<|im_start|>`/`<|im_end|>` exist, else Mistral's `[INST]` format closed by EOS); no
-special token is ever added (QLoRA does not train the embeddings).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import math
-import os
 import re
-import signal
-import sys
-import time
 from array import array
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from job import Hyperparameters
-
-log = logging.getLogger(__name__)
+from chat_templates import SkipExample, end_of_turn_token, load_tokenizer, render, shared_start, supports_tools
+from dataset_loader import load_dataset
 
 IGNORE = -100
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-# Mistral-Instruct's format: <s>[INST] system\n\nuser [/INST] assistant</s>[INST] user [/INST] ...
-INST_TEMPLATE = (
-    "{% if bos_token %}{{ bos_token }}{% endif %}"
-    "{% set ns = namespace(system='') %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
-    "{% elif message['role'] == 'user' %}{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}{% set ns.system = '' %}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
-    "{% else %}{{ raise_exception('this template renders only system, user and assistant messages') }}"
-    "{% endif %}{% endfor %}"
-)
-
-
-class SkipExample(Exception):
-    """This conversation cannot be trained on; the message says why."""
 
 
 @dataclass
@@ -80,165 +44,6 @@ class Example:
         """Tokens the loss trains; an example's first token never is (nothing before it predicts it)."""
         return sum(1 for t in self.labels[1:] if t != IGNORE)
 
-
-def ensure_chat_template(tokenizer) -> str:
-    """Give `tokenizer` a chat template if it has none; return where the template came from."""
-    if tokenizer.chat_template:
-        return "tokenizer"
-    vocab = tokenizer.get_vocab()
-    if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
-        tokenizer.chat_template = CHATML_TEMPLATE
-        return "default-chatml"
-    if tokenizer.eos_token is None:
-        raise SkipExample("the base model's tokenizer has no chat template and no EOS token to end turns with")
-    tokenizer.chat_template = INST_TEMPLATE
-    return "default-inst"
-
-
-def render(tokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
-    """The chat template's text; a conversation the template refuses (raise_exception) is skipped."""
-    from jinja2 import TemplateError
-
-    if not messages:
-        return ""
-    try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateError as exc:
-        raise SkipExample(f"the chat template refuses this conversation ({exc}): change the conversation to what the "
-                          "template accepts, or train a base model whose template accepts it") from None
-
-
-def end_of_turn_text(tokenizer) -> str:
-    """The text that closes every assistant turn (e.g. `<|im_end|>`, `</s>`, `<|end|>`): what the template
-    writes after an assistant message both in the middle of a conversation and at its end. Their common
-    start is the turn's own closer; what follows only one of them belongs to something else: the next
-    turn's header, or an end-of-text some templates add after the last turn (Phi-3.5's `<|endoftext|>`)."""
-    a1, u2, a2 = "SENTINEL_A1_7f3a", "SENTINEL_U2_7f3a", "SENTINEL_A2_7f3a"
-    single = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": a2}])
-    tail = single[single.rindex(a2) + len(a2):]
-    try:
-        text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": a1},
-                                  {"role": "user", "content": u2}, {"role": "assistant", "content": a2}])
-        between, last = text[text.index(a1) + len(a1):text.index(u2)], text[text.rindex(a2) + len(a2):]
-    except (SkipExample, ValueError):  # a template for single-turn chats only
-        return _non_empty(tail.rstrip())
-    # the common start in whole tokens: "<|end|>\n<|user|>" and "<|end|>\n<|endoftext|>" share "<|end|>\n"
-    return _non_empty(between[:_shared_start(tokenizer, between, last)].rstrip())
-
-
-def _shared_start(tokenizer, a: str, b: str) -> int:
-    """How many characters of `a` its common start with `b` covers, in whole tokens."""
-    encoded = tokenizer(a, add_special_tokens=False, return_offsets_mapping=True)
-    other = tokenizer(b, add_special_tokens=False)["input_ids"]
-    shared = 0
-    while shared < min(len(encoded["input_ids"]), len(other)) and encoded["input_ids"][shared] == other[shared]:
-        shared += 1
-    return encoded["offset_mapping"][shared - 1][1] if shared else 0
-
-
-def _non_empty(closer: str) -> str:
-    if not closer:
-        raise SkipExample("the chat template writes nothing after an assistant message, so the model could not learn to stop")
-    return closer
-
-
-# Where a system prompt goes when the template itself drops or refuses it in a training conversation (one
-# that ends with the assistant's answer). A prelude run before the template moves it there, in training
-# and, saved with the adapter, at inference alike: merged into a user turn, "<system>\n\n<user>", as
-# Mistral's and Gemma's own formats do.
-_MERGE = "{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + messages[%s]['content']}"
-SYSTEM_PRELUDES = {
-    # Gemma's documentation puts instructions in the first user turn (Gemma-2 refuses a system role).
-    "first user turn": (
-        "{%- if messages and messages[0]['role'] == 'system' and messages|length > 1 and messages[1]['role'] == 'user'"
-        " and messages[0]['content'] is string and messages[1]['content'] is string -%}"
-        "{%- set messages = [" + _MERGE % "1" + "] + messages[2:] -%}"
-        "{%- endif -%}"),
-    # Mistral-Instruct's template puts it in the last user turn, but only when that turn ends the conversation.
-    "last user turn": (
-        "{%- if messages and messages[0]['role'] == 'system' and messages[0]['content'] is string -%}"
-        "{%- set ns_sys = namespace(last=0) -%}"
-        "{%- for m in messages -%}{%- if m['role'] == 'user' and m['content'] is string -%}"
-        "{%- set ns_sys.last = loop.index0 -%}{%- endif -%}{%- endfor -%}"
-        "{%- if ns_sys.last > 0 -%}"
-        "{%- set messages = messages[1:ns_sys.last] + [" + _MERGE % "ns_sys.last" + "] + messages[ns_sys.last + 1:] -%}"
-        "{%- endif -%}{%- endif -%}"),
-}
-
-
-def system_prompt_placement(tokenizer) -> str:
-    """Where the template puts a system prompt in a training conversation: "template" when it renders the
-    text itself; else where the model's format puts it at inference: "last user turn" when the template
-    attaches it to the final user message (Mistral-Instruct v0.3), "first user turn" when it refuses or
-    drops it everywhere (Gemma-2)."""
-    system, u1, a1, u2 = "SENTINEL_SYS_7f3a", "SENTINEL_U1_7f3a", "SENTINEL_A1_7f3a", "SENTINEL_U2_7f3a"
-    head = [{"role": "system", "content": system}, {"role": "user", "content": u1}, {"role": "assistant", "content": a1}]
-    try:
-        if system in render(tokenizer, head):
-            return "template"
-        asked = render(tokenizer, head + [{"role": "user", "content": u2}], add_generation_prompt=True)
-    except SkipExample:  # refuses a system role
-        return "first user turn"
-    if system in asked and asked.index(system) > asked.index(a1):
-        return "last user turn"
-    return "first user turn"
-
-
-@dataclass(frozen=True)
-class ChatFormat:
-    """How a base model's conversations are rendered for training (and, saved with the adapter, at inference)."""
-
-    source: str  # where the template came from: "tokenizer", "default-chatml", "default-inst"
-    end_of_turn: str  # what closes every assistant turn; trained after each answer
-    system_prompt: str  # "template", or the user turn the prelude merges it into
-    non_thinking: bool = False  # a hybrid reasoning template, rendered (and saved) in its non-thinking mode
-
-    def describe(self) -> dict:
-        how = ("rendered by the template" if self.system_prompt == "template" else
-               f"merged into the {self.system_prompt} ('<system>\\n\\n<user>'): the template drops or refuses a "
-               "system role; the saved template does the same at inference")
-        described = {"template_source": self.source, "end_of_turn": self.end_of_turn, "system_prompt": how}
-        if self.non_thinking:
-            described["reasoning"] = ("non-thinking mode (enable_thinking false): the answers carry no reasoning; "
-                                      "the saved template defaults to it")
-        return described
-
-
-# Hybrid reasoning templates (Qwen3, SmolLM3) switch modes with `enable_thinking`, on by default. The answers
-# trained here carry no reasoning: they are rendered in the non-thinking mode (Qwen3: an empty think block before
-# the answer; SmolLM3: "/no_think"), and the template saved with the adapter defaults to it, so that a plain
-# apply_chat_template at inference prompts the model as it was trained.
-NON_THINKING_PRELUDE = "{%- if enable_thinking is not defined -%}{%- set enable_thinking = false -%}{%- endif -%}"
-
-
-def prepare_chat_template(tokenizer) -> ChatFormat:
-    """Give `tokenizer` the chat template training and inference use (its own, or a default from tokens it
-    has; with a prelude where the template would lose the system prompt or assume reasoning), and describe it."""
-    source = ensure_chat_template(tokenizer)
-    non_thinking = "enable_thinking" in str(tokenizer.chat_template)
-    if non_thinking:
-        _prepend(tokenizer, NON_THINKING_PRELUDE)
-    placement = system_prompt_placement(tokenizer)
-    if placement != "template":
-        _prepend(tokenizer, SYSTEM_PRELUDES[placement])
-    return ChatFormat(source, end_of_turn_text(tokenizer), placement, non_thinking)
-
-
-def _prepend(tokenizer, prelude: str) -> None:
-    """Put `prelude` before the chat template (each of them, for a tokenizer with named templates)."""
-    template = tokenizer.chat_template
-    tokenizer.chat_template = ({name: prelude + t for name, t in template.items()} if isinstance(template, dict)
-                               else prelude + template)
-
-
-def end_of_turn_token(tokenizer, eot_text: str) -> str:
-    """The single token that ends an assistant turn (the last token of the end-of-turn text)."""
-    ids = tokenizer(eot_text, add_special_tokens=False)["input_ids"]
-    return tokenizer.convert_ids_to_tokens(ids[-1])
-
-
-def supports_tools(tokenizer) -> bool:
-    return "tool" in (tokenizer.chat_template or "")
 
 
 # Answers are found in the rendering exactly: the conversation is rendered once with each trained answer replaced by
@@ -299,7 +104,7 @@ def _tool_call_span(tokenizer, messages, tools, k: int, full: str, eot_text: str
                           "the message follows, so its tool call has no place to train from: remove the tool calls, or "
                           "train a base model whose template renders them in order")
     before = render(tokenizer, messages[:k], tools, add_generation_prompt=True)
-    start = len(prompt) + _shared_start(tokenizer, before[len(prompt):] if before.startswith(prompt) else "",
+    start = len(prompt) + shared_start(tokenizer, before[len(prompt):] if before.startswith(prompt) else "",
                                         full[len(prompt):])
     end = full.find(eot_text, start)
     called = full[start:end if end >= 0 else len(full)]
@@ -446,12 +251,12 @@ PACKED_CHUNK = 64  # the chunked delta rule pads each call to this many tokens: 
 
 def per_example_groups(lengths_per_row: list[list[int]], length: int, device: str = "cpu") -> tuple | None:
     """How a micro-batch's packed examples run one at a time in the layers the attention mask does not reach
-    (base_models.isolate_packed_examples): the examples (and each row's padding) as the rows of a batch, in groups of
+    (architecture.isolate_packed_examples): the examples (and each row's padding) as the rows of a batch, in groups of
     similar length, each group a (gather, source, destination) triple of token indices into the flat (B x L)
     sequence, with B x L standing for an all-zero padding token. A group pads to at most 1.5x its real tokens
     (lengths rounded up to PACKED_CHUNK). Built here on the CPU and sent ahead: the layers read nothing back.
     None when no row holds more than one example."""
-    import torch
+    import torch  # seconds to import: loaded where used, not with the module
 
     if all(len(lengths) <= 1 for lengths in lengths_per_row):
         return None
@@ -491,12 +296,8 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
             pad_to: int | None = None):
     """Tensors for one micro-batch of (packed) sequences (`pad_to` tokens long when given and a row is packed).
 
-    Returns input_ids and labels (B, L), position_ids restarting at 0 for each example, and an
-    attention mask: when a row holds several examples, a mask that is causal within each example and
-    blocks attention across examples (position_ids alone do not isolate packed examples under sdpa or
-    eager): for `attention="flex_attention"` a BlockMask (a document mask: flex attention skips the
-    blocks it rules out), else a boolean 4D mask (B, 1, L, L); with one example per row, the plain (B, L)
-    padding mask.
+    Returns input_ids and labels (B, L), position_ids restarting at 0 for each example, and the
+    attention mask (attention_mask: it keeps packed examples apart).
     Padding is never trained. The (B, L) tensors are filled on the CPU and moved to `device`; the
     L x L mask is built there (on a GPU: no 8 x 2048 x 2048 mask crossing the bus every step).
 
@@ -507,7 +308,7 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     `loss_targets`, those tokens; found here on the CPU, so that selecting them on the GPU is an
     index_select (a boolean mask there would make the CPU wait for the GPU to count it).
     """
-    import torch
+    import torch  # seconds to import: loaded where used, not with the module
 
     length = max(sum(len(e.input_ids) for e in seq) for seq in sequences)
     if pad_to and any(len(seq) > 1 for seq in sequences):  # only rows that get the BlockMask: a fixed shape
@@ -538,188 +339,43 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     input_ids, labels, position_ids, segment, loss_index, loss_targets = (
         t.to(device, non_blocking=True) for t in (input_ids, labels, position_ids, segment, loss_index, loss_targets))
     per_example = per_example_groups([[len(e.input_ids) for e in seq] for seq in sequences], length, device)
+    packed = not all(len(seq) == 1 for seq in sequences)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": attention_mask(segment, packed, attention, device), "per_example": per_example,
+            "loss_index": loss_index, "loss_targets": loss_targets, "real_tokens": real_tokens,
+            "trained_tokens": trained_tokens, "computed_tokens": batch * length}
+
+
+def attention_mask(segment, packed: bool, attention: str = "sdpa", device: str = "cpu"):
+    """The attention mask of a micro-batch whose (B, L) `segment` numbers each token's example in its row (-1:
+    padding). When a row holds several examples (`packed`), a mask that is causal within each example and
+    blocks attention across examples (position_ids alone do not isolate packed examples under sdpa or
+    eager): for `attention="flex_attention"` a BlockMask (a document mask: flex attention skips the
+    blocks it rules out), else a boolean 4D mask (B, 1, L, L); with one example per row, the plain (B, L)
+    padding mask. Built on `segment`'s device."""
+    import torch  # seconds to import: loaded where used, not with the module
+
     real = segment >= 0
-    if all(len(seq) == 1 for seq in sequences):
+    if not packed:
         # One example per row: a plain padding mask lets attention use its fast causal kernels.
-        mask = real.long()
-    elif attention == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
+        return real.long()
+    batch, length = segment.shape
+    if attention == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask  # loaded only for flex attention
 
         def same_example_causal(b, h, q, kv):  # padding attends to padding: never trained
             return (segment[b, q] == segment[b, kv]) & (q >= kv)
 
-        mask = create_block_mask(same_example_causal, batch, None, length, length, device=device)
-    else:
-        causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
-        same = segment[:, :, None] == segment[:, None, :]
-        mask = same & causal & real[:, :, None]
-        mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding rows attend to themselves
-        mask = mask[:, None]
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": mask, "per_example": per_example, "loss_index": loss_index, "loss_targets": loss_targets,
-            "real_tokens": real_tokens, "trained_tokens": trained_tokens,
-            "computed_tokens": batch * length}
-
-
-# ---------------------------------------------------------------------------- a dataset, labelled
-
-def load_tokenizer(base_model: Path, trust_remote_code: bool = False):
-    """The tokenizer with the chat template training uses (its own, or a default from tokens it has; the
-    system prompt kept where the template would lose it), and how that template renders (a ChatFormat)."""
-    from transformers import AutoTokenizer
-
-    from job import JobError
-
-    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    try:
-        chat_format = prepare_chat_template(tokenizer)
-    except SkipExample as exc:
-        raise JobError(f"the base model {base_model.name} cannot be used for chat training: {exc}") from None
-    if chat_format.system_prompt != "template":
-        log.info("the chat template of %s drops or refuses a system prompt: it is merged into the %s", base_model.name,
-                 chat_format.system_prompt)
-    return tokenizer, chat_format
-
-
-CONVERSATIONS_PER_PROCESS = 200  # below this a labelling process costs more to start (~2 s) than it saves
-_worker_tokenizer = None  # in a labelling process: (tokenizer, end-of-turn text)
-
-
-def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity, capped by the container's CPU quota (cgroup v2 `cpu.max`,
-    which a container on a large host has while its affinity still lists every core of the host)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def labelling_processes(conversations: int) -> int:
-    """One per CONVERSATIONS_PER_PROCESS conversations, at most one per usable core."""
-    return max(1, min(usable_cores(), conversations // CONVERSATIONS_PER_PROCESS))
-
-
-def _start_labelling(base_model: Path, trust_remote_code: bool) -> None:
-    """A labelling process's start: SIGTERM back to its default action (fork copies the job's handler, under which the
-    process would outlive a terminate()), then the tokenizer, loaded once."""
-    global _worker_tokenizer
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    tokenizer, chat_format = load_tokenizer(base_model, trust_remote_code)
-    _worker_tokenizer = tokenizer, chat_format.end_of_turn
-
-
-def _label_chunk(first: int, conversations: list[dict], max_seq_length: int, tokenizer=None, eot_text: str = ""):
-    """(examples, [(line, problem)]) for consecutive conversations numbered from `first`."""
-    if tokenizer is None:
-        tokenizer, eot_text = _worker_tokenizer
-    examples, problems = [], []
-    for i, conversation in enumerate(conversations, first):
-        try:
-            examples.append(tokenize_conversation(tokenizer, conversation, max_seq_length, eot_text))
-        except SkipExample as exc:
-            problems.append((i + 1, str(exc)))
-    return examples, problems
-
-
-def _label_in_processes(conversations: list[dict], max_seq_length: int, processes: int, base_model: Path,
-                        trust_remote_code: bool) -> list[tuple]:
-    """Each chunk's (examples, problems), in order, labelled in `processes` processes. Whatever ends the labelling
-    early (SIGTERM's Stopped, a chunk's error, a process killed: a JobError saying how), every process it started is
-    killed and reaped first."""
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-    from multiprocessing import active_children, get_context
-
-    from job import JobError
-
-    size = math.ceil(len(conversations) / (4 * processes))  # a few chunks each: a slow one does not hold the rest
-    # fork where there is one: a spawned process spends ~3 s importing transformers (and torch) before it labels
-    # anything. The children only tokenize (no CUDA, no torch ops, no logging), which is what fork is safe for.
-    context = get_context("fork" if sys.platform == "linux" else "spawn")
-    others = set(active_children())
-    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_labelling,
-                               initargs=(base_model, trust_remote_code))
-    started = []
-    try:
-        futures = [pool.submit(_label_chunk, s, conversations[s:s + size], max_seq_length)
-                   for s in range(0, len(conversations), size)]
-        started = [p for p in active_children() if p not in others]  # every process has started by now
-        chunks = [future.result() for future in futures]
-        pool.shutdown()
-        return chunks
-    except BrokenProcessPool:  # a process died; the pool has just terminated the others
-        raise JobError(_labelling_process_died(started, processes)) from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        started += [p for p in active_children() if p not in others and p not in started]
-        for process in started:
-            process.kill()  # SIGKILL: one blocked writing its result to a pipe no one reads any more dies too
-        for process in started:
-            process.join()
-
-
-def _labelling_process_died(started: list, processes: int) -> str:
-    """Why labelling failed, from the exit codes of its processes (-N: killed by signal N), and what to do."""
-    from multiprocessing.connection import wait
-
-    ended = wait([p.sentinel for p in started], timeout=0)  # a process closes it as it dies, before it can be reaped
-    for process in started:
-        if process.sentinel in ended:
-            process.join()
-    codes = [p.exitcode for p in started if p.exitcode]
-    # once one dies the pool terminates the others (SIGTERM): the first death is the code that is not that, if any
-    code = next((c for c in codes if c != -signal.SIGTERM), codes[0] if codes else None)
-    if code == -signal.SIGKILL:
-        return (f"labelling the conversations failed: a labelling process was killed by SIGKILL, most likely by the "
-                f"out-of-memory killer ({_memory()}, for {processes} labelling processes and the worker): use fewer or "
-                "shorter conversations, a lower max_seq_length, or a worker with more memory")
-    names = {number.value: number.name for number in signal.Signals}
-    how = ("ended abruptly" if code is None else f"exited with code {code}" if code > 0
-           else f"was killed by {names.get(-code, f'signal {-code}')}")
-    return (f"labelling the conversations failed: a labelling process {how} (the worker's log may say why): resubmit "
-            "the job; should it fail again, use fewer or shorter conversations, or a worker with more memory")
-
-
-def _memory() -> str:
-    """The memory there is, in words: the container's limit (cgroup v2 `memory.max`), else the machine's."""
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().split()[0]
-        if limit != "max":
-            return f"the container has {int(limit) / 2**30:.1f} GiB of memory"
-    except (OSError, ValueError, IndexError):
-        pass
-    return f"the machine has {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB of memory"
-
-
-def label_conversations(tokenizer, conversations: list[dict], max_seq_length: int, eot_text: str, *,
-                        processes: int = 1, base_model: Path | None = None, trust_remote_code: bool = False):
-    """Tokenize and label every conversation, in order; returns (examples, length report). With `processes` > 1
-    (and `base_model`, whose tokenizer each process loads once) the conversations are labelled in that many
-    processes, in contiguous chunks, and come back in their order: the same examples as in one."""
-    if processes > 1 and base_model is not None and len(conversations) > 1:
-        chunks = _label_in_processes(conversations, max_seq_length, processes, base_model, trust_remote_code)
-    else:
-        chunks = [_label_chunk(0, conversations, max_seq_length, tokenizer, eot_text)]
-    examples = [e for chunk_examples, _ in chunks for e in chunk_examples]
-    problems = [p for _, chunk_problems in chunks for p in chunk_problems]
-    report = {
-        "examples": len(examples),
-        "shortened": sum(1 for e in examples if e.dropped_messages),
-        "truncated": sum(1 for e in examples if e.truncated),
-        "dropped": len(problems),
-        "problems": [{"example": i, "message": f"example {i}: {message}"} for i, message in problems[:100]],
-    }
-    return examples, report
+        return create_block_mask(same_example_causal, batch, None, length, length, device=device)
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
+    same = segment[:, :, None] == segment[:, None, :]
+    mask = same & causal & real[:, :, None]
+    mask |= torch.eye(length, dtype=torch.bool, device=device)  # padding rows attend to themselves
+    return mask[:, None]
 
 
 def preview(dataset: str, base_model: str, max_seq_length: int, limit: int | None = None) -> dict:
     """What the trainer would train on: per example, the token counts and the trained text."""
-    from dataset_loader import load_dataset
-
     tokenizer, chat_format = load_tokenizer(Path(base_model))
     eot_text = chat_format.end_of_turn
     conversations, _ = load_dataset(dataset)
@@ -767,7 +423,7 @@ def marked_text(tokenizer, example: Example) -> str:
 
 def sequences_to_tensors(sequences: list[list[Example]]) -> dict:
     """Sequences as a few flat tensors (what `torch.load(weights_only=True)` reads back: no pickled objects)."""
-    import torch
+    import torch  # seconds to import: loaded where used, not with the module
 
     examples = [e for seq in sequences for e in seq]
     flat = lambda attr: torch.frombuffer(bytearray(b"".join(getattr(e, attr).tobytes() for e in examples)) or bytearray(4),
@@ -795,128 +451,3 @@ def sequences_from_tensors(saved: dict) -> list[list[Example]]:
         start += count
     return sequences
 
-
-# ---------------------------------------------------------------------------- the job's data, prepared once
-
-@dataclass
-class Data:
-    """The labelled dataset as training reads it: sequences (packed examples, or one each) and what labelling found."""
-    fingerprint: str
-    train: list
-    validation: list
-    counts: dict  # examples, validation_examples, validation_conversations
-    length_report: dict
-    packing: bool
-    packing_note: str
-    warnings: list
-    labelled: str = ""  # how: "<n> process(es), <s> s", or "reused from the job directory"
-
-
-DATA_FILE = "labelled-data.pt"
-# Raise it when a change here changes the ids or labels written for a conversation: labelled data a job kept under
-# another version is labelled again.
-LABELLING_VERSION = 1
-# The files a tokenizer is read from (the names transformers uses): their contents key the kept labelled data too.
-TOKENIZER_FILES = re.compile(r"tokeni[sz]er.*|vocab.*|merges\.txt|special_tokens_map\.json|added_tokens\.json|"
-                             r"chat_template.*|.*\.model|.*\.tiktoken")
-
-
-def prepare_data(conversations: list[dict], base_path: Path, hp: Hyperparameters, trust_remote_code: bool = False,
-                 keep_in: Path | None = None, fingerprint: str = "") -> Data:
-    """Split off the validation conversations, label and pack both sides; with `keep_in` (the job's checkpoint
-    directory) the result is kept there, and a resumed job reads it back while its fingerprint, LABELLING_VERSION and
-    the tokenizer's files are the same and it holds only what labelling writes."""
-    from base_models import load_config, packing_support
-    from dataset_loader import split_validation
-    from job import JobError
-
-    path = keep_in / DATA_FILE if keep_in is not None and fingerprint else None
-    started = time.monotonic()
-    tokenizer, chat_format = load_tokenizer(base_path, trust_remote_code)
-    key = {"fingerprint": fingerprint, "labelling_version": LABELLING_VERSION, "tokenizer": tokenizer_digest(base_path)}
-    if path is not None and path.is_file() and (kept := _kept_data(path, key, len(tokenizer))) is not None:
-        return kept
-    train_convs, val_convs, split_warning = split_validation(conversations, hp.val_fraction, hp.seed)
-    processes = labelling_processes(len(conversations))
-    train_examples, length_report = label_conversations(
-        tokenizer, train_convs, hp.max_seq_length, chat_format.end_of_turn, processes=processes, base_model=base_path,
-        trust_remote_code=trust_remote_code)
-    val_examples, _ = label_conversations(tokenizer, val_convs, hp.max_seq_length, chat_format.end_of_turn)
-    if not train_examples:
-        quoted = "; ".join(p["message"] for p in length_report["problems"][:3])
-        raise JobError(f"no example could be tokenized for training: {quoted}")
-    packing, packing_note = packing_support(load_config(base_path)) if hp.packing else (False, "off (packing: false)")
-    sequences = (lambda ex: pack_examples(ex, hp.max_seq_length)) if packing else (lambda ex: [[e] for e in ex])
-    if val_convs and not val_examples:  # every held-out conversation was longer than max_seq_length allows
-        split_warning = (f"no validation loss: the {len(val_convs)} held-out line(s) could not fit max_seq_length="
-                         f"{hp.max_seq_length} even with their oldest turns removed; raise max_seq_length, or hold out "
-                         "more conversations (hyperparameters.val_fraction)")
-    counts = {"examples": len(train_examples), "validation_examples": len(val_examples),
-              "validation_conversations": len({c.get("conversation_id", i) for i, c in enumerate(val_convs)})}
-    data = Data(fingerprint, sequences(train_examples), sequences(val_examples), counts, length_report, packing,
-                packing_note, [w for w in (split_warning, hp.packing and not packing and f"packing {packing_note}") if w],
-                f"{processes} process(es), {time.monotonic() - started:.1f} s")
-    if path is not None:
-        _keep_data(path, data, key)
-    return data
-
-
-def tokenizer_digest(base_model: Path) -> str:
-    """sha256 over the names and contents of the base model's tokenizer files (TOKENIZER_FILES)."""
-    digest = hashlib.sha256()
-    for path in sorted(base_model.iterdir()):
-        if TOKENIZER_FILES.fullmatch(path.name) and path.is_file():
-            content = path.read_bytes()
-            digest.update(f"{path.name}\0{len(content)}\0".encode() + content)
-    return digest.hexdigest()
-
-
-def _keep_data(path: Path, data: Data, key: dict) -> None:
-    """Save `data` with its key; a cache: a failed write costs a resumed job the labelling, nothing else."""
-    import torch
-
-    from files import atomic_file, private_dir
-
-    fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
-    try:
-        private_dir(path.parent)
-        with atomic_file(path) as f:
-            torch.save({**fields, "key": key, "train": sequences_to_tensors(data.train),
-                        "validation": sequences_to_tensors(data.validation)}, f)
-    except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
-        log.warning("could not keep the labelled data in %s (%s); a resumed job labels it again", path, exc)
-
-
-def _kept_data(path: Path, key: dict, vocabulary: int) -> Data | None:
-    """The labelled data kept in `path` when it was saved under `key` and holds only what labelling writes; else None,
-    with a warning (the job labels again)."""
-    import torch
-
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        problem = ("it was labelled for another job input, labelling version or tokenizer" if saved.pop("key", None) != key
-                   else _labels_problem(saved["train"], vocabulary) or _labels_problem(saved["validation"], vocabulary))
-        if problem is None:
-            log.info("labelled data reused from %s", path)
-            return Data(**{**saved, "train": sequences_from_tensors(saved["train"]),
-                           "validation": sequences_from_tensors(saved["validation"]),
-                           "labelled": "reused from the job directory"})
-    except Exception as exc:  # noqa: BLE001 - unreadable, or not what sequences_to_tensors writes
-        problem = f"it could not be read ({type(exc).__name__}: {exc})"
-    log.warning("could not reuse the labelled data in %s: %s; labelling again", path, problem)
-    return None
-
-
-def _labels_problem(saved: dict, vocabulary: int) -> str | None:
-    """What in saved sequences (sequences_to_tensors) labelling never writes, or None: lengths that do not add up, a
-    token id outside the vocabulary (the embedding's IndexError in training), a label neither IGNORE nor its token."""
-    ids, labels, lengths = saved["input_ids"], saved["labels"], saved["lengths"]
-    examples = (len(lengths), int(saved["per_sequence"].sum()), len(saved["dropped_messages"]), len(saved["truncated"]))
-    if not (len(ids) == len(labels) == int(lengths.sum()) and bool((lengths > 0).all()) and len(set(examples)) == 1):
-        return "its lengths do not add up"
-    outside = ids[(ids < 0) | (ids >= vocabulary)]
-    if len(outside):
-        return f"it holds token id {int(outside[0])}, outside the tokenizer's {vocabulary}"
-    if not bool(((labels == IGNORE) | (labels == ids)).all()):
-        return "it holds a label that is neither ignored nor its own token"
-    return None

@@ -6,16 +6,28 @@ created exclusively (`O_EXCL`), without following a link (`O_NOFOLLOW`), readabl
 was at its name (a file or a link: the link itself, never its target) is removed; a directory the worker writes in
 has no link on its way down from the setting that names it (`real_dir`: job directories, the model cache's downloads);
 a file that must not be seen half-written is written under a temporary name, flushed to the disk and renamed into place.
+
+Workers sharing the volume take turns through a lock file (`JobLock`): one worker per job, one download per model.
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
+import secrets
 import shutil
+import socket
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from job import JobError
+
+log = logging.getLogger(__name__)
 
 PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
 
@@ -130,3 +142,104 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class JobLock:
+    """One worker per job directory, also across workers sharing a network volume.
+
+    The lock file holds its owner's random token, host, pid and start time; its mtime is a heartbeat,
+    refreshed by a background thread while the lock is held (downloads and model loads included). A
+    lock is stale, and taken over, when its heartbeat is older than `stale_after_s`, or when its owner
+    is a process of this host that no longer exists (a pid equal to ours that is not our lock counts:
+    container restarts reuse pids). A takeover happens under an exclusive marker file and judges the
+    lock again there, so of two workers that both saw it stale only one can win, and a late one never
+    removes the winner's fresh lock; ownership is checked by token, never by pid.
+    """
+
+    def __init__(self, path: Path, stale_after_s: float = 600.0, heartbeat_s: float = 30.0):
+        self.path, self.stale_after_s, self.heartbeat_s = Path(path), stale_after_s, heartbeat_s
+        self.token, self.held = secrets.token_hex(16), False
+        self._stop = threading.Event()
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _is_stale(self, owner: dict) -> bool:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        if age > self.stale_after_s:
+            return True
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+            if owner["pid"] == os.getpid():
+                return owner.get("token") != self.token
+            try:
+                os.kill(owner["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return not owner and age > 5  # unreadable and not being written right now
+
+    def acquire(self) -> None:
+        for _ in range(50):  # each round either takes the lock, finds it held, or waits out a takeover
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if not self._is_stale(owner):
+                    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.get("started", 0)))
+                    raise JobError(f"job {self.path.parent.name} is already running on another worker (pid "
+                                   f"{owner.get('pid')} on {owner.get('host')}, since {since}); wait for it to finish, "
+                                   "or submit with another job_id") from None
+                self._take_over(owner)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
+            self.held = True
+            threading.Thread(target=self._beat, daemon=True).start()
+            return
+        raise JobError(f"could not take the lock of job {self.path.parent.name}; retry in a minute")
+
+    def _take_over(self, owner: dict) -> None:
+        """Remove a stale lock, under an exclusive marker: a worker that judged the lock stale and then paused must
+        not remove the fresh lock another worker has taken meanwhile, so the lock is judged again under the marker."""
+        marker = self.path.with_name(f"{self.path.name}.takeover")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:  # a marker left by a worker that died while taking over
+                if time.time() - marker.stat().st_mtime > 60:
+                    marker.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)
+            return
+        try:
+            owner = self._owner()
+            if self.path.exists() and self._is_stale(owner):
+                self.path.unlink(missing_ok=True)
+                log.warning("took over the stale lock of job %s (%s)", self.path.parent.name, owner or "unreadable")
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        if self.held and self._owner().get("token") == self.token:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self.held and self._owner().get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        self.held = False

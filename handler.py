@@ -35,11 +35,13 @@ from checkpoints import Cancelled, Stopped, clear_stop_request, request_stop, st
 from dataset_loader import DatasetError, load_dataset, write_jsonl  # noqa: E402
 from job import (JOB_ID_RULE, MAX_MESSAGE_CHARS, JobError, WorkerSettings, is_safe_job_id, job_fingerprint, parse_job_input,  # noqa: E402
                  redact_text, redact_url)
-from files import new_file, private_dir, volume_fault, write_atomically  # noqa: E402
-from storage import (JobLock, LinkExpired, check_storage, download_dataset, post_callback, presigned_urls,  # noqa: E402
+from files import JobLock, new_file, private_dir, volume_fault, write_atomically  # noqa: E402
+from storage import (LinkExpired, check_storage, download_dataset, post_callback, presigned_urls,  # noqa: E402
                      supabase_object, upload_files)
-from base_models import (HubDownload, ModelNotOnHub, cached_models, check_fits, find_base_model, hub_offline,  # noqa: E402
-                         load_config, resolve_base_model, trust_remote_code_for)
+from architecture import check_fits, load_config  # noqa: E402
+from model_hub import (HubDownload, ModelNotOnHub, cached_models, find_base_model, hub_offline,  # noqa: E402
+                       resolve_base_model, trust_remote_code_for)
+from model_loading import free_gpu_memory_gb, select_precision, unsupported_gpu  # noqa: E402
 from distributed import shared_memory_note  # noqa: E402
 from serving import check_adapter, check_rank  # noqa: E402
 
@@ -345,7 +347,9 @@ def _find_or_plan_download(name: str, hp, settings: WorkerSettings, trust_remote
             raise ModelNotOnHub(f"{exc}. Cached models on this worker: {', '.join(cached_models(cache_dirs)) or 'none'}") from None
         if config_dir is None:  # another worker completed it while this one waited
             return plan.target, None
-        check_fits(config_dir, hp, name, trust_remote_code, processes)
+        device, compute_dtype = select_precision(hp.compute_dtype)
+        check_fits(config_dir, hp, name, compute_dtype=compute_dtype, free_gb=free_gpu_memory_gb(device),
+                   trust_remote_code=trust_remote_code, world_size=processes)
         plan.check_free_space()
     except BaseException:
         plan.release()
@@ -465,8 +469,6 @@ def _prepare_machine(settings: WorkerSettings, warnings: list[str]) -> int:
     """How many processes train; before any download: a GPU the installed torch has no kernels for refused (it would
     fail at its first kernel with "no kernel image is available"), NCCL kept off a small /dev/shm (a warning says so),
     compiled kernels cached on the volume."""
-    from model_loading import unsupported_gpu
-
     processes = training_processes(settings)
     if why := unsupported_gpu():
         raise JobError(why)

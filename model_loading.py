@@ -16,8 +16,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from base_models import per_expert_model_class, per_expert_names
-from chat_labels import end_of_turn_token
+from architecture import per_expert_model_class, per_expert_names
+from chat_templates import end_of_turn_token
 from files import real_dir
 from job import Hyperparameters, JobError
 
@@ -101,6 +101,22 @@ def select_precision(setting: str = "auto"):
     return "cpu", torch.float32
 
 
+def free_gpu_memory_gb(device: str) -> float | None:
+    """GiB free on this process's GPU, for the fit check (`architecture.check_fits`); None on the CPU (no limit)."""
+    if device != "cuda":
+        return None
+    import gc
+
+    import torch
+
+    if torch.cuda.is_initialized():  # a training process, on its own GPU
+        gc.collect()  # a warm worker's previous job may still hold memory (reference cycles, cached blocks)
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info()[0] / 1024**3
+    # the handler, before any download: NVML, no CUDA context taken for the worker's life
+    return (gpu_facts() or [{"free_bytes": torch.cuda.mem_get_info()[0]}])[0]["free_bytes"] / 1024**3
+
+
 FP16_INIT_SCALE = 2.0**16  # the loss scale fp16 training starts from (torch's default); halved after each overflow
 
 
@@ -147,7 +163,7 @@ def quantization_config(compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
 
 
-ROUTED_EXPERTS = r".*\.experts\.\d+\..*"  # module names of per-expert layers (see base_models.PerExpertMoE)
+ROUTED_EXPERTS = r".*\.experts\.\d+\..*"  # module names of per-expert layers (see architecture.PerExpertMoE)
 
 
 def lora_config(hp: Hyperparameters, target_modules: list[str] | str, exclude_modules: str | None = None):

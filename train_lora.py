@@ -37,16 +37,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import distributed
-from base_models import (LOSS_CHUNK_TOKENS, check_fits, estimate_command, isolate_packed_examples, load_config, meta_model,
-                         resolve_base_model, token_mixers)
-from chat_labels import Data, SkipExample, collate, load_tokenizer, prepare_data, preview, print_preview
+from architecture import (LOSS_CHUNK_TOKENS, check_fits, estimate_command, isolate_packed_examples, load_config, meta_model,
+                          token_mixers)
+from chat_labels import collate, preview, print_preview
+from chat_templates import SkipExample, load_tokenizer
 from checkpoints import (Cancelled, StopAsked, Stopped, TrainingLog, TrainState, capture, checkpoint_spacing,
                          load_latest_checkpoint, restore, save_checkpoint, stop_on_sigterm, stop_reason)
 from dataset_loader import DatasetError, load_dataset
 from job import MAX_STEPS, Hyperparameters, JobError, job_fingerprint, parse_hyperparameters
-from model_loading import (adapter_save_dtype, autocast, enable_recomputation, gpu_utilization, keep_copy_after_training,
-                           library_versions, load_model, loss_scaler, peak_memory_gb, select_attention, select_precision,
-                           write_adapter)
+from labelled_data import Data, prepare_data
+from model_hub import config_source, resolve_base_model
+from model_loading import (adapter_save_dtype, autocast, enable_recomputation, free_gpu_memory_gb, gpu_utilization,
+                           keep_copy_after_training, library_versions, load_model, loss_scaler, peak_memory_gb,
+                           select_attention, select_precision, write_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +151,8 @@ def setup(data: Data, base_path: Path, hp: Hyperparameters, world: distributed.W
     from transformers import get_cosine_schedule_with_warmup
 
     device, compute_dtype = select_precision(hp.compute_dtype)
-    estimate = check_fits(base_path, hp, base_path.name, trust_remote_code, world.size)
+    estimate = check_fits(base_path, hp, base_path.name, compute_dtype=compute_dtype, free_gb=free_gpu_memory_gb(device),
+                          trust_remote_code=trust_remote_code, world_size=world.size)
     if world.size > 1:  # one plan for every rank: the smallest micro-batch any GPU fits, recomputation if any needs it
         micro = int(min(distributed.gather_figure(world, estimate.micro_batch_size, device)))
         recompute = max(distributed.gather_figure(world, float(estimate.gradient_checkpointing), device)) > 0
@@ -196,7 +200,7 @@ def setup(data: Data, base_path: Path, hp: Hyperparameters, world: distributed.W
 def hidden_states(model, batch, use_mask: bool = True):
     """The decoder's last hidden states for a collated micro-batch (B, L, hidden): packed examples kept apart
     by the 4D mask in attention layers, and by their spans in the layers it does not reach (linear attention,
-    run per example: base_models.isolate_packed_examples)."""
+    run per example: architecture.isolate_packed_examples)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     per_example = {"packed_examples": batch["per_example"]} if getattr(causal_lm, "per_example_layers", 0) else {}
     return causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if use_mask else None,
@@ -574,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         if args.command == "estimate":
-            return estimate_command(args)
+            return estimate_command(args, config_source(args.base_model))
         if args.command == "preview":
             print_preview(preview(args.dataset, args.base_model, args.max_seq_length, args.limit), args.json)
             return 0

@@ -4,7 +4,7 @@
 
 The data is the bundled BrightRun sample, its conversations repeated with a counter in each answer (so every one
 is tokenized afresh) up to --conversations. The tokenizer is a real one: Qwen2.5's, on the tiny Qwen2 model built
-locally. Each configuration runs `chat_labels.label_conversations` exactly as the trainer does (a spawned pool of
+locally. Each configuration runs `labelled_data.label_conversations` exactly as the trainer does (a spawned pool of
 processes, each loading the tokenizer once: their start is counted) and the examples must be identical to one
 process's, or the benchmark fails.
 """
@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chat_labels import label_conversations, load_tokenizer  # noqa: E402
+from chat_templates import load_tokenizer  # noqa: E402
 from dataset_loader import load_dataset  # noqa: E402
+from labelled_data import label_conversations  # noqa: E402
 
 SAMPLE = ROOT / "data" / "brightrun-eq12-demo.jsonl"
 

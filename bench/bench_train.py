@@ -171,7 +171,8 @@ def run_hf_trainer(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from chat_labels import IGNORE
-    from chat_labels import label_conversations, load_tokenizer
+    from chat_templates import load_tokenizer
+    from labelled_data import label_conversations
     from model_loading import lora_config, lora_targets, quantization_config, select_precision
 
     started = time.monotonic()
@@ -248,7 +249,7 @@ def fresh_gpu_memory() -> float | None:
 
 def model_flops_parameters(model_dir: Path) -> int:
     """N of the 6·N FLOPs per token: the parameters less the input embedding (a lookup, not a matmul)."""
-    from base_models import count_parameters, load_config
+    from architecture import count_parameters, load_config
 
     p = count_parameters(load_config(Path(model_dir)))
     return p["total"] - p["embeddings"] + p["vocab"] * p["hidden"]
@@ -258,7 +259,7 @@ def timed_conversations(model_dir: Path, hp: dict, steps: int) -> list[dict]:
     """gpu mode: enough copies of the sample that `steps` optimizer steps stay inside the first epoch of every
     configuration, whole batches only (packing makes the fewest sequences; unpacked and the HF Trainer's rows,
     one per conversation, are at least as many), checked by labelling them as the trainer does."""
-    from chat_labels import prepare_data
+    from labelled_data import prepare_data
 
     batch, copies = hp["batch_size"], max(2, math.ceil((steps + 2) * hp["batch_size"] / 22))
     for _ in range(5):
@@ -273,7 +274,7 @@ def timed_conversations(model_dir: Path, hp: dict, steps: int) -> list[dict]:
 def warmup_conversations(convs: list[dict], model_dir: Path, hp: Hyperparameters) -> list[dict]:
     """The fewest leading conversations whose one epoch is two full optimizer steps, then a short last step,
     with a validation share (the end-of-epoch evaluation): the shapes of a whole job, for the warm-up run."""
-    from chat_labels import prepare_data
+    from labelled_data import prepare_data
 
     batch = hp.batch_size
     for k in range(2 * batch + 1, len(convs) + 1):

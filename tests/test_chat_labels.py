@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chat_labels import (IGNORE, Example, collate, end_of_turn_text, ensure_chat_template, pack_examples,
-                         tokenize_conversation, trained_runs)
+from chat_labels import IGNORE, Example, collate, pack_examples, tokenize_conversation, trained_runs
+from chat_templates import end_of_turn_text, ensure_chat_template
 
 CONVERSATION = {"messages": [
     {"role": "system", "content": "You are a careful financial planner."},
@@ -153,7 +153,7 @@ def test_tool_calls_are_trained_and_tool_results_are_not(tiny_qwen2):
 
 
 def test_tools_with_a_template_that_cannot_render_them_are_skipped_with_the_reason(tiny_qwen2):
-    from chat_labels import SkipExample
+    from chat_templates import SkipExample
     from dataset_loader import finalize, normalize_openai
 
     messages, _ = finalize(normalize_openai(tool_conversation()))
@@ -171,7 +171,7 @@ def test_a_real_sentencepiece_vocabulary_merges_the_leading_space_into_the_train
 
 
 def test_a_conversation_the_template_refuses_is_skipped_with_the_reason(tiny_mistral):
-    from chat_labels import SkipExample
+    from chat_templates import SkipExample
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_mistral)
     tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
@@ -187,18 +187,3 @@ def test_an_examples_first_token_is_never_counted_as_trained():
     assert Example(input_ids=[5, 6, 7], labels=[5, IGNORE, IGNORE]).num_trained == 0
     assert Example(input_ids=[5, 6, 7], labels=[5, IGNORE, 7]).num_trained == 1
 
-
-def test_a_held_out_conversation_that_cannot_fit_is_said_not_silently_dropped(tiny_qwen2):
-    """The bundled sample at 256 tokens: its one held-out conversation cannot fit even shortened; the job says why
-    there is no validation loss instead of reporting null."""
-    from chat_labels import prepare_data
-    from conftest import SAMPLE
-    from dataset_loader import load_dataset
-    from job import Hyperparameters
-
-    data = prepare_data(load_dataset(SAMPLE)[0], tiny_qwen2, Hyperparameters(max_seq_length=256))
-    assert data.validation == [] and data.counts["validation_examples"] == 0
-    [warning] = [w for w in data.warnings if w.startswith("no validation loss")]
-    assert "could not fit max_seq_length=256" in warning and "val_fraction" in warning
-    fits = prepare_data(load_dataset(SAMPLE)[0], tiny_qwen2, Hyperparameters(max_seq_length=1024))
-    assert fits.validation and not any(w.startswith("no validation loss") for w in fits.warnings)

@@ -217,7 +217,7 @@ def test_hf_endpoint_is_read_at_import(hub, monkeypatch):
     assert hf_hub_url(REPO, "config.json").startswith(constants.ENDPOINT + "/")
     assert hf_hub_url(REPO, "config.json", endpoint=hub.endpoint).startswith(hub.endpoint + "/")
 
-    # Code that takes no endpoint= (as base_models.py) can be redirected by patching both import-time constants;
+    # Code that takes no endpoint= (as model_hub.py) can be redirected by patching both import-time constants;
     # HfApi() objects made afterwards follow, the module-level functions (huggingface_hub.model_info...) do not.
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",

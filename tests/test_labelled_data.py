@@ -1,5 +1,5 @@
-"""The job's labelled data: labelled in processes that all end with the labelling, whatever ends it, and read back
-for a resumed job only while it is still right."""
+"""The job's labelled data: labelled in processes that all end with the labelling, whatever ends it, read back
+for a resumed job only while it is still right, and a held-out side that cannot fit said, not dropped silently."""
 
 import logging
 import os
@@ -12,11 +12,12 @@ import psutil
 import pytest
 import torch
 
-from chat_labels import DATA_FILE, label_conversations, load_tokenizer, prepare_data
+from chat_templates import load_tokenizer
 from checkpoints import Stopped, stop_on_sigterm
 from conftest import SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
+from labelled_data import DATA_FILE, label_conversations, prepare_data
 
 REUSED = "reused from the job directory"
 
@@ -92,7 +93,7 @@ def test_kept_labelled_data_holding_a_token_the_vocabulary_lacks_is_labelled_aga
     saved = torch.load(keep / DATA_FILE, weights_only=True)
     saved["train"]["input_ids"][3] = 1_000_000
     torch.save(saved, keep / DATA_FILE)
-    with caplog.at_level(logging.WARNING, logger="chat_labels"):
+    with caplog.at_level(logging.WARNING, logger="labelled_data"):
         metrics = train(conversations, tiny_qwen2, tmp_path / "adapter", hp, checkpoint_dir=keep,
                         fingerprint="job-1").metrics
     assert metrics["steps"] == 1 and metrics["labelled"] != REUSED
@@ -102,7 +103,7 @@ def test_kept_labelled_data_holding_a_token_the_vocabulary_lacks_is_labelled_aga
 @pytest.mark.parametrize("change", ["labelling version", "tokenizer"])
 def test_kept_labelled_data_is_not_reused_by_another_labelling_version_or_tokenizer(change, tiny_qwen2, tmp_path,
                                                                                      monkeypatch):
-    import chat_labels
+    import labelled_data
 
     model = tmp_path / "model"
     shutil.copytree(tiny_qwen2, model)
@@ -114,9 +115,20 @@ def test_kept_labelled_data_is_not_reused_by_another_labelling_version_or_tokeni
 
     assert labelled() != REUSED and labelled() == REUSED  # the same job, labelling and tokenizer: read back
     if change == "labelling version":
-        monkeypatch.setattr(chat_labels, "LABELLING_VERSION", chat_labels.LABELLING_VERSION + 1)
+        monkeypatch.setattr(labelled_data, "LABELLING_VERSION", labelled_data.LABELLING_VERSION + 1)
     else:  # the base model's tokenizer updated in place: a conversation without a system prompt gets another default
         template = model / "chat_template.jinja"
         template.write_text(template.read_text().replace("You are a helpful assistant.", "You are a careful assistant."))
     assert labelled() != REUSED
     assert labelled() == REUSED
+
+
+def test_a_held_out_conversation_that_cannot_fit_is_said_not_silently_dropped(tiny_qwen2):
+    """The bundled sample at 256 tokens: its one held-out conversation cannot fit even shortened; the job says why
+    there is no validation loss instead of reporting null."""
+    data = prepare_data(load_dataset(SAMPLE)[0], tiny_qwen2, Hyperparameters(max_seq_length=256))
+    assert data.validation == [] and data.counts["validation_examples"] == 0
+    [warning] = [w for w in data.warnings if w.startswith("no validation loss")]
+    assert "could not fit max_seq_length=256" in warning and "val_fraction" in warning
+    fits = prepare_data(load_dataset(SAMPLE)[0], tiny_qwen2, Hyperparameters(max_seq_length=1024))
+    assert fits.validation and not any(w.startswith("no validation loss") for w in fits.warnings)

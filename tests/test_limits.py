@@ -72,7 +72,8 @@ def test_shortening_a_long_conversation_costs_in_proportion_to_its_length(tiny_q
     270 s where 100 took 0.03 s. Now labelling 800 costs at most 20x labelling 100."""
     from transformers import AutoTokenizer
 
-    from chat_labels import prepare_chat_template, tokenize_conversation
+    from chat_labels import tokenize_conversation
+    from chat_templates import prepare_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
     eot = prepare_chat_template(tokenizer).end_of_turn
@@ -87,7 +88,8 @@ def test_shortening_a_long_conversation_costs_in_proportion_to_its_length(tiny_q
 LABELLING_COST = r"""
 import json, resource, sys, time
 from transformers import AutoTokenizer
-from chat_labels import SkipExample, prepare_chat_template, tokenize_conversation
+from chat_labels import tokenize_conversation
+from chat_templates import SkipExample, prepare_chat_template
 
 model, max_seq_length, case = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 tokenizer = AutoTokenizer.from_pretrained(model)
@@ -152,7 +154,8 @@ def test_labelled_examples_hold_a_few_bytes_a_token(tiny_qwen2):
 
     from transformers import AutoTokenizer
 
-    from chat_labels import prepare_chat_template, tokenize_conversation
+    from chat_labels import tokenize_conversation
+    from chat_templates import prepare_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
     eot = prepare_chat_template(tokenizer).end_of_turn
@@ -378,7 +381,7 @@ def test_two_workers_taking_over_one_stale_lock_leave_one_owner(tmp_path, monkey
     import threading
 
     from conftest import ROOT
-    from storage import JobLock
+    from files import JobLock
 
     lock_path = tmp_path / "job" / "job.lock"
     lock_path.parent.mkdir()
@@ -408,7 +411,7 @@ def test_two_workers_taking_over_one_stale_lock_leave_one_owner(tmp_path, monkey
     thread.start()
     assert judged.wait(30)
     a = subprocess.Popen([sys.executable, "-c", (  # worker A, another process: takes over and holds the lock
-        "import sys, time; from pathlib import Path; from storage import JobLock\n"
+        "import sys, time; from pathlib import Path; from files import JobLock\n"
         "lock = JobLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(60)\n"), str(lock_path)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from base_models import HubDownload, files_to_load, find_base_model
 from conftest import SAMPLE, running_worker, runsync
 from hub_server import HubServer
 from job import JobError
+from model_hub import HubDownload, files_to_load, find_base_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "data" / "model-configs"
 
@@ -146,7 +146,6 @@ def test_a_model_too_large_for_the_gpu_fails_on_its_config_before_the_dataset_or
                                                                                         monkeypatch):
     """Qwen3-Next-80B's real config.json on a GPU with 24 GB free (the GPU's memory query is the only stand-in)."""
     import handler
-    import model_loading
     from job import WorkerSettings
 
     repo = hub.root / "acme" / "next-80b"
@@ -159,7 +158,7 @@ def test_a_model_too_large_for_the_gpu_fails_on_its_config_before_the_dataset_or
     for shard in shards:
         (repo / shard).write_bytes(os.urandom(10_000))
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(model_loading, "select_precision", lambda setting: ("cuda", torch.bfloat16))
+    monkeypatch.setattr(handler, "select_precision", lambda setting: ("cuda", torch.bfloat16))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (24 * 1024**3, 80 * 1024**3))
     settings = WorkerSettings.from_env({"JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(tmp_path / "models")})
     spec = {"job_id": "too-big", "dataset_url": storage.url(SAMPLE.name, storage.good),
@@ -228,7 +227,7 @@ def test_a_second_worker_waits_for_the_first_ones_download_and_uses_it(hub, tiny
     hub.slow_s = 0.05  # ~1 MB of weights in 64 KiB chunks: the first download takes about a second
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     first = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from pathlib import Path; from base_models import HubDownload\n"
+        "import sys; from pathlib import Path; from model_hub import HubDownload\n"
         "with HubDownload('acme/shared', Path(sys.argv[1])) as d:\n    d.prepare(); d.complete()\n"), str(tmp_path)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -373,7 +372,7 @@ def test_weights_larger_than_the_config_implies_are_refused_before_any_weight_by
 
 
 def test_a_model_over_max_model_download_bytes_is_refused_before_any_weight_byte(hub, tmp_path, monkeypatch):
-    from base_models import load_config, meta_model
+    from architecture import load_config, meta_model
     from job import WorkerSettings
 
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)

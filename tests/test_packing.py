@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from base_models import ISOLATED_TOKEN_MIXERS, isolate_packed_examples, packing_support
+from architecture import ISOLATED_TOKEN_MIXERS, isolate_packed_examples, packing_support
 from chat_labels import IGNORE, Example, collate
 from train_lora import hidden_states
 
@@ -109,7 +109,7 @@ def test_packed_examples_compute_what_each_computes_alone(model_type):
 def test_flex_attention_with_a_document_mask_keeps_packed_examples_apart(model_type):
     """The GPU's fast path (collate's BlockMask, rows padded to a fixed length), in forward: flex attention runs
     forward on the CPU, backward only on a GPU, so its training speed is the GPU benchmark's."""
-    from base_models import meta_model
+    from architecture import meta_model
     from model_loading import select_attention
 
     import importlib.util
@@ -133,7 +133,7 @@ def test_flex_attention_with_a_document_mask_keeps_packed_examples_apart(model_t
 def test_models_with_linear_attention_layers_keep_the_dense_mask_on_a_gpu(model_type):
     """transformers 5.23 has no flex attention for Qwen3-Next, and the hybrids that have it (LFM2, Granite-4.0-H,
     Nemotron-H, Zamba2) cannot take a BlockMask beside their linear layers: the worker keeps sdpa's dense mask."""
-    from base_models import meta_model, token_mixers
+    from architecture import meta_model, token_mixers
     from model_loading import select_attention
 
     architecture = meta_model(tiny(model_type).config.to_dict())

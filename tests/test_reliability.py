@@ -18,8 +18,8 @@ import torch
 from checkpoints import load_latest_checkpoint
 from conftest import ROOT, SAMPLE, running_worker, runsync
 from dataset_loader import load_dataset
+from files import JobLock
 from job import Hyperparameters, JobError
-from storage import JobLock
 from train_lora import train
 
 HP = dict(max_steps=6, batch_size=2, max_seq_length=384, lora_rank=4, checkpoint_steps=2, warmup_steps=1)
@@ -67,11 +67,11 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_exactly_like_an_unin
         train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP), on_progress=crash_at(5),
               checkpoint_dir=checkpoints, fingerprint="job-1")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "labelled-data.pt", "training_log.jsonl"]
-    import chat_labels
+    import labelled_data
 
     labelled = []
-    original = chat_labels.tokenize_conversation
-    monkeypatch.setattr(chat_labels, "tokenize_conversation", lambda *a: labelled.append(1) or original(*a))
+    original = labelled_data.tokenize_conversation
+    monkeypatch.setattr(labelled_data, "tokenize_conversation", lambda *a: labelled.append(1) or original(*a))
     metrics = train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP),
                     checkpoint_dir=checkpoints, fingerprint="job-1").metrics
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 6
@@ -382,7 +382,7 @@ def test_a_copy_is_kept_when_the_fault_is_not_the_copys(tiny_qwen2, tmp_path, mo
 def test_the_copy_is_named_by_what_decides_its_bytes(tiny_qwen2, tiny_mistral, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from base_models import per_expert_model_class
+    from architecture import per_expert_model_class
     from model_loading import causal_lm_class, quantized_copy_dir
 
     stock = causal_lm_class(tiny_qwen2)

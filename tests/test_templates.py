@@ -8,10 +8,11 @@ from itertools import groupby
 import pytest
 from transformers import AutoTokenizer
 
-from chat_labels import (IGNORE, NON_THINKING_PRELUDE, SkipExample, label_conversations, prepare_chat_template, render,
-                         supports_tools, tokenize_conversation, trained_char_spans, trained_runs)
+from chat_labels import IGNORE, tokenize_conversation, trained_char_spans, trained_runs
+from chat_templates import NON_THINKING_PRELUDE, SkipExample, prepare_chat_template, render, supports_tools
 from conftest import SAMPLE
 from dataset_loader import load_dataset
+from labelled_data import label_conversations
 from tiny_model import CHAT_TEMPLATE_VOCABULARIES, chat_template_tokenizer
 
 TEMPLATES = sorted(CHAT_TEMPLATE_VOCABULARIES)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
-from base_models import resolve_base_model
+from model_hub import resolve_base_model
 from model_loading import quantization_config, same_kernels_in_eval
 from train_lora import train
 
@@ -129,7 +129,8 @@ def test_preview_cli_shows_the_trained_text(tiny_qwen2):
 
 def trained_token_loss(model, tokenizer, conversations, max_seq_length=512):
     """Mean cross-entropy over the trained tokens of `conversations` (one sequence each)."""
-    from chat_labels import collate, end_of_turn_text, tokenize_conversation
+    from chat_labels import collate, tokenize_conversation
+    from chat_templates import end_of_turn_text
     from train_lora import loss_sum
 
     eot = end_of_turn_text(tokenizer)
@@ -173,7 +174,8 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwe
     """The trainer never builds the full logits; its loss and LoRA gradients match the plain computation."""
     import model_loading
     import train_lora
-    from chat_labels import IGNORE, collate, end_of_turn_text, pack_examples, tokenize_conversation
+    from chat_labels import IGNORE, collate, pack_examples, tokenize_conversation
+    from chat_templates import end_of_turn_text
     from peft import get_peft_model
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)

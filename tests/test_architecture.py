@@ -1,4 +1,5 @@
-"""Base models: lookup, the memory estimate from config.json, and MoE experts quantized while loading."""
+"""The architecture's facts from config.json: parameter counts, the memory estimate and the fit message, and MoE
+experts quantized while loading (per expert, in 4-bit)."""
 
 import json
 import math
@@ -12,14 +13,15 @@ import torch
 from bitsandbytes.nn import Params4bit
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from base_models import (count_parameters, does_not_fit_message, estimate_job_memory, expert_projection_names,
-                         experts_in_4bit, find_base_model, per_expert_names, resolve_base_model, trust_remote_code_for)
+from architecture import (count_parameters, does_not_fit_message, estimate_job_memory, expert_projection_names,
+                          experts_in_4bit, per_expert_names)
 from conftest import ROOT, SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
 from tiny_model import build_tiny_model
 from model_loading import causal_lm_class, lora_targets_as_named, quantization_config, same_kernels_in_eval
 from train_lora import train
+
 
 CONFIGS = ROOT / "data" / "model-configs"
 
@@ -29,9 +31,14 @@ CONFIGS = ROOT / "data" / "model-configs"
 @pytest.mark.parametrize("name, total", [("mistral-7b-v0.1", 7_241_732_096), ("mistral-7b-instruct-v0.2", 7_241_732_096),
                                          ("qwen2.5-7b", 7_615_616_512),
                                          ("qwen3-8b", 8_190_735_360), ("qwen3-next-80b-a3b", 79_674_391_296)])
+
+
 def test_parameter_counts_of_the_real_architectures(name, total):
     counts = count_parameters(json.loads((CONFIGS / f"{name}.json").read_text()))
     assert counts["total"] == total and counts["linear"] + counts["experts"] + counts["other"] == total
+
+
+
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +70,9 @@ def test_fused_experts_stay_16_bit_in_the_stock_path_and_load_in_4_bit_per_exper
 
 TINY_MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
                 intermediate_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+
+
+
 
 
 @pytest.fixture(params=["qwen3_next", "qwen3_moe", "qwen2_moe"])
@@ -149,6 +159,9 @@ print(json.dumps({"missing": sorted(set(saved) - set(loaded)), "extra": sorted(s
 """
 
 
+
+
+
 @pytest.fixture(scope="module")
 def qwen3_next_no_routed_experts(tiny_qwen3_next, tmp_path_factory):
     """The tiny Qwen3-Next with its routed experts' weights at zero, so the stock path (experts fused, 16-bit) and
@@ -215,6 +228,9 @@ def test_the_estimate_says_the_stock_path_cannot_fit_qwen3_next_80b_and_the_4bit
     assert not result["stock_path"]["fits"] and result["stock_path"]["weights_gb"] > 140
 
 
+
+
+
 @pytest.mark.parametrize("batch, required_gb", [(2, 8.5), (4, 11.5), (16, 29.5)])
 def test_the_apps_batches_on_its_a40_recompute_at_their_whole_micro_batch(batch, required_gb):
     """The README's A40 table: Mistral-7B-Instruct-v0.2 at 2048 tokens, rank 16, the A40's 45 GiB (48 GB): no batch fits
@@ -252,6 +268,8 @@ def test_auto_checkpointing_recomputes_only_where_the_micro_batch_would_not_fit_
 
 @pytest.mark.parametrize("model_type, top_k", [("qwen3_next", "num_experts_per_tok"), ("olmoe", "num_experts_per_tok"),
                                                 ("ernie4_5_moe", "moe_k")])
+
+
 def test_moe_activations_are_counted_per_routed_expert(model_type, top_k):
     from transformers import AutoConfig
 
@@ -263,27 +281,12 @@ def test_moe_activations_are_counted_per_routed_expert(model_type, top_k):
     assert more.total_parameters == base.total_parameters and more.activations_gb > 1.2 * base.activations_gb
 
 
-def test_models_are_found_without_the_runpod_sdk(tiny_qwen2, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "runpod", None)  # a benchmark machine with only the training libraries
-    assert resolve_base_model(str(tiny_qwen2), []) == tiny_qwen2
-
-
 def test_a_job_that_cannot_fit_says_how_much_it_needs_and_what_to_change():
     config = json.loads((CONFIGS / "qwen3-next-80b-a3b.json").read_text())
     estimate = estimate_job_memory(config, gpu_memory_gb=24, batch_size=4)
     assert not estimate.fits and estimate.micro_batch_size == 1
     message = does_not_fit_message("Qwen3-Next-80B-A3B-Instruct", estimate, 2048)
     assert message.startswith("Qwen3-Next-80B-A3B-Instruct needs ~") and "the GPU has 24 GB free" in message
-
-
-def test_allow_list_download_switch_and_remote_code(tmp_path):
-    with pytest.raises(JobError, match="not on this worker's allow-list"):
-        resolve_base_model("evil/model", [tmp_path], allowed=["Qwen/Qwen2.5-7B-Instruct"])
-    with pytest.raises(JobError, match="set ALLOW_MODEL_DOWNLOAD=true"):
-        resolve_base_model("Qwen/Qwen2.5-7B-Instruct", [tmp_path])
-    assert not trust_remote_code_for("some/model", []) and trust_remote_code_for("some/model", ["some/model"])
 
 
 def test_the_4bit_copy_of_a_per_expert_model_keeps_its_experts(tiny_qwen3_next, tmp_path):
@@ -308,14 +311,6 @@ def test_listed_targets_never_reach_the_routed_experts(tiny_qwen3_next):
     assert sum(n.endswith("shared_expert.gate_proj") for n in adapted) == 4  # one per MoE layer
 
 
-def test_the_kept_4bit_copies_are_not_offered_as_cached_models(tmp_path):
-    for model in ("Qwen/Qwen2.5-7B-Instruct", ".quantized/Qwen2.5-7B-Instruct-0123456789abcdef"):
-        (tmp_path / model).mkdir(parents=True)
-        (tmp_path / model / "config.json").write_text("{}")
-    with pytest.raises(JobError, match=r"Cached models: Qwen/Qwen2.5-7B-Instruct\. Pick"):
-        resolve_base_model("mistralai/Mistral-7B-v0.1", [tmp_path])
-
-
 def test_moe_types_left_on_the_stock_path_are_sized_with_16_bit_experts():
     # DeepSeek-V2-Lite's layout (routed experts counted by `n_routed_experts`, MLA attention), scaled down
     config = dict(model_type="deepseek_v2", hidden_size=256, num_hidden_layers=3, num_attention_heads=4, vocab_size=1000,
@@ -327,24 +322,3 @@ def test_moe_types_left_on_the_stock_path_are_sized_with_16_bit_experts():
     assert counts["quantized"] == counts["linear"] and counts["experts"] > counts["quantized"]
     with pytest.raises(JobError, match="cannot size model type 'no-such-model'"):
         count_parameters({**config, "model_type": "no-such-model"})
-
-
-def test_models_in_the_app_teams_hf_home_and_model_path_are_found(tmp_path, monkeypatch):
-    """The app's team keeps Qwen3-Next in the Hugging Face cache layout under HF_HOME on the volume (a lower-cased copy
-    beside it) and points MODEL_PATH at a link to its snapshot."""
-    hf_home = tmp_path / "huggingface-cache"
-    snapshot = hf_home / "hub" / "models--Qwen--Qwen3-Next-80B-A3B-Instruct" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("MODEL_PATH", raising=False)
-    assert find_base_model("Qwen/Qwen3-Next-80B-A3B-Instruct", [], runpod_cache=tmp_path / "none") == snapshot
-    assert find_base_model("qwen/qwen3-next-80b-a3b-instruct", [], runpod_cache=tmp_path / "none") == snapshot
-    monkeypatch.delenv("HF_HOME")
-    link = tmp_path / "models" / "Qwen3-Next-80B-A3B-Instruct"
-    link.parent.mkdir()
-    link.symlink_to(snapshot)
-    monkeypatch.setenv("MODEL_PATH", str(link))
-    assert find_base_model("Qwen/Qwen3-Next-80B-A3B-Instruct", [], runpod_cache=tmp_path / "none") == link
-    assert find_base_model("Qwen/Qwen2.5-7B-Instruct", [], runpod_cache=tmp_path / "none") is None
