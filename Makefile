@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test test-fast bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/ensure_postgres.sh
 	$(PY) -m pytest
+
+test-fast: $(STAMP)  # the inner loop: every test but the slow and GPU ones (`make test` runs them all, as CI does)
+	bash scripts/ensure_postgres.sh
+	$(PY) -m pytest -m "not slow and not gpu"
 
 bench: $(STAMP)
 	$(PY) bench/bench_handler.py --json bench/results/handler-$$(date +%F).json

@@ -2,12 +2,16 @@
 
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_train import conversations, run_hf_trainer, run_ours  # noqa: E402
 from job import Hyperparameters  # noqa: E402
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
 
 def test_packed_padded_and_hf_trainer_configurations_run_on_the_same_data(tiny_qwen2, tmp_path):

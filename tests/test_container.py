@@ -8,7 +8,11 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
 
 def local_imports(module: str, seen: set[str]) -> set[str]:

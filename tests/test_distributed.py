@@ -17,6 +17,8 @@ import pytest
 
 from conftest import ROOT, SAMPLE, running_worker, runsync
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 ARGS = ["--max-seq-length", "256", "--lora-rank", "4", "--lora-dropout", "0", "--packing", "false", "--batch-size", "3",
         "--learning-rate", "1e-3", "--adapter-dtype", "float32", "--warmup-steps", "1"]
 

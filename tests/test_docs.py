@@ -6,9 +6,13 @@ from pathlib import Path
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from gen_docs import app_job, example_job, render_readme
 from job import parse_job_input
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
 
 def test_readme_tables_match_the_job_model_and_the_settings():

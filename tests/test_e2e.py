@@ -7,6 +7,8 @@ import pytest
 
 from conftest import SAMPLE, free_port, running_worker, runsync
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):

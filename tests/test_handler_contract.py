@@ -11,6 +11,8 @@ from conftest import S3_KEYS, SAMPLE, running_worker, runsync
 from storage import EXPIRED
 from test_archive import deployer_unpack
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 APP_STAGES = {"downloading", "loading_data", "loading_model", "training", "saving", "uploading"}
 PREFIX = "runpod-worker/adapters"  # the app's own bucket, under a prefix the deployment chooses
 APP_METRICS = {"training_loss", "validation_loss", "learning_rate", "throughput", "gpu_utilization", "gradient_norm"}

@@ -8,6 +8,8 @@ import pytest
 
 from job import JobError, parse_job_input, redact_text
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 URL = "https://p.supabase.co/storage/v1/object/sign/lora-datasets/d.jsonl?token=eyJsecret"
 
 

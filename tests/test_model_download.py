@@ -17,6 +17,8 @@ from hub_server import HubServer
 from job import JobError
 from model_hub import HubDownload, files_to_load, find_base_model
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 CONFIGS = Path(__file__).resolve().parent.parent / "data" / "model-configs"
 
 

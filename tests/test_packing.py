@@ -13,6 +13,8 @@ from architecture import ISOLATED_TOKEN_MIXERS, isolate_packed_examples, packing
 from chat_labels import IGNORE, Example, collate
 from train_lora import hidden_states
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 V = 256
 COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
               pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)

@@ -20,6 +20,8 @@ import requests
 from conftest import ROOT, SAMPLE, running_worker, runsync
 from test_archive import deployer_unpack
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 TEAM_ENV = {  # what the app's team sets beside Supabase (shared/contracts/brightrun-app.md): ignored, with a warning
     "S3_ENDPOINT_URL": "https://s3api-eu-ro-1.runpod.io", "S3_ACCESS_KEY_ID": "user_abc", "S3_SECRET_ACCESS_KEY": "rps_x",
     "NETWORK_VOLUME_ID": "vol-123"}

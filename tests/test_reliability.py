@@ -22,6 +22,8 @@ from files import JobLock
 from job import Hyperparameters, JobError
 from train_lora import train
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 HP = dict(max_steps=6, batch_size=2, max_seq_length=384, lora_rank=4, checkpoint_steps=2, warmup_steps=1)
 
 

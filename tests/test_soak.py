@@ -6,7 +6,11 @@ import json
 import os
 import time
 
+import pytest
+
 from conftest import SAMPLE, running_worker, runsync
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
 ROUNDS = 6
 

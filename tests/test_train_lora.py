@@ -18,6 +18,8 @@ from model_hub import resolve_base_model
 from model_loading import quantization_config, same_kernels_in_eval
 from train_lora import train
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
+
 
 def load_base(path):
     return same_kernels_in_eval(AutoModelForCausalLM.from_pretrained(
