@@ -182,8 +182,7 @@ def setup(data: Data, base_path: Path, hp: Hyperparameters, world: distributed.W
         if saved is not None:
             restore(run, saved)
             if run.state.recompute_from is not None and not plan.recompute:  # "auto" met an out-of-memory step
-                enable_recomputation(model)
-                plan.recompute, plan.recompute_reason = True, f"on from step {run.state.recompute_from} (out of memory without it)"
+                recompute_from(run, run.state.recompute_from)
         (steps,) = distributed.sum_over_ranks(world, [run.state.step], device)
         if steps != run.state.step * world.size:  # a rank could not read the checkpoint the others resumed from
             raise JobError(f"the training processes resumed from different checkpoints (rank {world.rank}: step "
@@ -261,11 +260,16 @@ def _backward(run: Run, batches: list, n_trained: float) -> float:
             raise JobError(f"the GPU ran out of memory at step {step} with gradient_checkpointing false; set it to \"auto\" "
                            f"or true (or reduce micro_batch_size or max_seq_length) and resubmit{resubmit}")
         log.warning("out of memory at step %d without gradient checkpointing: turning it on and redoing the step", step)
-        enable_recomputation(run.model)
-        run.plan.recompute, run.plan.recompute_reason = True, f"on from step {step} (out of memory without it)"
-        run.state.recompute_from = step
+        recompute_from(run, step)
         if run.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def recompute_from(run: Run, step: int) -> None:
+    """Recomputation on from `step` on, for good: "auto" met an out-of-memory step without it (then, or before a resume)."""
+    enable_recomputation(run.model)
+    run.plan.recompute, run.plan.recompute_reason = True, f"on from step {step} (out of memory without it)"
+    run.state.recompute_from = step
 
 
 def train_step(run: Run, sequences: list, stop) -> tuple[dict, bool]:
