@@ -240,13 +240,6 @@ class TrainingLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def records(self):
-        """The records, read back one at a time."""
-        if self.path is not None and self.path.is_file():
-            with open(self.path) as f:
-                for line in f:
-                    yield json.loads(line)
-
 
 # ---------------------------------------------------------------------------- what a checkpoint holds
 
