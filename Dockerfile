@@ -54,7 +54,7 @@ lib = get_cuda_bnb_library_path(CUDASpecs(highest_compute_capability=(7, 0), cud
 lib.name == 'libbitsandbytes_cuda126.so' and lib.is_file() or sys.exit(f'bitsandbytes {bitsandbytes.__version__} has no CUDA 12.6 library: it would load {lib}'); \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| bitsandbytes', bitsandbytes.__version__, lib.name)"
 
-COPY handler.py job.py storage.py app_row.py archive.py dataset_loader.py chat_templates.py chat_labels.py labelled_data.py architecture.py model_hub.py checkpoints.py files.py model_loading.py distributed.py serving.py train_lora.py tiny_model.py ./
+COPY handler.py progress.py results.py job.py settings.py storage.py app_row.py archive.py dataset_loader.py chat_formats.py chat_templates.py chat_labels.py labelled_data.py architecture.py model_hub.py checkpoints.py files.py model_loading.py device.py plan.py loss.py adapter.py distributed.py serving.py train_lora.py tiny_model.py compat.py ./
 COPY data/ data/
 
 CMD ["python", "-u", "handler.py"]

@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench gpu-check clean
+.PHONY: demo lint test test-fast bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP)
+lint: $(STAMP)  # ruff with ruff.toml's rules; `make test` and `make test-fast` run it first
+	$(PY) -m ruff check .
+
+test: $(STAMP) lint
 	bash scripts/ensure_postgres.sh
 	$(PY) -m pytest
 
-test-fast: $(STAMP)  # the inner loop: every test but the slow and GPU ones (`make test` runs them all, as CI does)
+test-fast: $(STAMP) lint  # the inner loop: every test but the slow and GPU ones (`make test` runs them all, as CI does)
 	bash scripts/ensure_postgres.sh
 	$(PY) -m pytest -m "not slow and not gpu"
 
@@ -45,4 +48,4 @@ gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
 
 clean:
-	rm -rf .cache .pytest_cache
+	rm -rf .cache .pytest_cache .ruff_cache

@@ -35,7 +35,12 @@ import uuid
 from datetime import datetime, timezone
 from typing import Callable
 
-from job import JobError, WorkerSettings, redact_text, redact_url
+import httpx
+from postgrest import SyncPostgrestClient
+from postgrest.exceptions import APIError
+
+from job import JobError, redact_text, redact_url
+from settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +78,6 @@ class JobRow:
 
     def __init__(self, settings: WorkerSettings, job_id: str, runpod_job_id: str | None,
                  on_stop: Callable[[str], None] = lambda status: None):
-        import httpx
-        from postgrest import SyncPostgrestClient
-
         self.settings, self.job_id, self.runpod_job_id, self.on_stop = settings, job_id, runpod_job_id, on_stop
         self.table, self.exists, self.stopped_by = settings.supabase_jobs_table, False, None
         self.warnings: list[str] = []
@@ -121,7 +123,7 @@ class JobRow:
         except JobError:
             row.close()
             raise
-        except Exception as exc:  # the claim's write not answered in time, or refused
+        except Exception as exc:  # noqa: BLE001 - the claim's write not answered in time, or refused
             row.close()
             raise JobError(f"the app's job row {job_id} could not be claimed ({row._scrub(str(exc))}); check "
                            "SUPABASE_URL and resubmit", stage="starting") from None
@@ -152,7 +154,8 @@ class JobRow:
             and details.get("resumable")
         if status in TERMINAL_STATUSES and not resumable:
             what = ("the user cancelled it" if status == "cancelled" else
-                    f"the row is already {status!r}" + (f" ({found.get('error_message')})" if found.get("error_message") else ""))
+                    f"the row is already {status!r}"
+                    + (f" ({found.get('error_message')})" if found.get("error_message") else ""))
             raise JobError(f"the app has ended this job before it started ({what}; {self.table} id={self.job_id}): "
                            "nothing was downloaded or trained. Start a new job in the app", stage="starting")
         claim = self._update({"status": "running", "started_at": now(), "updated_at": now(), "error_message": None,
@@ -171,8 +174,6 @@ class JobRow:
     def _read(self) -> dict | None:
         """The row (id, status, error_message, error_details), or None when there is none; failures name the variable
         to fix (this read is also the deployment's check)."""
-        from postgrest.exceptions import APIError
-
         if not is_uuid(self.job_id):  # the app's ids are uuids; another id has no row (an `id=eq.` would be refused)
             query = self._rest.from_(self.table).select("id").limit(1)
         else:
@@ -183,16 +184,18 @@ class JobRow:
         except APIError as exc:
             raise self._refused("read", exc) from None
         except Exception as exc:  # noqa: BLE001 - httpx's transport errors: the URL, DNS, TLS, a timeout
-            raise JobError(f"could not reach the app's database at SUPABASE_URL={redact_url(self.settings.supabase_url)} "
+            raise JobError("could not reach the app's database at "
+                           f"SUPABASE_URL={redact_url(self.settings.supabase_url)} "
                            f"({type(exc).__name__}: {self._scrub(str(exc))}): check SUPABASE_URL (the project's URL, "
-                           "https://<project-ref>.supabase.co). Nothing was downloaded or trained", stage="starting") from None
+                           "https://<project-ref>.supabase.co). Nothing was downloaded or trained",
+                           stage="starting") from None
         return rows[0] if rows and is_uuid(self.job_id) else None
 
     def _refused(self, what: str, exc) -> JobError:
         status, message = self._status, exc.message or exc.details or ""
         if status == 401 or "api key" in str(message).lower() or exc.code in ("PGRST301", "PGRST302"):
-            fix = ("SUPABASE_SERVICE_ROLE_KEY is not accepted by the app's project: set it to the project's service_role "
-                   "key (Supabase dashboard: Settings, API)")
+            fix = ("SUPABASE_SERVICE_ROLE_KEY is not accepted by the app's project: set it to the project's "
+                   "service_role key (Supabase dashboard: Settings, API)")
         elif exc.code == "PGRST205" or status == 404:
             fix = (f"the table {self.table!r} is not in the app's database: check SUPABASE_URL (the app's project) and "
                    "SUPABASE_JOBS_TABLE")
@@ -205,9 +208,6 @@ class JobRow:
 
     def _call(self, request):
         """One request: its data, [] for a refused one that no retry would change, or _Transient."""
-        import httpx
-        from postgrest.exceptions import APIError
-
         self._local.status = None
         try:
             with self._io:
@@ -228,7 +228,8 @@ class JobRow:
             try:
                 return self._call(request)
             except _Transient as exc:
-                if time.monotonic() + delay > deadline or (self._closing and threading.current_thread() is self._thread):
+                if (time.monotonic() + delay > deadline
+                        or (self._closing and threading.current_thread() is self._thread)):
                     raise
                 log.warning("the app's job row: %s; retrying in %.1f s", exc, delay)
                 time.sleep(delay)
@@ -289,8 +290,6 @@ class JobRow:
                 self._wake.notify()
 
     def _flush_metrics(self, deadline: float) -> None:
-        from postgrest.exceptions import APIError
-
         while True:
             with self._wake:
                 batch = self._metrics[:METRICS_BATCH]
@@ -307,8 +306,6 @@ class JobRow:
 
     def _writer(self) -> None:
         """The thread: metrics in batches, the newest progress, the status read at least every POLL_S seconds."""
-        from postgrest.exceptions import APIError
-
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._closing or self._progress is not None
@@ -323,7 +320,8 @@ class JobRow:
                 if progress is not None:
                     if not self._update({**progress, "updated_at": now()}, deadline=deadline):
                         self._lost()
-                elif time.monotonic() - self._last_io >= POLL_S and (self._read() or {}).get("status") not in WORKER_STATUSES:
+                elif (time.monotonic() - self._last_io >= POLL_S
+                      and (self._read() or {}).get("status") not in WORKER_STATUSES):
                     self._lost()
             except _Transient as exc:
                 log.warning("the app's job row was not updated (%s); training goes on, the next write carries newer "
@@ -339,15 +337,14 @@ class JobRow:
 
     def finish(self, values: dict, deadline_s: float | None = None) -> str | None:
         """The final write (`completed` or `failed` with their columns), after the buffered metrics; retried until the
-        deadline. Returns None once it landed, else why it did not (nothing is written over a row someone else ended)."""
+        deadline. Returns None once it landed, else why it did not (nothing is written over a row someone else
+        ended)."""
         try:
             return self._finish(values, deadline_s)
         finally:
             self._http.close()
 
     def _finish(self, values: dict, deadline_s: float | None) -> str | None:
-        from postgrest.exceptions import APIError
-
         if self._thread is not None:
             with self._wake:
                 self._closing = True
@@ -360,11 +357,13 @@ class JobRow:
         deadline_s = deadline_s or self.settings.supabase_final_deadline_s
         deadline = time.monotonic() + deadline_s
         try:
-            self._flush_metrics(time.monotonic() + deadline_s / 2)  # the metrics must not cost the final write its chance
+            # the metrics must not cost the final write its chance
+            self._flush_metrics(time.monotonic() + deadline_s / 2)
         except _Transient as exc:
             log.warning("%d metric rows could not be written (%s)", len(self._metrics), exc)
         if self._dropped_metrics:
-            log.warning("%d metric rows were dropped while the app's database could not take them", self._dropped_metrics)
+            log.warning("%d metric rows were dropped while the app's database could not take them",
+                        self._dropped_metrics)
         try:
             if self._update({**values, "updated_at": now(), "completed_at": now()}, deadline=deadline):
                 log.info("the app's job row %s id=%s: %s", self.table, self.job_id, values.get("status"))

@@ -19,6 +19,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from compat import conversion_patterns
 from job import Hyperparameters, JobError, parse_hyperparameters
 
 GB = 1024**3
@@ -39,7 +40,8 @@ def load_config(model: str | Path) -> dict:
     path = Path(model)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
-        raise JobError(f"no config.json at {path}: pass a model directory (a directory holding only config.json is enough)")
+        raise JobError(f"no config.json at {path}: pass a model directory (a directory holding only config.json "
+                       "is enough)")
     config = json.loads(config_file.read_text())
     return config.get("text_config", config)  # multimodal wrappers keep the decoder's settings here
 
@@ -51,7 +53,7 @@ def meta_model(c: dict):
 
 @functools.lru_cache(maxsize=4)  # the fit check and the packing check both look at it
 def _meta_model(config_json: str):
-    import torch  # torch and transformers take seconds to import: loaded by the first job, not at the handler's start
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     c = json.loads(config_json)
@@ -74,7 +76,7 @@ def count_parameters(c: dict, *, quantize_experts: bool = True) -> dict:
     transformers 5 path fuses into 3D tensors and leaves in 16-bit (see `per_expert_model_class`).
     Embeddings, lm_head, biases, norms, routers and convolutions stay in 16-bit.
     """
-    import torch  # kept out of the handler's start
+    import torch
 
     model = meta_model(c)
     output = model.get_output_embeddings()
@@ -175,7 +177,8 @@ def estimate_job_memory(config: dict, *, max_seq_length: int = _default("max_seq
     p = count_parameters(config, quantize_experts=quantize_experts)
     micro = min(micro_batch_size or batch_size, batch_size)
     if gradient_checkpointing == "auto":
-        without = sum(_job_memory_gb(p, micro, max_seq_length, lora_rank, False, compute_bytes).values()) + CUDA_OVERHEAD_GB
+        without = (sum(_job_memory_gb(p, micro, max_seq_length, lora_rank, False, compute_bytes).values())
+                   + CUDA_OVERHEAD_GB)
         gradient_checkpointing = gpu_memory_gb is not None and without > AUTO_CHECKPOINTING_SHARE * gpu_memory_gb
     while True:
         parts = _job_memory_gb(p, micro, max_seq_length, lora_rank, gradient_checkpointing, compute_bytes)
@@ -211,10 +214,10 @@ def check_fits(base_path: Path, hp: Hyperparameters, name: str, *, compute_dtype
 
 
 def does_not_fit_message(name: str, estimate: MemoryEstimate, max_seq_length: int) -> str:
-    return (f"{name} needs ~{estimate.required_gb:.0f} GB with this setup (weights {estimate.weights_gb:.0f} GB in 4-bit, "
-            f"activations and logits {estimate.activations_gb + estimate.logits_gb:.1f} GB at micro-batch 1 x "
-            f"{max_seq_length} tokens), the GPU has {estimate.gpu_memory_gb:.0f} GB free. Use a GPU with more memory, "
-            "a smaller model, or a shorter max_seq_length")
+    return (f"{name} needs ~{estimate.required_gb:.0f} GB with this setup (weights {estimate.weights_gb:.0f} GB "
+            f"in 4-bit, activations and logits {estimate.activations_gb + estimate.logits_gb:.1f} GB at "
+            f"micro-batch 1 x {max_seq_length} tokens), the GPU has {estimate.gpu_memory_gb:.0f} GB free. Use a GPU "
+            "with more memory, a smaller model, or a shorter max_seq_length")
 
 
 # ---------------------------------------------------------------------------- MoE experts in 4-bit
@@ -224,17 +227,11 @@ def expert_projection_names(model_type: str) -> tuple[str, str, str] | None:
     (`mlp.experts.<e>.gate_proj.weight`, ...), read from transformers' own conversion mapping, which
     fuses them into 3D tensors on load; None when the model has no such experts or they are stored
     another way (renamed or already fused on disk)."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping  # kept out of the handler's start
-    from transformers.core_model_loading import WeightConverter
-
-    mapping = get_checkpoint_conversion_mapping(model_type) or []
-    if not mapping or not all(isinstance(t, WeightConverter) for t in mapping):
-        return None
     names: dict[str, list[str]] = {}
-    for converter in mapping:
-        leaves = [re.fullmatch(r"mlp\.experts\.\*\.(\w+)\.weight", s) for s in converter._original_source_patterns]
-        if all(leaves) and converter._original_target_patterns in (["mlp.experts.gate_up_proj"], ["mlp.experts.down_proj"]):
-            names[converter._original_target_patterns[0]] = [m.group(1) for m in leaves]
+    for sources, targets in conversion_patterns(model_type) or []:
+        leaves = [re.fullmatch(r"mlp\.experts\.\*\.(\w+)\.weight", s) for s in sources]
+        if all(leaves) and targets in (["mlp.experts.gate_up_proj"], ["mlp.experts.down_proj"]):
+            names[targets[0]] = [m.group(1) for m in leaves]
     gate_up, down = names.get("mlp.experts.gate_up_proj", []), names.get("mlp.experts.down_proj", [])
     return (gate_up[0], gate_up[1], down[0]) if len(gate_up) == 2 and len(down) == 1 else None
 
@@ -256,7 +253,7 @@ def experts_in_4bit(config: dict) -> bool:
 
 
 def _per_expert_module_class():
-    import torch  # kept out of the handler's start
+    import torch
     from torch import nn
 
     class PerExpertMoE(nn.Module):
@@ -285,7 +282,8 @@ def _per_expert_module_class():
                     continue
                 token_idx, slot = torch.where(top_k_index == e)
                 x, expert = hidden_states[token_idx], self.get_submodule(str(e))
-                out = getattr(expert, down_name)(self.act_fn(getattr(expert, gate_name)(x)) * getattr(expert, up_name)(x))
+                out = getattr(expert, down_name)(
+                    self.act_fn(getattr(expert, gate_name)(x)) * getattr(expert, up_name)(x))
                 final.index_add_(0, token_idx, (out * top_k_weights[token_idx, slot, None]).to(final.dtype))
             return final
 
@@ -299,7 +297,7 @@ def per_expert_model_class(model_class, names: tuple[str, str, str]):
     as it is, loads it without fusing and quantizes it on arrival: the GPU never holds the experts in
     16-bit, which is what lets Qwen3-Next-80B load on one 80 GB GPU (~42 GB in 4-bit instead of ~151 GB).
     """
-    import torch  # kept out of the handler's start
+    import torch
     from transformers import PreTrainedModel
 
     per_expert = _per_expert_module_class()
@@ -348,7 +346,7 @@ NOT_TOKEN_MIXERS = {"KimiLinearAttention"}  # Kimi Linear's full (MLA) attention
 def token_mixers(model) -> set[str]:
     """Class names of the layers of `model` that mix tokens without the attention mask: named like linear attention
     or state-space layers, or holding a 1D convolution (a causal conv over the sequence, as ZAYA's attention has)."""
-    import torch  # kept out of the handler's start
+    import torch
 
     found = set()
     for module in model.modules():
@@ -365,8 +363,9 @@ def packing_support(config: dict) -> tuple[bool, str]:
     mixers = token_mixers(meta_model(config))
     others = sorted(mixers - ISOLATED_TOKEN_MIXERS)
     if others:
-        return False, (f"off: {config.get('model_type')} has layers ({', '.join(others)}) whose convolution or recurrent "
-                       "state would run across packed examples and cannot be run per example: one conversation per sequence")
+        return False, (f"off: {config.get('model_type')} has layers ({', '.join(others)}) whose convolution or "
+                       "recurrent state would run across packed examples and cannot be run per example: one "
+                       "conversation per sequence")
     how = "on: a block-diagonal attention mask" + (f"; {', '.join(sorted(mixers))} run per example" if mixers else "")
     return True, how
 
@@ -376,7 +375,7 @@ def _per_example_forward(original, hidden_states, *args, packed_examples=None, *
     examples as the rows of a batch, right-padded with zeros (a causal conv and a causal scan never read what comes
     after), in the groups `chat_labels.per_example_groups` made; each output token goes back to its place. Calls
     without groups (no row packed; generation) run as they are."""
-    import torch  # kept out of the handler's start
+    import torch
 
     if packed_examples is None:
         return original(hidden_states, *args, **kwargs)
@@ -419,20 +418,25 @@ def estimate_command(args, path: Path) -> int:
     estimate = estimate_job_memory(config, quantize_experts=experts_in_4bit(config), **common)
     result = estimate.to_dict()
     stock = estimate_job_memory(config, quantize_experts=False, **common)
-    if stock.weights_gb != estimate.weights_gb:  # MoE experts: what the stock transformers path (16-bit experts) would need
-        result["stock_path"] = {k: v for k, v in stock.to_dict().items() if k in ("required_gb", "weights_gb", "fits", "quantized_fraction")}
+    # MoE experts: what the stock transformers path (16-bit experts) would need
+    if stock.weights_gb != estimate.weights_gb:
+        result["stock_path"] = {k: v for k, v in stock.to_dict().items()
+                                if k in ("required_gb", "weights_gb", "fits", "quantized_fraction")}
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{path}: {estimate.total_parameters / 1e9:.2f}B parameters, {estimate.quantized_fraction:.1%} stored in 4-bit")
-    print(f"needs ~{estimate.required_gb:.1f} GB: weights {estimate.weights_gb:.1f}, LoRA+optimizer {estimate.lora_gb:.2f}, "
-          f"activations {estimate.activations_gb:.1f}, logits {estimate.logits_gb:.1f}, overhead {estimate.overhead_gb:.1f}")
+    print(f"{path}: {estimate.total_parameters / 1e9:.2f}B parameters, "
+          f"{estimate.quantized_fraction:.1%} stored in 4-bit")
+    print(f"needs ~{estimate.required_gb:.1f} GB: weights {estimate.weights_gb:.1f}, "
+          f"LoRA+optimizer {estimate.lora_gb:.2f}, activations {estimate.activations_gb:.1f}, "
+          f"logits {estimate.logits_gb:.1f}, overhead {estimate.overhead_gb:.1f}")
     if "stock_path" in result:
         print(f"(the stock transformers path keeps the fused experts in 16-bit: ~{stock.required_gb:.0f} GB)")
     if args.gpu_memory_gb is not None:
         print(f"fits {args.gpu_memory_gb:g} GB: {estimate.fits}; micro-batch {estimate.micro_batch_size} x "
               f"{estimate.gradient_accumulation_steps} accumulation steps")
     print(f"gradient checkpointing: {'on' if estimate.gradient_checkpointing else 'off'}" + (
-        "" if setting != "auto" else " (auto)" if args.gpu_memory_gb is not None else " (auto: on without --gpu-memory-gb)"))
+        "" if setting != "auto" else " (auto)" if args.gpu_memory_gb is not None
+        else " (auto: on without --gpu-memory-gb)"))
     return 0
 

@@ -21,8 +21,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+from storage3 import SyncStorageClient
+from storage3.exceptions import StorageApiError
+
 from files import atomic_file
-from job import JobError, WorkerSettings, redact_text
+from job import JobError, redact_text
+from settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +75,6 @@ def storage_path(settings: WorkerSettings, job_id: str) -> tuple[str, str]:
 
 
 def _client(settings: WorkerSettings):
-    import httpx
-
     key = settings.supabase_service_role_key
     return httpx.Client(headers={"apikey": key, "Authorization": f"Bearer {key}"}, follow_redirects=False,
                         timeout=httpx.Timeout(120.0, connect=10.0))
@@ -80,26 +83,24 @@ def _client(settings: WorkerSettings):
 def upload_archive(archive: Archive, settings: WorkerSettings, job_id: str) -> str:
     """Upload the archive to the app's Storage, replacing an earlier one of this job, and check it arrived whole.
     Returns `<bucket>/<path>`, the row's `adapter_file_path`."""
-    from storage3 import SyncStorageClient
-
     bucket, path = storage_path(settings, job_id)
     base = f"{settings.supabase_url.rstrip('/')}/storage/v1/"
     with _client(settings) as http:
         if archive.bytes <= STANDARD_UPLOAD_MAX:
             bucket_api = SyncStorageClient(base, dict(http.headers), http_client=http).from_(bucket)
-            _retried(lambda: bucket_api.upload(path, archive.path, {"upsert": "true", "content-type": "application/gzip"}),
+            _retried(lambda: bucket_api.upload(path, archive.path,
+                                               {"upsert": "true", "content-type": "application/gzip"}),
                      archive, settings, "upload")
         else:
             _tus_upload(http, base, bucket, path, archive, settings)
-        _check_uploaded(SyncStorageClient(base, dict(http.headers), http_client=http).from_(bucket), path, archive, settings)
+        _check_uploaded(SyncStorageClient(base, dict(http.headers), http_client=http).from_(bucket), path, archive,
+                        settings)
     log.info("uploaded %s (%d bytes) to Supabase Storage %s/%s", archive.path.name, archive.bytes, bucket, path)
     return f"{bucket}/{path}"
 
 
 def signed_url(settings: WorkerSettings, job_id: str, expires_s: int) -> str:
     """A link to the job's archive that anyone can GET for `expires_s` seconds."""
-    from storage3 import SyncStorageClient
-
     bucket, path = storage_path(settings, job_id)
     with _client(settings) as http:
         bucket_api = SyncStorageClient(f"{settings.supabase_url.rstrip('/')}/storage/v1/", dict(http.headers),
@@ -109,23 +110,20 @@ def signed_url(settings: WorkerSettings, job_id: str, expires_s: int) -> str:
 
 def _too_large(archive: Archive) -> JobError:
     return JobError(f"the adapter archive ({archive.bytes / 1e6:.1f} MB) is above the Supabase project's upload size "
-                    "limit: raise it (Supabase dashboard: Storage, Settings, upload file size limit; the free plan allows "
-                    "50 MB) or make the adapter smaller (a lower lora_rank, or fewer lora_target_modules), and resubmit. "
-                    "The adapter is kept on the volume")
+                    "limit: raise it (Supabase dashboard: Storage, Settings, upload file size limit; the free plan "
+                    "allows 50 MB) or make the adapter smaller (a lower lora_rank, or fewer lora_target_modules), and "
+                    "resubmit. The adapter is kept on the volume")
 
 
 def _failed(what: str, detail: str, settings: WorkerSettings) -> JobError:
     detail = detail.replace(settings.supabase_service_role_key, "<SUPABASE_SERVICE_ROLE_KEY>")
     return JobError(f"the adapter archive's {what} to Supabase Storage (bucket {settings.supabase_bucket!r}) failed: "
-                    f"{redact_text(detail, 300)}. Check SUPABASE_BUCKET exists and SUPABASE_SERVICE_ROLE_KEY, and resubmit: "
-                    "the job completes from its final checkpoint without training again")
+                    f"{redact_text(detail, 300)}. Check SUPABASE_BUCKET exists and SUPABASE_SERVICE_ROLE_KEY, and "
+                    "resubmit: the job completes from its final checkpoint without training again")
 
 
 def _retried(call, archive: Archive | None, settings: WorkerSettings, what: str):
     """`call()` with retries on transient failures; a refusal becomes a JobError that says what to change."""
-    import httpx
-    from storage3.exceptions import StorageApiError
-
     for attempt in range(RETRIES + 1):
         try:
             return call()
@@ -145,8 +143,6 @@ def _retried(call, archive: Archive | None, settings: WorkerSettings, what: str)
 def _tus_upload(http, base: str, bucket: str, path: str, archive: Archive, settings: WorkerSettings) -> None:
     """A resumable upload (TUS 1.0.0 as Supabase speaks it): create, then PATCH 6 MiB chunks; after a lost connection
     or a 5xx the server's offset (HEAD) says where to go on, so no byte is sent twice in vain."""
-    import httpx
-
     def b64(text: str) -> str:
         return base64.b64encode(text.encode()).decode()
 
@@ -177,7 +173,8 @@ def _tus_upload(http, base: str, bucket: str, path: str, archive: Archive, setti
     if created.status_code != 201 or not created.headers.get("Location"):
         raise _failed("resumable upload", f"HTTP {created.status_code}: {created.text[:300]}", settings)
     location = httpx.URL(base).join(created.headers["Location"])  # a relative Location is allowed
-    if (location.scheme, location.host, location.port) != (httpx.URL(base).scheme, httpx.URL(base).host, httpx.URL(base).port):
+    if ((location.scheme, location.host, location.port)
+            != (httpx.URL(base).scheme, httpx.URL(base).host, httpx.URL(base).port)):
         raise _failed("resumable upload", f"the server sent the upload elsewhere ({location.host}): the service key "
                       "goes to SUPABASE_URL's host only", settings)
     offset, stalls = 0, 0

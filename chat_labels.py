@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
 from chat_templates import SkipExample, end_of_turn_token, load_tokenizer, render, shared_start, supports_tools
 from dataset_loader import load_dataset
 
@@ -54,7 +57,8 @@ _PLACEHOLDER = "\ue000{}\ue001"
 _PLACEHOLDERS = re.compile("\ue000(\\d+)\ue001")
 
 
-def trained_char_spans(tokenizer, messages: list[dict], tools: list | None, eot_text: str) -> tuple[str, list[tuple[int, int]]]:
+def trained_char_spans(tokenizer, messages: list[dict], tools: list | None,
+                       eot_text: str) -> tuple[str, list[tuple[int, int]]]:
     """The conversation's rendering, and its character spans to train: each trained answer and the end of its turn,
     each trained tool call from the end of the assistant's header to the end of its turn. Two renderings, plus one
     of the conversation before each trained tool call."""
@@ -78,11 +82,12 @@ def trained_char_spans(tokenizer, messages: list[dict], tools: list | None, eot_
         position = match.end()
     full = "".join(pieces) + marked[position:]
     missing = [k for k in texts if k not in spans]
-    if missing or full != render(tokenizer, [dict(m, content=texts[k]) if k in texts else m for k, m in enumerate(messages)], tools):
+    if missing or full != render(tokenizer, [dict(m, content=texts[k]) if k in texts else m
+                                             for k, m in enumerate(messages)], tools):
         k = missing[0] if missing else next(iter(texts))
-        raise SkipExample(f"the chat template rewrites assistant message {k} as it renders it (e.g. a <think> part moved "
-                          "out of its text), so its tokens cannot be told from the template's: remove that part of the "
-                          "answer, or train a base model whose template renders answers as written")
+        raise SkipExample(f"the chat template rewrites assistant message {k} as it renders it (e.g. a <think> part "
+                          "moved out of its text), so its tokens cannot be told from the template's: remove that part "
+                          "of the answer, or train a base model whose template renders answers as written")
     result = []
     for k, (a, b) in sorted(spans.items()):
         gap = full.find(eot_text, b)
@@ -109,9 +114,9 @@ def _tool_call_span(tokenizer, messages, tools, k: int, full: str, eot_text: str
     end = full.find(eot_text, start)
     called = full[start:end if end >= 0 else len(full)]
     if end < 0 or not all(str(c["function"]["name"]) in called for c in messages[k]["tool_calls"]):
-        raise SkipExample(f"the chat template does not render the tool calls of assistant message {k} (it drops them or "
-                          "does not end them with its end of turn): remove them, or train a base model whose template "
-                          "renders tool calls")
+        raise SkipExample(f"the chat template does not render the tool calls of assistant message {k} (it drops them "
+                          "or does not end them with its end of turn): remove them, or train a base model whose "
+                          "template renders tool calls")
     return start, end + len(eot_text)
 
 
@@ -165,10 +170,10 @@ def _within_budget(messages: list[dict], tools: list | None, max_seq_length: int
     if start > 0:  # what is kept starts with a turn's user message
         start = next((i for i in range(start, len(body)) if body[i]["role"] == "user"), len(body))
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in body[start:]):
-        raise SkipExample(f"the conversation cannot fit max_seq_length={max_seq_length} even with its oldest turns removed: "
-                          f"its last turn with a trained answer, with the system prompt and tools, holds more than "
-                          f"{budget:,} bytes of text ({MAX_BYTES_PER_TOKEN} a token) or {max_seq_length} messages, and a "
-                          "trained answer is never cut: shorten its messages, or raise max_seq_length")
+        raise SkipExample(f"the conversation cannot fit max_seq_length={max_seq_length} even with its oldest turns "
+                          "removed: its last turn with a trained answer, with the system prompt and tools, holds more "
+                          f"than {budget:,} bytes of text ({MAX_BYTES_PER_TOKEN} a token) or {max_seq_length} "
+                          "messages, and a trained answer is never cut: shorten its messages, or raise max_seq_length")
     return head + body[start:]
 
 
@@ -256,8 +261,6 @@ def per_example_groups(lengths_per_row: list[list[int]], length: int, device: st
     sequence, with B x L standing for an all-zero padding token. A group pads to at most 1.5x its real tokens
     (lengths rounded up to PACKED_CHUNK). Built here on the CPU and sent ahead: the layers read nothing back.
     None when no row holds more than one example."""
-    import torch  # seconds to import: loaded where used, not with the module
-
     if all(len(lengths) <= 1 for lengths in lengths_per_row):
         return None
     spans = []
@@ -308,8 +311,6 @@ def collate(sequences: list[list[Example]], pad_token_id: int, device: str = "cp
     `loss_targets`, those tokens; found here on the CPU, so that selecting them on the GPU is an
     index_select (a boolean mask there would make the CPU wait for the GPU to count it).
     """
-    import torch  # seconds to import: loaded where used, not with the module
-
     length = max(sum(len(e.input_ids) for e in seq) for seq in sequences)
     if pad_to and any(len(seq) > 1 for seq in sequences):  # only rows that get the BlockMask: a fixed shape
         length = max(length, pad_to)
@@ -353,16 +354,12 @@ def attention_mask(segment, packed: bool, attention: str = "sdpa", device: str =
     eager): for `attention="flex_attention"` a BlockMask (a document mask: flex attention skips the
     blocks it rules out), else a boolean 4D mask (B, 1, L, L); with one example per row, the plain (B, L)
     padding mask. Built on `segment`'s device."""
-    import torch  # seconds to import: loaded where used, not with the module
-
     real = segment >= 0
     if not packed:
         # One example per row: a plain padding mask lets attention use its fast causal kernels.
         return real.long()
     batch, length = segment.shape
     if attention == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask  # loaded only for flex attention
-
         def same_example_causal(b, h, q, kv):  # padding attends to padding: never trained
             return (segment[b, q] == segment[b, kv]) & (q >= kv)
 
@@ -400,7 +397,8 @@ def print_preview(result: dict, as_json: bool = False) -> None:
         print(json.dumps({**result, "examples": [{k: v for k, v in e.items() if k != "_example"} for e in examples]},
                          ensure_ascii=False))
         return
-    print(f"chat template: {result['template_source']}; end of turn {result['end_of_turn']!r}; system prompt {result['system_prompt']}")
+    print(f"chat template: {result['template_source']}; end of turn {result['end_of_turn']!r}; "
+          f"system prompt {result['system_prompt']}")
     for i, e in enumerate(examples, 1):
         print(f"=== example {i}: " + (f"skipped: {e['skipped']}" if "skipped" in e else
               f"{e['num_tokens']} tokens, {e['num_trained_tokens']} trained, truncated={e['truncated']}"))
@@ -423,11 +421,12 @@ def marked_text(tokenizer, example: Example) -> str:
 
 def sequences_to_tensors(sequences: list[list[Example]]) -> dict:
     """Sequences as a few flat tensors (what `torch.load(weights_only=True)` reads back: no pickled objects)."""
-    import torch  # seconds to import: loaded where used, not with the module
-
     examples = [e for seq in sequences for e in seq]
-    flat = lambda attr: torch.frombuffer(bytearray(b"".join(getattr(e, attr).tobytes() for e in examples)) or bytearray(4),
-                                         dtype=torch.int32)[:sum(len(e.input_ids) for e in examples)]
+
+    def flat(attr: str):
+        data = bytearray(b"".join(getattr(e, attr).tobytes() for e in examples)) or bytearray(4)
+        return torch.frombuffer(data, dtype=torch.int32)[:sum(len(e.input_ids) for e in examples)]
+
     return {"input_ids": flat("input_ids"), "labels": flat("labels"),
             "lengths": torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int64),
             "per_sequence": torch.tensor([len(seq) for seq in sequences], dtype=torch.int64),
@@ -438,7 +437,8 @@ def sequences_to_tensors(sequences: list[list[Example]]) -> dict:
 def sequences_from_tensors(saved: dict) -> list[list[Example]]:
     ids, labels = saved["input_ids"].numpy().tobytes(), saved["labels"].numpy().tobytes()
     examples, offset = [], 0
-    for length, dropped, truncated in zip(saved["lengths"].tolist(), saved["dropped_messages"].tolist(), saved["truncated"].tolist()):
+    for length, dropped, truncated in zip(saved["lengths"].tolist(), saved["dropped_messages"].tolist(),
+                                          saved["truncated"].tolist()):
         span = slice(4 * offset, 4 * (offset + length))
         example_ids, example_labels = array("i"), array("i")
         example_ids.frombytes(ids[span])

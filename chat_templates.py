@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2 import TemplateError
+from transformers import AutoTokenizer
 
 from job import JobError
 
@@ -32,7 +33,8 @@ INST_TEMPLATE = (
     "{% set ns = namespace(system='') %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
-    "{% elif message['role'] == 'user' %}{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}{% set ns.system = '' %}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}"
+    "{% set ns.system = '' %}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
     "{% else %}{{ raise_exception('this template renders only system, user and assistant messages') }}"
     "{% endif %}{% endfor %}"
@@ -62,7 +64,8 @@ def render(tokenizer, messages: list[dict], tools: list | None = None, add_gener
     if not messages:
         return ""
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except TemplateError as exc:
         raise SkipExample(f"the chat template refuses this conversation ({exc}): change the conversation to what the "
                           "template accepts, or train a base model whose template accepts it") from None
@@ -98,7 +101,8 @@ def shared_start(tokenizer, a: str, b: str) -> int:
 
 def _non_empty(closer: str) -> str:
     if not closer:
-        raise SkipExample("the chat template writes nothing after an assistant message, so the model could not learn to stop")
+        raise SkipExample("the chat template writes nothing after an assistant message, so the model could not "
+                          "learn to stop")
     return closer
 
 
@@ -132,7 +136,8 @@ def system_prompt_placement(tokenizer) -> str:
     attaches it to the final user message (Mistral-Instruct v0.3), "first user turn" when it refuses or
     drops it everywhere (Gemma-2)."""
     system, u1, a1, u2 = "SENTINEL_SYS_7f3a", "SENTINEL_U1_7f3a", "SENTINEL_A1_7f3a", "SENTINEL_U2_7f3a"
-    head = [{"role": "system", "content": system}, {"role": "user", "content": u1}, {"role": "assistant", "content": a1}]
+    head = [{"role": "system", "content": system}, {"role": "user", "content": u1},
+            {"role": "assistant", "content": a1}]
     try:
         if system in render(tokenizer, head):
             return "template"
@@ -204,8 +209,6 @@ def supports_tools(tokenizer) -> bool:
 def load_tokenizer(base_model: Path, trust_remote_code: bool = False):
     """The tokenizer with the chat template training uses (its own, or a default from tokens it has; the
     system prompt kept where the template would lose it), and how that template renders (a ChatFormat)."""
-    from transformers import AutoTokenizer  # seconds to import: loaded with the first tokenizer, not the module
-
     tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     try:
         chat_format = prepare_chat_template(tokenizer)

@@ -1,17 +1,8 @@
-"""Normalize what users upload into one canonical form of chat conversations, with a report.
+"""Read an uploaded dataset file into canonical chat conversations (`chat_formats`), with a report of every line.
 
-Canonical form (OpenAI fine-tuning JSONL): one conversation per line,
-    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight": 0|1 (assistant only),
-                   "tool_calls": [...] (assistant, optional)}, ...],
-     "tools": [...] (optional), "conversation_id": str (optional)}
-An assistant message is trained unless it carries `"weight": 0`. `conversation_id` groups lines that
-share history (a BrightRun conversation's pairs), so that a validation split keeps them together.
-
-Formats, detected per line:
-- BrightRun LoRA v4/v5 pairs (`target_response`, `conversation_history`, ...; the `_meta` header line),
-- the BrightRun app's own upload format (`conversation_id`, `turns` with `role`/`content`),
-- OpenAI chat (`messages`), ShareGPT (`conversations` with `from`/`value`),
-- Alpaca (`instruction`, `input`, `output`), prompt/completion (`prompt`, `completion`).
+The file is JSON Lines or one JSON array, optionally gzip; each line is detected and normalized on its own
+(`chat_formats` holds the formats and the canonical form). A line that cannot be used is counted and named in the
+report with its number; exact duplicates are dropped; the whole is refused when too little of it can be used.
 
     python dataset_loader.py INPUT [--output OUT.jsonl] [--json]
 """
@@ -31,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from job import VALIDATION_MAX_HELD_OUT, VALIDATION_MIN_CONVERSATIONS, VALIDATION_SHARE, quoted, shorten
+from chat_formats import LineProblem, canonical_conversation, detect_format, fingerprint, line_format
+from files import atomic_file
+from job import VALIDATION_MAX_HELD_OUT, VALIDATION_MIN_CONVERSATIONS, VALIDATION_SHARE, shorten
 
-FORMATS = ("brightrun", "turns", "openai", "sharegpt", "alpaca", "prompt_completion")
-ROLES = ("system", "user", "assistant", "tool")
 MAX_DECOMPRESSED_BYTES = 4 * 1024**3
 MAX_LINE_BYTES = 64 * 1024**2  # one conversation; far beyond any context window
 MAX_QUOTED_PROBLEMS = 5
@@ -44,14 +35,6 @@ MAX_PROBLEM_CHARS = 300  # one problem's message (a quoted value or a key in a p
 
 class DatasetError(ValueError):
     """The dataset as a whole is unusable; the message says why and what to do."""
-
-
-class LineProblem(Exception):
-    """One line cannot be used. kind is 'invalid' (not understood) or 'skipped' (understood, excluded by a rule)."""
-
-    def __init__(self, message: str, kind: str = "invalid"):
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
@@ -110,7 +93,8 @@ class _CappedReader(io.RawIOBase):
         n = self.inner.readinto(buffer)
         self.seen += n
         if self.seen > self.limit:
-            raise DatasetError(f"the gzip file decompresses to more than {self.limit} bytes: split it into smaller files")
+            raise DatasetError(f"the gzip file decompresses to more than {self.limit} bytes: "
+                               "split it into smaller files")
         return n
 
     def close(self) -> None:
@@ -224,247 +208,7 @@ def _skip_space(text: str, position: int) -> int:
     return position
 
 
-# ---------------------------------------------------------------------------- formats
-
-def detect_format(record: dict) -> str | None:
-    if "messages" in record:
-        return "openai"
-    if "conversations" in record:
-        return "sharegpt"
-    if "turns" in record:
-        return "turns"
-    if "target_response" in record or "current_user_input" in record or "conversation_history" in record:
-        return "brightrun"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    if "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    return None
-
-
-def _text(value: Any, where: str, *, allow_none: bool = False) -> str | None:
-    """A message content: a string, or a list of text parts (joined)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
-    raise LineProblem(f"`{where}` must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts, got {_kind(value)}")
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__.replace("str", "string").replace("dict", "object").replace("list", "array")
-
-
-def _system_message(record: dict, key: str) -> list[dict]:
-    """The optional system prompt under `key`, as a list of zero or one message."""
-    system = record.get(key)
-    if system is not None and not isinstance(system, str):
-        raise LineProblem(f"`{key}` must be a string, got {_kind(system)}")
-    return [{"role": "system", "content": system}] if system and system.strip() else []
-
-
-def normalize_brightrun(record: dict) -> list[dict]:
-    """A BrightRun pair → messages. Only `target_response` is trained; the history is context.
-
-    In real exports the history already ends with the current user message; it is not added twice.
-    """
-    target = record.get("target_response")
-    if target is None or (isinstance(target, str) and not target.strip()):
-        raise LineProblem("`target_response` is empty: nothing to train on", kind="skipped")
-    if not isinstance(target, str):
-        raise LineProblem(f"`target_response` must be a string, got {_kind(target)}")
-    messages = _system_message(record, "system_prompt")
-    history = record.get("conversation_history") or []
-    if not isinstance(history, list):
-        raise LineProblem(f"`conversation_history` must be an array, got {_kind(history)}")
-    for i, turn in enumerate(history):
-        if not isinstance(turn, dict):
-            raise LineProblem(f"`conversation_history[{i}]` must be an object, got {_kind(turn)}")
-        role = turn.get("role")
-        if role not in ("user", "assistant"):
-            raise LineProblem(f"`conversation_history[{i}].role` is {quoted(role)}; expected user or assistant")
-        content = turn.get("content")
-        if not isinstance(content, str):
-            raise LineProblem(f"`conversation_history[{i}].content` must be a string, got {_kind(content)}")
-        messages.append({"role": role, "content": content} | ({"weight": 0} if role == "assistant" else {}))
-    current = record.get("current_user_input")
-    if current is not None and not isinstance(current, str):
-        raise LineProblem(f"`current_user_input` must be a string, got {_kind(current)}")
-    last = messages[-1] if messages else None
-    already_there = (last is not None and last["role"] == "user" and current is not None
-                     and (last["content"] == current or last["content"].strip() == current.strip()))
-    if current and current.strip() and not already_there:
-        messages.append({"role": "user", "content": current})
-    messages.append({"role": "assistant", "content": target, "weight": 1})
-    return messages
-
-
-def normalize_openai(record: dict) -> list[dict]:
-    raw = record["messages"]
-    if not isinstance(raw, list) or not raw:
-        raise LineProblem(f"`messages` must be a non-empty array, got {_kind(raw)}")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise LineProblem(f"`messages[{i}]` must be an object, got {_kind(m)}")
-        role = m.get("role")
-        if role not in ROLES:
-            raise LineProblem(f"`messages[{i}].role` is {quoted(role)}; expected system, user, assistant or tool")
-        has_tool_calls = role == "assistant" and m.get("tool_calls") is not None
-        content = _text(m.get("content"), f"messages[{i}].content", allow_none=has_tool_calls)
-        # "" beside tool calls, not null: transformers 5 drops null keys before rendering, and templates then fail
-        out = {"role": role, "content": content if content is not None else ""}
-        if "name" in m:
-            if not isinstance(m["name"], str):
-                raise LineProblem(f"`messages[{i}].name` must be a string, got {_kind(m['name'])}")
-            out["name"] = m["name"]
-        if has_tool_calls:
-            calls = m["tool_calls"]
-            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str) for c in calls):
-                raise LineProblem(f"`messages[{i}].tool_calls` must be an array of {{\"function\": {{\"name\": ..., \"arguments\": ...}}}}")
-            out["tool_calls"] = calls
-        if role == "tool":
-            if "tool_call_id" in m:
-                out["tool_call_id"] = m["tool_call_id"]
-        if "weight" in m:
-            weight = m["weight"]
-            if weight not in (0, 1) or isinstance(weight, bool):
-                raise LineProblem(f"`messages[{i}].weight` is {quoted(weight)}; expected 0 or 1")
-            if role != "assistant" and weight != 0:
-                raise LineProblem(f"`messages[{i}].weight` is 1 on a {role} message; only assistant messages can be trained")
-            if role == "assistant":
-                out["weight"] = int(weight)
-        elif role == "assistant":
-            out["weight"] = 1
-        messages.append(out)
-    return messages
-
-
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
-                  "tool": "tool", "function_response": "tool", "observation": "tool"}
-
-
-def _speaker_turns(raw: Any, field: str, speaker_key: str, text_key: str, expected: str) -> list[dict]:
-    """A list of turns naming their speaker (ShareGPT's `from`/`value`, the app's `role`/`content`) → messages;
-    every assistant turn is trained."""
-    if not isinstance(raw, list) or not raw:
-        raise LineProblem(f"`{field}` must be a non-empty array, got {_kind(raw)}")
-    messages = []
-    for i, turn in enumerate(raw):
-        if not isinstance(turn, dict):
-            raise LineProblem(f"`{field}[{i}]` must be an object, got {_kind(turn)}")
-        speaker = turn.get(speaker_key)
-        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
-        if role is None:
-            raise LineProblem(f"`{field}[{i}].{speaker_key}` is {quoted(speaker)}; expected {expected}")
-        content = _text(turn.get(text_key), f"{field}[{i}].{text_key}")
-        messages.append({"role": role, "content": content} | ({"weight": 1} if role == "assistant" else {}))
-    return messages
-
-
-def normalize_sharegpt(record: dict) -> list[dict]:
-    turns = _speaker_turns(record["conversations"], "conversations", "from", "value", "human, gpt or system")
-    return _system_message(record, "system") + turns
-
-
-def normalize_turns(record: dict) -> list[dict]:
-    """The BrightRun app's upload format (what its dataset validator accepts):
-    `{"conversation_id": ..., "turns": [{"role": "user", "content": "..."}, ...]}`."""
-    return _speaker_turns(record["turns"], "turns", "role", "content", "system, user or assistant")
-
-
-def normalize_alpaca(record: dict) -> list[dict]:
-    messages = _system_message(record, "system")
-    history = record.get("history") or []
-    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
-        raise LineProblem("`history` must be an array of [instruction, response] string pairs")
-    for prompt, answer in history:
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer, "weight": 0}]
-    instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
-    for name, value in (("instruction", instruction), ("output", output)):
-        if not isinstance(value, str):
-            raise LineProblem(f"`{name}` must be a string, got {_kind(value)}")
-    if extra is not None and not isinstance(extra, str):
-        raise LineProblem(f"`input` must be a string, got {_kind(extra)}")
-    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-    if not output.strip():
-        raise LineProblem("`output` is empty: nothing to train on", kind="skipped")
-    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output, "weight": 1}]
-
-
-def normalize_prompt_completion(record: dict) -> list[dict]:
-    prompt, completion = record.get("prompt"), record.get("completion")
-    for name, value in (("prompt", prompt), ("completion", completion)):
-        if not isinstance(value, str):
-            raise LineProblem(f"`{name}` must be a string, got {_kind(value)}")
-    if not completion.strip():
-        raise LineProblem("`completion` is empty: nothing to train on", kind="skipped")
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion, "weight": 1}]
-
-
-NORMALIZERS = {"brightrun": normalize_brightrun, "turns": normalize_turns, "openai": normalize_openai,
-               "sharegpt": normalize_sharegpt, "alpaca": normalize_alpaca, "prompt_completion": normalize_prompt_completion}
-
-
-def _conversation_id(record: dict) -> str | None:
-    """The id that groups lines of one conversation (BrightRun pairs, the app's `turns`), if the line has one."""
-    value = record.get("conversation_id")
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
-        return None
-    return str(value)
-
-
-def finalize(messages: list[dict]) -> tuple[list[dict], int]:
-    """Merge consecutive same-role messages, check the system position and that something is trained.
-
-    Returns the messages and how many were merged away. A merged assistant message is trained if
-    any of its parts was. Tool messages and tool calls are never merged.
-    """
-    out: list[dict] = []
-    merged = 0
-    for i, m in enumerate(messages):
-        if m["role"] == "system" and i > 0:
-            raise LineProblem(f"message {i} is a system message; a system message may only come first")
-        prev = out[-1] if out else None
-        mergeable = (prev is not None and prev["role"] == m["role"] and m["role"] in ("user", "assistant")
-                     and "tool_calls" not in prev and "tool_calls" not in m and prev.get("name") == m.get("name"))
-        if mergeable:
-            prev["content"] = f"{prev['content']}\n\n{m['content']}"
-            if m["role"] == "assistant":
-                prev["weight"] = max(prev["weight"], m["weight"])
-            merged += 1
-        else:
-            out.append(m)  # the normalizers build fresh dicts: no copy needed
-    if not any(m["role"] == "assistant" and m.get("weight", 1) and ((m["content"] or "").strip() or m.get("tool_calls"))
-               for m in out):
-        raise LineProblem("no assistant message to train on (none, empty, or all weight 0)", kind="skipped")
-    return out, merged
-
-
 # ---------------------------------------------------------------------------- the whole file
-
-def fingerprint(conversation: dict) -> tuple:
-    """A hashable key holding everything that makes a conversation what it is (exact duplicates only:
-    the set compares the strings themselves, so two different conversations never collide)."""
-    def extra(m: dict) -> str | None:
-        if "tool_calls" in m or "tool_call_id" in m:
-            return json.dumps([m.get("tool_calls"), m.get("tool_call_id")], sort_keys=True)
-        return None
-
-    key = tuple((m["role"], m.get("weight"), m.get("name"), m["content"], extra(m)) for m in conversation["messages"])
-    return key + ((json.dumps(conversation["tools"], sort_keys=True),) if "tools" in conversation else ())
-
-
-def _meta_header(record: dict, number: int, report: Report) -> dict:
-    meta = record["_meta"]
-    if not isinstance(meta, dict):
-        report.warnings.append(f"line {number}: `_meta` is not an object; ignored")
-        return {}
-    return meta
-
 
 def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1, check: bool = True,
                  max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES, max_line_bytes: int = MAX_LINE_BYTES,
@@ -482,12 +226,69 @@ def load_dataset(path: str | Path, *, max_invalid_fraction: float = 0.1, check: 
         raise DatasetError("the dataset file is empty (0 bytes): export the dataset again and resubmit")
     report = Report()
     try:
-        return _load(path, report, max_invalid_fraction, check, max_decompressed_bytes, max_line_bytes, max_examples, max_chars)
+        return _load(path, report, max_invalid_fraction, check, max_decompressed_bytes, max_line_bytes,
+                     max_examples, max_chars)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DatasetError(f"the gzip file is corrupt or truncated ({exc}): export and upload it again") from None
 
 
+def _load(path: Path, report: Report, max_invalid_fraction: float, check: bool, max_decompressed_bytes: int,
+          max_line_bytes: int, max_examples: int | None, max_chars: int | None) -> tuple[list[dict], Report]:
+    conversations: list[dict] = []
+    seen: set[tuple] = set()
+    meta: dict = {}
+    brightrun_lines = chars = 0
+    for number, record in iter_records(path, report, max_decompressed_bytes, max_line_bytes):
+        if isinstance(record, dict) and "_meta" in record and detect_format(record) is None:
+            meta = _meta_header(record, number, report)
+            continue
+        try:
+            _refuse_surrogates(record)
+            fmt = line_format(record)
+            if fmt == "brightrun":
+                brightrun_lines += 1
+            conversation, merged = canonical_conversation(record, fmt)
+        except LineProblem as problem:
+            report.problem(problem.kind, number, f"line {number}: {problem}")
+            continue
+        key = fingerprint(conversation)
+        if key in seen:
+            report.duplicates += 1
+            continue
+        seen.add(key)
+        report.merged_messages += merged
+        report.formats[fmt] += 1
+        conversations.append(conversation)
+        chars += sum(len(m["content"]) for m in conversation["messages"])
+        _check_memory_budget(len(conversations), chars, max_examples, max_chars)
+    report.examples = len(conversations)
+    declared = meta.get("total_pairs")
+    if isinstance(declared, int) and declared != brightrun_lines:
+        report.warnings.append(f"the _meta header says total_pairs={declared} but the file holds "
+                               f"{brightrun_lines} pairs")
+    if check:
+        check_usable(report, max_invalid_fraction)
+    return conversations, report
+
+
+def _meta_header(record: dict, number: int, report: Report) -> dict:
+    meta = record["_meta"]
+    if not isinstance(meta, dict):
+        report.warnings.append(f"line {number}: `_meta` is not an object; ignored")
+        return {}
+    return meta
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a pair from JSON decodes to one character: what is left is unpaired
+
+
+def _refuse_surrogates(record: Any) -> None:
+    """LineProblem when a parsed line holds an unpaired UTF-16 surrogate (UTF-8, and so the job's result, cannot
+    hold it)."""
+    surrogate = _surrogate_at(record)
+    if surrogate:
+        raise LineProblem(f"`{surrogate}` holds an unpaired UTF-16 surrogate (a character cut in half, e.g. an "
+                          "emoji split by a JavaScript export): fix or remove that character")
 
 
 def _surrogate_at(value: Any, where: str = "") -> str | None:
@@ -509,68 +310,17 @@ def _surrogate_at(value: Any, where: str = "") -> str | None:
     return None
 
 
-def _load(path: Path, report: Report, max_invalid_fraction: float, check: bool, max_decompressed_bytes: int,
-          max_line_bytes: int, max_examples: int | None, max_chars: int | None) -> tuple[list[dict], Report]:
-    conversations: list[dict] = []
-    seen: set[tuple] = set()
-    meta: dict = {}
-    brightrun_lines = chars = 0
-    for number, record in iter_records(path, report, max_decompressed_bytes, max_line_bytes):
-        if isinstance(record, dict) and "_meta" in record and detect_format(record) is None:
-            meta = _meta_header(record, number, report)
-            continue
-        try:
-            surrogate = _surrogate_at(record)
-            if surrogate:
-                raise LineProblem(f"`{surrogate}` holds an unpaired UTF-16 surrogate (a character cut in half, e.g. an "
-                                  "emoji split by a JavaScript export): fix or remove that character")
-            if not isinstance(record, dict):
-                raise LineProblem(f"expected a JSON object, got {_kind(record)}")
-            fmt = detect_format(record)
-            if fmt is None:
-                keys = ", ".join(sorted(record)[:8]) or "none"
-                raise LineProblem(
-                    f"unrecognized format (keys: {keys}); expected `messages` (OpenAI chat), `conversations` (ShareGPT), "
-                    "`turns` (the BrightRun app's format), `instruction`/`output` (Alpaca), `prompt`/`completion`, "
-                    "or a BrightRun pair with `target_response`"
-                )
-            if fmt == "brightrun":
-                brightrun_lines += 1
-            messages, merged = finalize(NORMALIZERS[fmt](record))
-        except LineProblem as problem:
-            report.problem(problem.kind, number, f"line {number}: {problem}")
-            continue
-        conversation = {"messages": messages}
-        if fmt == "openai" and isinstance(record.get("tools"), list):
-            conversation["tools"] = record["tools"]
-        group = _conversation_id(record)
-        if group is not None:
-            conversation["conversation_id"] = group
-        key = fingerprint(conversation)
-        if key in seen:
-            report.duplicates += 1
-            continue
-        seen.add(key)
-        report.merged_messages += merged
-        report.formats[fmt] += 1
-        conversations.append(conversation)
-        chars += sum(len(m["content"]) for m in messages)
-        if max_examples is not None and len(conversations) > max_examples:
-            raise DatasetError(f"the dataset holds more than {max_examples} conversations, more than this worker loads at "
-                               "once (MAX_DATASET_EXAMPLES): split it into several jobs, or raise the limit on a worker "
-                               "with more memory")
-        if max_chars is not None and chars > max_chars:
-            raise DatasetError(f"the dataset holds more than {max_chars} characters of messages, more than this worker "
-                               "loads at once (MAX_DATASET_CHARS): split it into several jobs, or raise the limit on a "
-                               "worker with more memory")
-    report.examples = len(conversations)
-    if meta:
-        declared = meta.get("total_pairs")
-        if isinstance(declared, int) and declared != brightrun_lines:
-            report.warnings.append(f"the _meta header says total_pairs={declared} but the file holds {brightrun_lines} pairs")
-    if check:
-        check_usable(report, max_invalid_fraction)
-    return conversations, report
+
+def _check_memory_budget(examples: int, chars: int, max_examples: int | None, max_chars: int | None) -> None:
+    """DatasetError once the conversations loaded so far are more than this worker holds in memory."""
+    if max_examples is not None and examples > max_examples:
+        raise DatasetError(f"the dataset holds more than {max_examples} conversations, more than this worker loads "
+                           "at once (MAX_DATASET_EXAMPLES): split it into several jobs, or raise the limit on a worker "
+                           "with more memory")
+    if max_chars is not None and chars > max_chars:
+        raise DatasetError(f"the dataset holds more than {max_chars} characters of messages, more than this worker "
+                           "loads at once (MAX_DATASET_CHARS): split it into several jobs, or raise the limit on a "
+                           "worker with more memory")
 
 
 def check_usable(report: Report, max_invalid_fraction: float) -> None:
@@ -585,15 +335,43 @@ def check_usable(report: Report, max_invalid_fraction: float) -> None:
     unusable = report.invalid + report.skipped
     if considered and unusable / considered > max_invalid_fraction:
         raise DatasetError(
-            f"{unusable} of {considered} lines cannot be used ({report.skipped} skipped, {report.invalid} invalid; more "
-            f"than {max_invalid_fraction:.0%}): {quoted}{more}. Fix these lines, or raise max_invalid_fraction, and resubmit"
+            f"{unusable} of {considered} lines cannot be used ({report.skipped} skipped, {report.invalid} invalid; "
+            f"more than {max_invalid_fraction:.0%}): {quoted}{more}. Fix these lines, or raise max_invalid_fraction, "
+            "and resubmit"
         )
+
+
+def split_validation(conversations: list[dict], fraction: float | None,
+                     seed: int) -> tuple[list[dict], list[dict], str | None]:
+    """(training, validation, a warning or None). Whole conversations are held out: lines with the same
+    `conversation_id` (the pairs of one BrightRun conversation, which share their history) stay on one
+    side. `fraction` None is the default rule (job.VALIDATION_SHARE of the conversations, at most
+    VALIDATION_MAX_HELD_OUT, once there are VALIDATION_MIN_CONVERSATIONS); 0 holds out nothing."""
+    groups: dict[tuple, list[int]] = {}
+    for i, conversation in enumerate(conversations):
+        key = ("id", conversation["conversation_id"]) if "conversation_id" in conversation else ("line", i)
+        groups.setdefault(key, []).append(i)
+    if fraction == 0:
+        return conversations, [], None
+    if fraction is None and len(groups) < VALIDATION_MIN_CONVERSATIONS:
+        return conversations, [], (f"no validation loss: the dataset has {len(groups)} conversations, fewer than the "
+                                   f"{VALIDATION_MIN_CONVERSATIONS} needed to hold some out by default; set "
+                                   "hyperparameters.val_fraction to hold out a share anyway")
+    if len(groups) < 2:
+        return conversations, [], "no validation loss: the dataset has one conversation, none can be held out"
+    if fraction is None:
+        held_out = min(VALIDATION_MAX_HELD_OUT, max(1, round(len(groups) * VALIDATION_SHARE)))
+    else:
+        held_out = min(len(groups) - 1, max(1, round(len(groups) * fraction)))
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    validation = {i for key in keys[:held_out] for i in groups[key]}
+    return ([c for i, c in enumerate(conversations) if i not in validation],
+            [c for i, c in enumerate(conversations) if i in validation], None)
 
 
 def write_jsonl(conversations: list[dict], path: str | Path) -> None:
     """The canonical JSONL, written whole or not at all (files.atomic_file)."""
-    from files import atomic_file
-
     with atomic_file(Path(path), "w") as f:
         for c in conversations:
             f.write(json.dumps(c, ensure_ascii=False) + "\n")
@@ -604,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", help="dataset file (JSONL, JSON array, optionally gzip)")
     parser.add_argument("--output", help="write the canonical JSONL here")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    parser.add_argument("--max-invalid-fraction", type=float, default=0.1, help="fail when more lines than this are invalid")
+    parser.add_argument("--max-invalid-fraction", type=float, default=0.1,
+                        help="fail when more lines than this are invalid")
     args = parser.parse_args(argv)
     try:
         conversations, report = load_dataset(args.input, check=False)
@@ -637,31 +416,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-def split_validation(conversations: list[dict], fraction: float | None, seed: int) -> tuple[list[dict], list[dict], str | None]:
-    """(training, validation, a warning or None). Whole conversations are held out: lines with the same
-    `conversation_id` (the pairs of one BrightRun conversation, which share their history) stay on one
-    side. `fraction` None is the default rule (job.VALIDATION_SHARE of the conversations, at most
-    VALIDATION_MAX_HELD_OUT, once there are VALIDATION_MIN_CONVERSATIONS); 0 holds out nothing."""
-    groups: dict[tuple, list[int]] = {}
-    for i, conversation in enumerate(conversations):
-        key = ("id", conversation["conversation_id"]) if "conversation_id" in conversation else ("line", i)
-        groups.setdefault(key, []).append(i)
-    if fraction == 0:
-        return conversations, [], None
-    if fraction is None and len(groups) < VALIDATION_MIN_CONVERSATIONS:
-        return conversations, [], (f"no validation loss: the dataset has {len(groups)} conversations, fewer than the "
-                                   f"{VALIDATION_MIN_CONVERSATIONS} needed to hold some out by default; set "
-                                   "hyperparameters.val_fraction to hold out a share anyway")
-    if len(groups) < 2:
-        return conversations, [], "no validation loss: the dataset has one conversation, none can be held out"
-    if fraction is None:
-        held_out = min(VALIDATION_MAX_HELD_OUT, max(1, round(len(groups) * VALIDATION_SHARE)))
-    else:
-        held_out = min(len(groups) - 1, max(1, round(len(groups) * fraction)))
-    keys = list(groups)
-    random.Random(seed).shuffle(keys)
-    validation = {i for key in keys[:held_out] for i in groups[key]}
-    return ([c for i, c in enumerate(conversations) if i not in validation],
-            [c for i, c in enumerate(conversations) if i in validation], None)
 

@@ -22,8 +22,12 @@ and NCCL on the one the hostname resolves to: eth0 in a container).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import shutil
 import signal
+import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -31,12 +35,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from checkpoints import Stopped, stop_on_sigterm
 from job import JobError
+
+# torch is imported inside the functions that use it: the handler imports this module at its start (for
+# shared_memory_note and visible_gpus), which takes 1.8 s without torch; torch, transformers, peft and bitsandbytes
+# add about 6 s, paid by the first job instead.
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 60  # after SIGTERM: how long the ranks get to finish the step and checkpoint before SIGKILL
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails the job (a rank stuck, still beating)
+# a collective waiting longer than this fails the job (a rank stuck, still beating)
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 HEARTBEAT_INTERVAL_S = 2  # how often each rank's heartbeat thread touches its file
 HEARTBEAT_TIMEOUT_S = 60  # a rank whose heartbeat is older than this is stopped or frozen: killed, and named
 
@@ -57,9 +67,8 @@ _shm_disabled_here = False  # NCCL_SHM_DISABLE was set by shared_memory_note, no
 
 def shared_memory_note(processes: int, shm: str = "/dev/shm") -> str | None:
     """With several ranks on a node NCCL moves data through /dev/shm; a small one (Docker's 64 MB default) makes it fail
-    mid-job. Then NCCL_SHM_DISABLE=1 is set for the ranks (they talk over sockets or P2P instead) and the note says so."""
-    import shutil
-
+    mid-job. Then NCCL_SHM_DISABLE=1 is set for the ranks (they talk over sockets or P2P instead) and the note says
+    so."""
     global _shm_disabled_here
     if processes < 2 or (os.environ.get("NCCL_SHM_DISABLE") and not _shm_disabled_here):  # the deployment's choice
         return None
@@ -71,8 +80,9 @@ def shared_memory_note(processes: int, shm: str = "/dev/shm") -> str | None:
         return None
     os.environ["NCCL_SHM_DISABLE"], _shm_disabled_here = "1", True
     return (f"{shm} holds only {size / 1024**2:.0f} MB, too little for NCCL's shared-memory transport between the "
-            f"{processes} training processes: the worker set NCCL_SHM_DISABLE=1 (slower transfers between GPUs). Give the "
-            "container at least 1 GB of shared memory (docker run --shm-size=1g) or set NCCL_SHM_DISABLE=1 yourself")
+            f"{processes} training processes: the worker set NCCL_SHM_DISABLE=1 (slower transfers between GPUs). "
+            "Give the container at least 1 GB of shared memory (docker run --shm-size=1g) or set NCCL_SHM_DISABLE=1 "
+            "yourself")
 
 
 def visible_gpus() -> int:
@@ -128,7 +138,8 @@ def reduce_step(world: World, params: list, figures: list[float]) -> list[float]
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(figures, dtype=torch.float32, device=grads[0].device)])
+    flat = torch.cat([g.reshape(-1).float() for g in grads]
+                     + [torch.tensor(figures, dtype=torch.float32, device=grads[0].device)])
     dist.all_reduce(flat)
     offset = 0
     for g in grads:
@@ -172,8 +183,6 @@ def _heartbeat(path: Path) -> None:
 def _rank_main(entrypoint, events, heartbeats, args):
     """What each launched process runs: `entrypoint(*args)` with its failure sent to the launcher, in words."""
     global _events
-    from checkpoints import stop_on_sigterm
-
     _events = events
     rank = int(os.environ.get("RANK", "0"))
     _heartbeat(Path(heartbeats) / str(rank))
@@ -225,8 +234,6 @@ def _runs(pid: int) -> bool:
 def _loopback_store():
     """The launcher's TCPStore on a socket bound to 127.0.0.1 (torch's own binds every interface). `multi_tenant`: the
     static rendezvous's TCPStore on the same port is this one, and the ranks connect to it as the agent's store."""
-    import socket
-
     from torch.distributed import TCPStore
 
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -241,48 +248,24 @@ def launch(processes: int, entrypoint, args: tuple, on_event=None):
 
     `on_event(payload)` receives what rank 0 reports as "progress", in the launching process (from a thread).
     Raises JobError naming the rank that failed first and why; Stopped when SIGTERM stopped the ranks."""
-    import multiprocessing
-    import shutil
-    import tempfile
-
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    from checkpoints import Stopped
-
-    # A SimpleQueue writes in the caller's thread: a rank's last message is sent before it exits (a Queue's feeder thread
-    # can die with the rank holding the queue's lock, and the launcher then hangs at exit). Only the ranks write.
+    # A SimpleQueue writes in the caller's thread: a rank's last message is sent before it exits (a Queue's feeder
+    # thread can die with the rank holding the queue's lock, and the launcher then hangs at exit). Only the ranks write.
     events, done = multiprocessing.get_context("spawn").SimpleQueue(), threading.Event()
     errors: list[tuple] = []
     # One node, one store: the static rendezvous (no rendezvous round, no state unpickled from the store) on our store
     store = _loopback_store()
-
-    def relay():
-        while not (done.is_set() and events.empty()):
-            if events.empty():
-                time.sleep(0.05)
-                continue
-            kind, payload = events.get()
-            if kind == "error":
-                errors.append(payload)
-            elif kind == "progress" and on_event is not None:
-                try:
-                    on_event(payload)
-                except Exception:  # noqa: BLE001 - a failed progress report must not stop training
-                    log.warning("a progress update failed", exc_info=True)
-
-    relayer = threading.Thread(target=relay, name="rank-events", daemon=True)
+    relayer = threading.Thread(target=_relay, args=(events, done, errors, on_event), name="rank-events", daemon=True)
     relayer.start()
     heartbeats, hung = Path(tempfile.mkdtemp(prefix="rank-heartbeats-")), []
-    watchdog = threading.Thread(target=_watch_heartbeats, args=(heartbeats, done, hung), name="rank-heartbeats", daemon=True)
+    watchdog = threading.Thread(target=_watch_heartbeats, args=(heartbeats, done, hung), name="rank-heartbeats",
+                                daemon=True)
     watchdog.start()
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, rdzv_backend="static",
-                          rdzv_endpoint=f"127.0.0.1:{store.port}", rdzv_configs={"rank": 0}, run_id=str(uuid.uuid4()),
-                          max_restarts=0, monitor_interval=0.5, start_method="spawn", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    # the launcher replaces the handlers of these signals for good: what was there before is put back after it
-    handlers = {sig: signal.getsignal(sig) for sig in (getattr(signal, name.strip(), None)
-                                                       for name in config.signals_to_handle.split(",")) if sig is not None}
+    config = _launch_config(processes, store.port)
+    handlers = _launcher_signals(config)
     log.info("training in %d processes (torch.distributed, %s)", processes, "nccl" if visible_gpus() else "gloo")
     failure = None
     try:
@@ -290,9 +273,7 @@ def launch(processes: int, entrypoint, args: tuple, on_event=None):
     except (SignalException, ChildFailedError) as exc:
         failure = exc
     finally:
-        for sig, handler in handlers.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+        _restore_signals(handlers)
         done.set()
         relayer.join(timeout=5)  # every message the ranks sent, read
         watchdog.join()
@@ -301,11 +282,55 @@ def launch(processes: int, entrypoint, args: tuple, on_event=None):
         return returned[0]
     if isinstance(failure, ChildFailedError):
         raise JobError(_failure_message(processes, errors, failure, hung))
-    # SIGTERM here: the launcher handed it to every rank and waited for them; what was there before hears of it too
-    previous = handlers.get(failure.sigval)
+    _stopped_by_signal(failure.sigval, handlers, errors)
+
+
+def _relay(events, done: threading.Event, errors: list, on_event) -> None:
+    """Until `done` and the queue is empty: the ranks' errors into `errors`, rank 0's progress to `on_event`."""
+    while not (done.is_set() and events.empty()):
+        if events.empty():
+            time.sleep(0.05)
+            continue
+        kind, payload = events.get()
+        if kind == "error":
+            errors.append(payload)
+        elif kind == "progress" and on_event is not None:
+            try:
+                on_event(payload)
+            except Exception:  # noqa: BLE001 - a failed progress report must not stop training
+                log.warning("a progress update failed", exc_info=True)
+
+
+def _launch_config(processes: int, store_port: int):
+    """torch's elastic launcher on this node: `processes` spawned ranks, no restart, the static rendezvous on the
+    launcher's store at 127.0.0.1:`store_port`."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, rdzv_backend="static",
+                        rdzv_endpoint=f"127.0.0.1:{store_port}", rdzv_configs={"rank": 0}, run_id=str(uuid.uuid4()),
+                        max_restarts=0, monitor_interval=0.5, start_method="spawn", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+
+
+def _launcher_signals(config) -> dict:
+    """The handlers there are now of the signals the launcher handles: it replaces them for good, so that they are
+    put back after it (`_restore_signals`)."""
+    signals = (getattr(signal, name.strip(), None) for name in config.signals_to_handle.split(","))
+    return {sig: signal.getsignal(sig) for sig in signals if sig is not None}
+
+
+def _restore_signals(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
+def _stopped_by_signal(sigval, handlers: dict, errors: list[tuple]):
+    """SIGTERM stopped the ranks: the launcher handed it to every rank and waited for them; the handler there was
+    before hears of it too. Raises Stopped, with a rank's own words when one said why."""
+    previous = handlers.get(sigval)
     if callable(previous):
         try:
-            previous(failure.sigval, None)
+            previous(sigval, None)
         except Stopped:
             pass
     stopped = [e for e in errors if e[1] == "Stopped"]
@@ -317,9 +342,9 @@ def _failure_message(processes: int, errors: list[tuple], exc, hung: list[tuple]
     the heartbeat watchdog killed is the cause whatever its peers then said."""
     if hung:
         rank, seconds = hung[0]
-        return (f"training process {rank} of {processes} stopped responding (no heartbeat for {seconds} s: the process "
-                "was stopped or frozen); it was killed and the others were stopped. Resubmit the job: it resumes from its "
-                "last checkpoint")
+        return (f"training process {rank} of {processes} stopped responding (no heartbeat for {seconds} s: the "
+                "process was stopped or frozen); it was killed and the others were stopped. Resubmit the job: it "
+                "resumes from its last checkpoint")
     rank, failure = exc.get_first_failure()
     killed = [(r, f) for r, f in sorted(exc.failures.items()) if f.exitcode == -signal.SIGKILL]
     if killed and not any(e[1] in ("JobError", "Stopped", "Cancelled") for e in errors):

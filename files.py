@@ -13,6 +13,7 @@ Workers sharing the volume take turns through a lock file (`JobLock`): one worke
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -93,14 +94,16 @@ def real_dir(path: Path, root: Path | None = None, mode: int = PRIVATE_DIR) -> P
     """`path` as a real directory, with no symbolic link from `root` (trusted: the directory a setting names, such as
     MODEL_CACHE_DIR; by default `path`'s parent) down to it: each directory on the way is created (`mode`) where
     missing, and a link on the way is refused, naming it (never followed, never removed: the operator may have made it).
-    Anyone who can write to the volume can plant such a link, and the worker, writing as root, would write where it points."""
+    Anyone who can write to the volume can plant such a link, and the worker, writing as root, would write where it
+    points."""
     path, here = Path(path), Path(path.parent if root is None else root)
     here.mkdir(parents=True, exist_ok=True)
     for part in path.relative_to(here).parts:
         here = here / part
         if here.is_symlink():
-            raise NotADirectoryError(f"{here} is a symbolic link (to {os.readlink(here)}) where the worker makes a directory "
-                                     "of its own, and it never writes through a link: remove the link and resubmit")
+            raise NotADirectoryError(f"{here} is a symbolic link (to {os.readlink(here)}) where the worker makes a "
+                                     "directory of its own, and it never writes through a link: remove the link and "
+                                     "resubmit")
         here.mkdir(mode=mode, exist_ok=True)
     return path
 
@@ -135,8 +138,6 @@ def volume_fault(exc: BaseException) -> str | None:
 
 def sha256_of(path: Path) -> str:
     """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -199,7 +200,8 @@ class JobLock:
                 self._take_over(owner)
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
+                json.dump({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "started": time.time()}, f)
             self.held = True
             threading.Thread(target=self._beat, daemon=True).start()
             return

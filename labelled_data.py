@@ -21,6 +21,8 @@ from multiprocessing import active_children, get_context
 from multiprocessing.connection import wait
 from pathlib import Path
 
+import torch
+
 from architecture import load_config, packing_support
 from chat_labels import IGNORE, pack_examples, sequences_from_tensors, sequences_to_tensors, tokenize_conversation
 from chat_templates import SkipExample, load_tokenizer
@@ -83,7 +85,8 @@ def prepare_data(conversations: list[dict], base_path: Path, hp: Hyperparameters
     counts = {"examples": len(train_examples), "validation_examples": len(val_examples),
               "validation_conversations": len({c.get("conversation_id", i) for i, c in enumerate(val_convs)})}
     data = Data(fingerprint, sequences(train_examples), sequences(val_examples), counts, length_report, packing,
-                packing_note, [w for w in (split_warning, hp.packing and not packing and f"packing {packing_note}") if w],
+                packing_note,
+                [w for w in (split_warning, hp.packing and not packing and f"packing {packing_note}") if w],
                 f"{processes} process(es), {time.monotonic() - started:.1f} s")
     if path is not None:
         _keep_data(path, data, key)
@@ -102,8 +105,6 @@ def tokenizer_digest(base_model: Path) -> str:
 
 def _keep_data(path: Path, data: Data, key: dict) -> None:
     """Save `data` with its key; a cache: a failed write costs a resumed job the labelling, nothing else."""
-    import torch  # seconds to import: loaded where used, not with the module
-
     fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
     try:
         private_dir(path.parent)
@@ -117,11 +118,10 @@ def _keep_data(path: Path, data: Data, key: dict) -> None:
 def _kept_data(path: Path, key: dict, vocabulary: int) -> Data | None:
     """The labelled data kept in `path` when it was saved under `key` and holds only what labelling writes; else None,
     with a warning (the job labels again)."""
-    import torch  # seconds to import: loaded where used, not with the module
-
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        problem = ("it was labelled for another job input, labelling version or tokenizer" if saved.pop("key", None) != key
+        problem = ("it was labelled for another job input, labelling version or tokenizer"
+                   if saved.pop("key", None) != key
                    else _labels_problem(saved["train"], vocabulary) or _labels_problem(saved["validation"], vocabulary))
         if problem is None:
             log.info("labelled data reused from %s", path)

@@ -18,10 +18,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
 from architecture import load_config, meta_model
 from files import JobLock, atomic_dir, real_dir, remove
-from job import RUNPOD_CACHED_MODELS, JobError, WorkerSettings, redact_text
+from job import JobError, redact_text
+from settings import RUNPOD_CACHED_MODELS, WorkerSettings
 from tiny_model import ARCHITECTURES, build_tiny_model
+
+# The runpod SDK is imported where its model cache path is read: the training processes import this module and never
+# need the SDK (1.8 s to import), and a bare benchmark machine may not have it.
 
 GB = 1024**3
 
@@ -59,7 +66,7 @@ def model_search_paths(name: str, cache_dirs: list[Path], runpod_cache: Path = R
     model_path = os.environ.get("MODEL_PATH")  # the app's team points it at a link to the model's snapshot
     if model_path and Path(model_path).name.lower() == short.lower():
         paths.append(Path(model_path))
-    try:  # the runpod SDK's model cache path; the worker always has the SDK, a bare benchmark machine may not
+    try:  # the runpod SDK's model cache path (see the comment at the imports)
         from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
     except ImportError:
         pass
@@ -93,9 +100,10 @@ def resolve_base_model(name: str, cache_dirs: list[Path], *, allowed: list[str] 
                else "or unset HF_HUB_OFFLINE to let the worker download it" if hub_offline()
                else "or set ALLOW_MODEL_DOWNLOAD=true")
         raise JobError(
-            f"base model {name!r} was not found; searched {', '.join(str(p) for p in model_search_paths(name, cache_dirs, runpod_cache))} "
-            f"and the Hugging Face cache. Cached models: {', '.join(cached_models(cache_dirs)) or 'none'}. Pick a cached "
-            f"model in hyperparameters.base_model, put the model in the model cache directory, {how}")
+            f"base model {name!r} was not found; searched "
+            f"{', '.join(str(p) for p in model_search_paths(name, cache_dirs, runpod_cache))} "
+            f"and the Hugging Face cache. Cached models: {', '.join(cached_models(cache_dirs)) or 'none'}. Pick a "
+            f"cached model in hyperparameters.base_model, put the model in the model cache directory, {how}")
     return found
 
 
@@ -103,14 +111,13 @@ def find_base_model(name: str, cache_dirs: list[Path], *, allowed: list[str] | N
                     runpod_cache: Path = RUNPOD_CACHED_MODELS) -> Path | None:
     """The local directory of `name`, or None when it is nowhere on this worker (nothing is downloaded)."""
     if allowed and name not in allowed:
-        raise JobError(f"base model {name!r} is not on this worker's allow-list ({', '.join(allowed)}); pick one of those")
+        raise JobError(f"base model {name!r} is not on this worker's allow-list ({', '.join(allowed)}); pick one "
+                       "of those")
     if name.startswith(TINY_PREFIX):
         return _tiny_model(name, cache_dirs)
     for path in model_search_paths(name, cache_dirs, runpod_cache):
         if (path / "config.json").is_file():
             return path
-    from huggingface_hub import snapshot_download  # loaded at the first lookup that gets here, not at the worker's start
-
     try:  # the Hugging Face cache (HF_HOME), without touching the network
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure here means "not in the HF cache"
@@ -232,7 +239,7 @@ class HubDownload:
     """
 
     def __init__(self, name: str, cache_dir: Path, token: str | None = None, with_code: bool = False,
-                 max_bytes: int = WorkerSettings.max_model_download_bytes):
+                 max_bytes: int = WorkerSettings.model_fields["max_model_download_bytes"].default):
         self.name, self.token, self.with_code = name, token, with_code  # with_code: the repo's *.py (remote code)
         self.endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it at import
         self.cache_dir, self.max_bytes = cache_dir, max_bytes
@@ -264,8 +271,6 @@ class HubDownload:
             raise JobError(f"base model {self.name!r} cannot be downloaded: {exc}") from None
 
     def _hub(self, call, *args, **kwargs):
-        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError  # as in find_base_model
-
         page = f"https://huggingface.co/{self.name}"
         try:
             return call(*args, **kwargs)
@@ -277,23 +282,23 @@ class HubDownload:
                    "set HF_TOKEN on the endpoint to a token of an account that accepted its conditions on " + page)
             raise JobError(f"base model {self.name!r} is gated on the Hugging Face Hub: {how}") from None
         except RepositoryNotFoundError:
-            raise ModelNotOnHub(f"base model {self.name!r} is not on the Hugging Face Hub ({self.endpoint or 'huggingface.co'}), "
-                                "or is private: check hyperparameters.base_model (for a private model, set HF_TOKEN)") from None
+            raise ModelNotOnHub(f"base model {self.name!r} is not on the Hugging Face Hub "
+                                f"({self.endpoint or 'huggingface.co'}), or is private: check "
+                                "hyperparameters.base_model (for a private model, set HF_TOKEN)") from None
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
             if status == 401 and self.token:
                 raise JobError("the Hugging Face Hub refused HF_TOKEN (invalid or expired): create a new token at "
                                "https://huggingface.co/settings/tokens and set HF_TOKEN on the endpoint") from None
-            raise JobError(f"downloading base model {self.name!r} failed (HTTP {status}): {redact_text(str(exc))[:300]}. "
-                           "Retry the job; if it persists, put the model in MODEL_CACHE_DIR") from None
+            raise JobError(f"downloading base model {self.name!r} failed (HTTP {status}): "
+                           f"{redact_text(str(exc))[:300]}. Retry the job; if it persists, put the model in "
+                           "MODEL_CACHE_DIR") from None
         except Exception as exc:  # noqa: BLE001 - connection resets (httpx errors), a full disk, the client's own checks
-            raise JobError(f"downloading base model {self.name!r} failed: {type(exc).__name__}: {redact_text(str(exc))[:300]}. "
-                           "Retry the job; if it persists, check the worker's network and the volume, or put the model "
-                           "in MODEL_CACHE_DIR") from None
+            raise JobError(f"downloading base model {self.name!r} failed: {type(exc).__name__}: "
+                           f"{redact_text(str(exc))[:300]}. Retry the job; if it persists, check the worker's network "
+                           "and the volume, or put the model in MODEL_CACHE_DIR") from None
 
     def _fetch(self, name: str) -> None:
-        from huggingface_hub import hf_hub_download  # as in find_base_model
-
         self._hub(hf_hub_download, self.name, name, revision=self.sha, local_dir=self.partial, token=self.token,
                   endpoint=self.endpoint)
 
@@ -322,8 +327,6 @@ class HubDownload:
     def prepare(self, wait_s: float = 4 * 3600, on_wait=lambda: None) -> Path | None:
         """List the repo and fetch its small files; the directory holding them (for the fit check), or None
         when another worker completed the model while this one waited (it is then at `self.target`)."""
-        from huggingface_hub import HfApi  # as in find_base_model
-
         info = self._hub(HfApi(endpoint=self.endpoint, token=self.token).model_info, self.name, files_metadata=True)
         if not self._take_lock(wait_s, on_wait):
             return None
@@ -333,12 +336,13 @@ class HubDownload:
         remove(self.partial)  # what a killed worker left, or a link planted there: neither is followed nor reused
         self._real_dir(self.partial)
         if "config.json" not in self.sizes:
-            raise JobError(f"base model {self.name!r} on the Hugging Face Hub has no config.json: it is not a transformers "
-                           "model; pick another base model")
+            raise JobError(f"base model {self.name!r} on the Hugging Face Hub has no config.json: it is not a "
+                           "transformers model; pick another base model")
         index_name = "model.safetensors.index.json" if "model.safetensors.index.json" in self.sizes else (
             "pytorch_model.bin.index.json" if "pytorch_model.bin.index.json" in self.sizes
             and not any(n.endswith(".safetensors") for n in self.sizes) else None)
-        small = [n for n in files_to_load(self.sizes, None, self.with_code) if n.endswith(SMALL_FILE_SUFFIXES + (".py",))]
+        small = [n for n in files_to_load(self.sizes, None, self.with_code)
+                 if n.endswith(SMALL_FILE_SUFFIXES + (".py",))]
         self.check_sizes(small)
         for name in ["config.json"] + [n for n in small if n != "config.json"]:  # config.json first, no weight
             self._fetch(name)
@@ -355,19 +359,22 @@ class HubDownload:
         files larger than the parameters of config.json (fetched by then) can take."""
         total = sum(self.sizes.get(n, 0) for n in names)  # a file the listing lacks fails when it is fetched
         if total > self.max_bytes:
-            raise JobError(f"base model {self.name!r} is {_size(total)} to download, more than MAX_MODEL_DOWNLOAD_BYTES allows "
-                           f"({self.max_bytes:,} bytes, {_size(self.max_bytes)}): pick a smaller model, or raise "
-                           "MAX_MODEL_DOWNLOAD_BYTES on the endpoint (with room for it on the volume)")
+            raise JobError(f"base model {self.name!r} is {_size(total)} to download, more than "
+                           f"MAX_MODEL_DOWNLOAD_BYTES allows ({self.max_bytes:,} bytes, {_size(self.max_bytes)}): pick "
+                           "a smaller model, or raise MAX_MODEL_DOWNLOAD_BYTES on the endpoint (with room for it on "
+                           "the volume)")
         weights = sum(self.sizes.get(n, 0) for n in names if n.endswith(WEIGHT_SUFFIXES))
         if not weights:
             return
-        parameters = sum(p.numel() for p in meta_model(load_config(self.partial)).parameters())  # count_parameters' total
+        # count_parameters' total
+        parameters = sum(p.numel() for p in meta_model(load_config(self.partial)).parameters())
         room = int(parameters * WEIGHT_BYTES_PER_PARAMETER * WEIGHT_MARGIN) + WEIGHT_HEADER_BYTES
         if weights > room:
             raise JobError(f"base model {self.name!r} lists {_size(weights)} of weights, more than its config.json's "
-                           f"{parameters:,} parameters can take ({_size(room)}: {WEIGHT_BYTES_PER_PARAMETER} bytes each, "
-                           f"plus {WEIGHT_MARGIN - 1:.0%} and {_size(WEIGHT_HEADER_BYTES)}): the repo carries files the model "
-                           f"does not use. Pick another base model, or put the model in {self.target} yourself")
+                           f"{parameters:,} parameters can take ({_size(room)}: {WEIGHT_BYTES_PER_PARAMETER} bytes "
+                           f"each, plus {WEIGHT_MARGIN - 1:.0%} and {_size(WEIGHT_HEADER_BYTES)}): the repo carries "
+                           f"files the model does not use. Pick another base model, or put the model in {self.target} "
+                           "yourself")
 
     def missing_bytes(self) -> int:
         """Bytes still to fetch: the weights (the small files came with `prepare`)."""
@@ -381,9 +388,10 @@ class HubDownload:
         need = self.missing_bytes() + DOWNLOAD_MARGIN_BYTES
         free = shutil.disk_usage(self.partial).free
         if free < need:
-            raise JobError(f"the volume holding MODEL_CACHE_DIR ({self.target.parent.parent}) has {free / GB:.1f} GB free; "
-                           f"base model {self.name!r} needs {need / GB:.1f} GB more to download. Enlarge the network volume, "
-                           "delete models it no longer needs (and old 4-bit copies in .quantized/), or pick a smaller model")
+            raise JobError(f"the volume holding MODEL_CACHE_DIR ({self.target.parent.parent}) has "
+                           f"{free / GB:.1f} GB free; base model {self.name!r} needs {need / GB:.1f} GB more to "
+                           "download. Enlarge the network volume, delete models it no longer needs (and old 4-bit "
+                           "copies in .quantized/), or pick a smaller model")
 
     def complete(self, progress=lambda fraction: None) -> Path:
         """Fetch the weights, check every file's size, and move the model into place; its directory."""
@@ -395,14 +403,14 @@ class HubDownload:
         progress(1.0)
         wrong = [n for n in self.files if not self._complete(n)]
         if wrong:
-            raise JobError(f"the download of base model {self.name!r} is incomplete ({', '.join(wrong[:3])} has the wrong "
-                           "size); retry the job")
+            raise JobError(f"the download of base model {self.name!r} is incomplete ({', '.join(wrong[:3])} has the "
+                           "wrong size); retry the job")
         shutil.rmtree(self.partial / ".cache", ignore_errors=True)  # huggingface_hub's own bookkeeping
         target = self._real_dir(self.target)  # made empty where missing
         if not (target / "config.json").is_file():  # else another worker's copy, complete: kept, and ours deleted
             if any(target.iterdir()):
-                raise JobError(f"{target} exists but holds no config.json (an unfinished copy?): remove it, or complete "
-                               "it, then resubmit")
+                raise JobError(f"{target} exists but holds no config.json (an unfinished copy?): remove it, or "
+                               "complete it, then resubmit")
             os.replace(self.partial, target)  # onto the empty directory
         self.release()
         return self.target

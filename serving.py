@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from safetensors import safe_open
+
 VLLM = "vLLM v0.34.0 (62d4bc3c7)"
 # LoRAConfig.max_lora_rank: MaxLoRARanks = Literal[...], default 16 (vllm/config/lora.py).
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -75,7 +77,8 @@ def check_rank(rank: int, max_rank: int | None, field: str = "lora_rank") -> str
                     "value vLLM accepts", f"set it to one of {', '.join(map(str, MAX_LORA_RANKS))}")
     if max_rank is not None and rank > max_rank:
         return _msg("rank", f"{field} {rank} exceeds the serving endpoint's max_lora_rank {max_rank} "
-                    "(SERVING_MAX_LORA_RANK)", f"set {field} to {max_rank} or less, or raise the endpoint's max_lora_rank")
+                    "(SERVING_MAX_LORA_RANK)",
+                    f"set {field} to {max_rank} or less, or raise the endpoint's max_lora_rank")
     if rank > MAX_LORA_RANKS[-1]:
         return _msg("rank", f"{field} {rank} exceeds {MAX_LORA_RANKS[-1]}, the largest max_lora_rank vLLM accepts",
                     f"set {field} to {MAX_LORA_RANKS[-1]} or less")
@@ -105,7 +108,8 @@ def _config_problems(config: dict, max_rank: int | None) -> list[str]:
         out.append(_msg("init_lora_weights", f"init_lora_weights {init!r} modifies the base weights",
                         "train with init_lora_weights=True, or convert the adapter with PEFT's "
                         "path_initial_model_for_weight_conversion"))
-    features = [k for k in ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora") if config.get(k)]
+    features = [k for k in ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora")
+                if config.get(k)]
     if features:
         out.append(_msg("peft_feature", f"{', '.join(features)} set", "train a plain LoRA without them"))
     return out
@@ -161,8 +165,6 @@ def check_adapter(adapter_dir: Path, architecture: str, max_rank: int | None = N
     """Violations of vLLM's LoRA rules by the PEFT adapter in `adapter_dir` for a base model of
     `architecture` (config.json `architectures[0]`) served with `max_rank` (None: any rank vLLM takes).
     Empty when vLLM will load and apply it."""
-    from safetensors import safe_open
-
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     with safe_open(adapter_dir / "adapter_model.safetensors", framework="numpy") as f:  # names only: no torch

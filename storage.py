@@ -10,22 +10,30 @@ length, errors that name the cause and the fix, and no signed token in any messa
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
+import boto3
 import requests
 import urllib3
+from boto3.exceptions import S3UploadFailedError
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 from runpod.serverless.utils import rp_ssrf
 
+from compat import pinned_session
 from files import atomic_file, new_file
-from job import APP_STORAGE_HELP, JobError, WorkerSettings, redact_text, redact_url
+from job import JobError, redact_text, redact_url
+from settings import APP_STORAGE_HELP, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +70,8 @@ def _expired_or_denied(status: int, body: str) -> JobError | None:
             or "expiredtoken" in text or "request has expired" in text:
         return LinkExpired(EXPIRED)
     if status in (401, 403) or "invalidjwt" in text:
-        return JobError(f"dataset URL was refused (HTTP {status}): the signature is invalid or lacks access; create a new "
-                        "signed URL and resubmit")
+        return JobError(f"dataset URL was refused (HTTP {status}): the signature is invalid or lacks access; create "
+                        "a new signed URL and resubmit")
     return None
 
 
@@ -72,7 +80,8 @@ def _status_error(status: int, body: str, shown: str) -> JobError:
     if reason:
         return reason
     if status == 404:
-        return JobError(f"dataset not found (HTTP 404) at {shown}: check the file still exists in storage, then resubmit")
+        return JobError(f"dataset not found (HTTP 404) at {shown}: check the file still exists in storage, then "
+                        "resubmit")
     try:
         detail = json.loads(body).get("message") if body.strip().startswith("{") else None
     except (ValueError, AttributeError):
@@ -88,7 +97,8 @@ def _body(response, deadline: float, max_bytes: int, shown: str):
     while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
         total += len(chunk)
         if total > max_bytes:
-            raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES")
+            raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise "
+                           "MAX_DATASET_BYTES")
         if time.monotonic() > deadline:
             raise _Deadline(f"the download from {shown} did not finish in time ({total} bytes received)")
         yield chunk
@@ -110,7 +120,8 @@ def _fetch_once(url: str, part: Path, *, max_bytes: int, timeout: float, deadlin
     except rp_ssrf.SSRFError as exc:
         message = str(exc).replace(url, shown)
         if "size cap" in message:
-            raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES") from None
+            raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise "
+                           "MAX_DATASET_BYTES") from None
         raise JobError(
             f"dataset URL refused: {message}. The worker downloads only from public addresses; "
             "for a local run set RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true"
@@ -152,7 +163,8 @@ def _copy_local_file(url: str, dest: Path, max_bytes: int) -> Download:
     if size == 0:
         raise JobError(f"dataset file {source} is empty (0 bytes)")
     if size > max_bytes:
-        raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise MAX_DATASET_BYTES")
+        raise JobError(f"dataset is larger than the worker's limit of {max_bytes} bytes: split it or raise "
+                       "MAX_DATASET_BYTES")
     digest = hashlib.sha256()
     with open(source, "rb") as src, atomic_file(dest) as out:
         for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):  # streamed: never the whole file in memory
@@ -209,18 +221,20 @@ def download_dataset(url: str, dest: Path, *, max_bytes: int, timeout: float = 6
         os.replace(part, dest)
         log.info("downloaded %s: %d bytes, sha256 %s", redact_url(url), size, sha)
         return Download(dest, size, sha, attempt)
-    raise JobError(f"dataset download failed after {attempt} attempt{'s' if attempt > 1 else ''}: {last}. Check that the storage is reachable and resubmit")
+    raise JobError(f"dataset download failed after {attempt} attempt{'s' if attempt > 1 else ''}: {last}. Check "
+                   "that the storage is reachable and resubmit")
 
 
 SIGNED_PATH = "/storage/v1/object/sign/"
 
 
 def supabase_object(url: str, supabase_url: str | None) -> str | None:
-    """For a Supabase signed URL on the deployment's own project (`<SUPABASE_URL>/storage/v1/object/sign/<bucket>/<path>`),
-    the same object's authenticated URL (`.../object/authenticated/<bucket>/<path>`, read with the service key); None
-    for any other URL.
+    """For a Supabase signed URL on the deployment's own project
+    (`<SUPABASE_URL>/storage/v1/object/sign/<bucket>/<path>`), the same object's authenticated URL
+    (`.../object/authenticated/<bucket>/<path>`, read with the service key); None for any other URL.
 
-    >>> token = "e30." + "eyJ1cmwiOiJ0cmFpbmluZy1maWxlcy91L2QuanNvbmwifQ" + ".sig"  # {"url": "training-files/u/d.jsonl"}
+    >>> # the token's payload: {"url": "training-files/u/d.jsonl"}
+    >>> token = "e30." + "eyJ1cmwiOiJ0cmFpbmluZy1maWxlcy91L2QuanNvbmwifQ" + ".sig"
     >>> supabase_object(f"https://p.supabase.co/storage/v1/object/sign/training-files/u/d.jsonl?token={token}", "https://p.supabase.co")
     'https://p.supabase.co/storage/v1/object/authenticated/training-files/u/d.jsonl'
     >>> supabase_object(f"https://p.supabase.co/storage/v1/object/sign/training-files/u/other.jsonl?token={token}", "https://p.supabase.co")
@@ -242,9 +256,6 @@ def supabase_object(url: str, supabase_url: str | None) -> str | None:
 def _signed_object(query: str) -> str | None:
     """The `<bucket>/<path>` a Supabase signed URL's token was issued for (its JWT's `url` claim; not verified here:
     Storage verified the signature when it answered that the token had expired)."""
-    import base64
-    from urllib.parse import parse_qs
-
     try:
         payload = parse_qs(query)["token"][0].split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -259,9 +270,6 @@ def upload_files(files: list[Path], job_id: str, settings: WorkerSettings) -> di
     Any S3-compatible store that signs GET links works (Supabase Storage's S3 endpoint, AWS S3,
     Cloudflare R2; not RunPod's network-volume S3 API). Nothing is deleted here: the local files stay.
     """
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
-
     client = _s3_client(settings)
     urls = {}
     for path in files:
@@ -271,8 +279,9 @@ def upload_files(files: list[Path], job_id: str, settings: WorkerSettings) -> di
             urls.update(presigned_urls([path.name], job_id, settings, client))
         except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
             raise JobError(
-                f"could not upload {path.name} to bucket {settings.s3_bucket!r} at {redact_url(settings.s3_endpoint_url)}: "
-                f"{type(exc).__name__}: {exc}. The adapter is kept on the volume; check the S3_* settings and resubmit"
+                f"could not upload {path.name} to bucket {settings.s3_bucket!r} at "
+                f"{redact_url(settings.s3_endpoint_url)}: {type(exc).__name__}: {exc}. The adapter is kept on the "
+                "volume; check the S3_* settings and resubmit"
             ) from None
         log.info("uploaded %s (%d bytes) to s3://%s/%s", path.name, path.stat().st_size, settings.s3_bucket, key)
     return urls
@@ -282,18 +291,18 @@ def check_storage(settings: WorkerSettings, job_id: str) -> None:
     """Before any work: a test file uploads to the job's prefix, and a presigned link to it downloads the
     same bytes with a plain GET and no credentials, as the app will fetch the adapter. Wrong keys, a
     missing bucket, or a store that cannot sign links fail the job here, in a second, not after training."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     client = _s3_client(settings)
     key, body = _s3_key(settings, job_id, ".storage-check"), f"storage check of job {job_id}\n".encode()
     where = f"bucket {settings.s3_bucket!r} at {redact_url(settings.s3_endpoint_url)}"
     try:
         client.put_object(Bucket=settings.s3_bucket, Key=key, Body=body)
     except (BotoCoreError, ClientError) as exc:
-        raise JobError(f"the adapter's storage refused a test upload to {where} ({_s3_reason(exc)}): check S3_BUCKET, "
-                       "S3_REGION, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY. Nothing was downloaded or trained") from None
+        raise JobError(f"the adapter's storage refused a test upload to {where} ({_s3_reason(exc)}): check "
+                       "S3_BUCKET, S3_REGION, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY. Nothing was downloaded or "
+                       "trained") from None
     try:
-        url = client.generate_presigned_url("get_object", ExpiresIn=300, Params={"Bucket": settings.s3_bucket, "Key": key})
+        url = client.generate_presigned_url("get_object", ExpiresIn=300,
+                                            Params={"Bucket": settings.s3_bucket, "Key": key})
         response = requests.get(url, timeout=30, allow_redirects=False)
         answer = f"HTTP {response.status_code}" if response.content != body else None
     except requests.RequestException as exc:
@@ -304,14 +313,13 @@ def check_storage(settings: WorkerSettings, job_id: str) -> None:
         except (BotoCoreError, ClientError) as exc:
             log.warning("could not delete the storage check file %s (%s)", key, _s3_reason(exc))
     if answer:
-        raise JobError(f"a presigned download link from {where} does not return the file it signs ({answer}): the app "
-                       f"could not download the adapter. Use storage that supports presigned GET URLs ({APP_STORAGE_HELP}), "
-                       "and check that S3_REGION is the bucket's region. Nothing was downloaded or trained")
+        raise JobError(f"a presigned download link from {where} does not return the file it signs ({answer}): the "
+                       "app could not download the adapter. Use storage that supports presigned GET URLs "
+                       f"({APP_STORAGE_HELP}), and check that S3_REGION is the bucket's region. Nothing was downloaded "
+                       "or trained")
 
 
 def _s3_reason(exc: Exception) -> str:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         return f"{error.get('Code', 'error')}: {redact_text(str(error.get('Message', '')))}".rstrip(": ")
@@ -323,9 +331,6 @@ def _s3_reason(exc: Exception) -> str:
 
 
 def _s3_client(settings: WorkerSettings):
-    import boto3
-    from botocore.config import Config
-
     return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
         aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=settings.s3_secret_access_key,
@@ -345,7 +350,8 @@ def presigned_urls(names: list[str], job_id: str, settings: WorkerSettings, clie
     """Fresh presigned GET URLs for files already uploaded under `<prefix>/<job_id>/` (signing is local)."""
     client = client or _s3_client(settings)
     return {name: client.generate_presigned_url("get_object", ExpiresIn=settings.presigned_url_expiry_s,
-                                                Params={"Bucket": settings.s3_bucket, "Key": _s3_key(settings, job_id, name)})
+                                                Params={"Bucket": settings.s3_bucket,
+                                                        "Key": _s3_key(settings, job_id, name)})
             for name in names}
 
 
@@ -353,8 +359,6 @@ def post_callback(url: str, payload: dict, timeout: float = 10.0, deadline_s: fl
     """One best-effort POST of the final status; a failure is logged, never raised. `timeout` bounds each wait for
     the receiver, `deadline_s` the whole exchange: a receiver slower than that (one that sends its answer a byte at a
     time, say) is left to its thread and the job's result is returned without waiting for it."""
-    import threading
-
     shown, answer = redact_url(url), {}
 
     def post() -> None:
@@ -364,7 +368,7 @@ def post_callback(url: str, payload: dict, timeout: float = 10.0, deadline_s: fl
                 raise ValueError("callback_url must be an http(s) URL")
             ips = rp_ssrf.resolve_and_validate(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
             # Dial the address that was checked (as the SDK's safe_get does): no DNS rebinding in between.
-            with rp_ssrf._build_pinned_session(ips[0]) as session:
+            with pinned_session(ips[0]) as session:
                 # stream: only the status is read, never a body the receiver could make endless
                 with session.post(url, json=payload, timeout=timeout, allow_redirects=False, stream=True) as response:
                     answer["status"] = response.status_code
@@ -375,7 +379,8 @@ def post_callback(url: str, payload: dict, timeout: float = 10.0, deadline_s: fl
     thread.start()
     thread.join(deadline_s)
     if thread.is_alive():
-        log.warning("callback to %s failed: no answer within %g s; the job's result is returned without it", shown, deadline_s)
+        log.warning("callback to %s failed: no answer within %g s; the job's result is returned without it",
+                    shown, deadline_s)
         return False
     if "error" in answer:
         exc = answer["error"]

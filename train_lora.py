@@ -1,15 +1,13 @@
 """QLoRA training of a chat adapter: 4-bit NF4 base (bitsandbytes) + LoRA (PEFT), assistant tokens only.
 
 The recipe reads top to bottom, in the manner of torchtune's:
-    setup   - find the base model; label the data (over the worker's cores, kept in the job directory);
-              check the job fits one GPU from config.json alone; a Plan (micro-batch, accumulation,
-              recomputation, steps, warmup) derived once and logged; the 4-bit base with LoRA
-              (model_loading.py); AdamW 8-bit, a cosine schedule; the TrainState of the newest checkpoint
-    train   - `train_step` after `train_step`: each rank its share of the global batch, the loss the mean over
-              the trained tokens of the whole batch, the LoRA gradients summed over the ranks; checkpoints
-              (saved training state) every N steps / M minutes / on SIGTERM
-    save    - adapter, tokenizer + template, generation config, training_config.json, metrics.json, the per-step
-              log and loss chart, into a fresh directory renamed into place (rank 0 alone)
+    setup   - label the data (labelled_data.py); check the job fits from config.json alone; the Plan, decided once
+              (plan.py); the 4-bit base with LoRA (model_loading.py); AdamW 8-bit and the plan's schedule; the
+              TrainState of the newest checkpoint
+    train   - `train_step` after `train_step`: each rank its share of the global batch, the loss (loss.py) the mean
+              over the trained tokens of the whole batch, the LoRA gradients summed over the ranks; validation at
+              each epoch's end keeps the best weights; checkpoints every N steps / M minutes / on SIGTERM
+    save    - the best epoch's adapter and its files, by rank 0 (adapter.py)
     cleanup - the process group
 
 One process per GPU (distributed.py: PyTorch's elastic launcher, NCCL; gloo on the CPU). The CPU runs the same
@@ -17,7 +15,8 @@ QLoRA path as the GPU (bitsandbytes 4-bit layers run on CPU), in fp32.
 
     python train_lora.py train    --dataset FILE --base-model DIR --output DIR [--processes N] [--epochs N ...]
     python train_lora.py preview  --dataset FILE --base-model DIR [--max-seq-length N] [--limit K] [--json]
-    python train_lora.py estimate --base-model DIR_OR_ID [--max-seq-length N] [--batch-size B] [--gpu-memory-gb G] [--json]
+    python train_lora.py estimate --base-model DIR_OR_ID [--max-seq-length N] [--batch-size B]
+                                  [--gpu-memory-gb G] [--json]
 """
 
 from __future__ import annotations
@@ -27,74 +26,47 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import bitsandbytes as bnb
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import get_scheduler
+
 import distributed
-from architecture import (LOSS_CHUNK_TOKENS, check_fits, estimate_command, isolate_packed_examples, load_config, meta_model,
-                          token_mixers)
+from adapter import adapter_save_dtype, run_metrics, save
+from architecture import check_fits, estimate_command, isolate_packed_examples
 from chat_labels import collate, preview, print_preview
 from chat_templates import SkipExample, load_tokenizer
 from checkpoints import (Cancelled, StopAsked, Stopped, TrainingLog, TrainState, capture, checkpoint_spacing,
                          load_latest_checkpoint, restore, save_checkpoint, stop_on_sigterm, stop_reason)
 from dataset_loader import DatasetError, load_dataset
-from job import MAX_STEPS, Hyperparameters, JobError, job_fingerprint, parse_hyperparameters
+from device import autocast, free_gpu_memory_gb, gpu_utilization, loss_scaler, peak_memory_gb, select_precision
+from files import sha256_of
+from job import Hyperparameters, JobError, job_fingerprint, parse_hyperparameters
 from labelled_data import Data, prepare_data
+from loss import loss_sum
 from model_hub import config_source, resolve_base_model
-from model_loading import (adapter_save_dtype, autocast, enable_recomputation, free_gpu_memory_gb, gpu_utilization,
-                           keep_copy_after_training, library_versions, load_model, loss_scaler, peak_memory_gb,
-                           select_attention, select_precision, write_adapter)
+from model_loading import enable_recomputation, keep_copy_after_training, load_model
+from plan import Plan, TrainJob, agree_on_estimate, epoch_order, make_plan
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict], None]
 
 
-# ---------------------------------------------------------------------------- setup: the plan
-
-@dataclass
-class Plan:
-    """How the job trains, derived once from the data, the settings and the estimate (logged, and saved with the adapter)."""
-    world_size: int
-    micro_batch_size: int
-    accumulation_steps: int  # micro-batches per rank per optimizer step
-    recompute: bool  # gradient checkpointing: activations recomputed in backward
-    recompute_reason: str
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    attention: str
-
-
-def make_plan(data: Data, hp: Hyperparameters, estimate, world_size: int, device: str, base_path: Path) -> Plan:
-    steps_per_epoch = math.ceil(len(data.train) / hp.batch_size)
-    total = min(steps_per_epoch * hp.epochs, hp.max_steps or steps_per_epoch * hp.epochs)
-    if total > MAX_STEPS:
-        raise JobError(f"the job would take {total:,} optimizer steps ({len(data.train):,} sequences at batch_size "
-                       f"{hp.batch_size} is {steps_per_epoch:,} an epoch, x {hp.epochs} epochs), more than the {MAX_STEPS:,} "
-                       "a job may take: raise hyperparameters.batch_size, lower epochs, or set max_steps")
-    # flex attention where transformers has it for the architecture, not beside linear-attention layers
-    architecture = meta_model(load_config(base_path))
-    flex = getattr(type(architecture), "_supports_flex_attn", False) and not token_mixers(architecture)
-    recompute = estimate.gradient_checkpointing
-    reason = ("hyperparameters.gradient_checkpointing" if hp.gradient_checkpointing != "auto" else
-              "auto: the micro-batch fits only with it" if recompute else "auto: the micro-batch fits without it")
-    return Plan(world_size, estimate.micro_batch_size, estimate.gradient_accumulation_steps, recompute, reason,
-                steps_per_epoch, total, hp.warmup_steps if hp.warmup_steps is not None else math.ceil(hp.warmup_ratio * total),
-                select_attention(device, estimate.micro_batch_size, data.packing, flex))
-
+# ---------------------------------------------------------------------------- setup
 
 @dataclass
 class Run:
     """The trainer's parts, built by `setup`."""
-    hp: Hyperparameters
-    base_path: Path
+    job: TrainJob
     data: Data
     plan: Plan
     world: distributed.World
@@ -108,21 +80,24 @@ class Run:
     pad_id: int
     base_weights: str
     estimate: Any
-    checkpoint_dir: Path | None
-    fingerprint: str
     progress: ProgressFn
+    save_dtype: Any  # the adapter's weights' (adapter.adapter_save_dtype)
+    per_example_layers: int = 0  # linear-attention layers that run each packed example on its own
     state: TrainState = field(default_factory=TrainState)
     warnings: list = field(default_factory=list)
     resumed_from: int | None = None
-    base_name: str = ""  # the base model as `train` was given it
-    scaler: Any = None  # fp16's loss scaler (model_loading.loss_scaler; a no-op in other dtypes)
+    scaler: Any = None  # fp16's loss scaler (device.loss_scaler; a no-op in other dtypes)
     best: dict | None = None  # rank 0: the LoRA weights of the epoch `state.best_epoch`, as they are saved
     log: TrainingLog = field(default_factory=lambda: TrainingLog(None))  # the per-step records (rank 0)
     checkpoints: dict = field(default_factory=lambda: {"written": 0, "seconds": 0.0, "last_seconds": 0.0})
 
     @property
-    def save_dtype(self):
-        return adapter_save_dtype(self.hp.adapter_dtype, self.compute_dtype)
+    def hp(self) -> Hyperparameters:
+        return self.job.hp
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.job.checkpoint_dir
 
     @property
     def validation_tokens(self) -> int:
@@ -130,8 +105,6 @@ class Run:
 
     def best_weights(self) -> dict | None:
         """A copy of the LoRA weights in the dtype the adapter is saved in (rank 0, which saves; None elsewhere)."""
-        from peft import get_peft_model_state_dict
-
         return {k: v.detach().to("cpu", self.save_dtype, copy=True)
                 for k, v in get_peft_model_state_dict(self.model).items()} if self.world.main else None
 
@@ -143,98 +116,68 @@ class Run:
         pad_to = self.hp.max_seq_length if self.plan.attention == "flex_attention" else None  # one compile per length
         return collate(sequences, self.pad_id, self.device, attention=self.plan.attention, pad_to=pad_to)
 
+    def loss_sum(self, batch):
+        """`loss_sum` of a micro-batch as this run computes it (its attention, its per-example layers)."""
+        return loss_sum(self.model, batch, self.plan.attention != "flash_attention_2", self.per_example_layers > 0)
 
-def setup(data: Data, base_path: Path, hp: Hyperparameters, world: distributed.World, progress: ProgressFn,
-          trust_remote_code: bool, checkpoint_dir: Path | None, fingerprint: str, quantized_cache: Path | None) -> Run:
-    import bitsandbytes as bnb
-    import torch
-    from transformers import get_cosine_schedule_with_warmup
 
-    device, compute_dtype = select_precision(hp.compute_dtype)
-    estimate = check_fits(base_path, hp, base_path.name, compute_dtype=compute_dtype, free_gb=free_gpu_memory_gb(device),
-                          trust_remote_code=trust_remote_code, world_size=world.size)
-    if world.size > 1:  # one plan for every rank: the smallest micro-batch any GPU fits, recomputation if any needs it
-        micro = int(min(distributed.gather_figure(world, estimate.micro_batch_size, device)))
-        recompute = max(distributed.gather_figure(world, float(estimate.gradient_checkpointing), device)) > 0
-        estimate = dataclasses.replace(estimate, micro_batch_size=micro, gradient_checkpointing=recompute,
-                                       gradient_accumulation_steps=math.ceil(math.ceil(hp.batch_size / world.size) / micro))
-    plan = make_plan(data, hp, estimate, world.size, device, base_path)
-    log.info("plan: %s; %d examples -> %d sequences of <= %d tokens", plan, data.counts["examples"], len(data.train), hp.max_seq_length)
+def setup(data: Data, job: TrainJob, world: distributed.World, device: str, compute_dtype,
+          progress: ProgressFn) -> Run:
+    hp = job.hp
+    estimate = check_fits(job.base_path, hp, job.base_path.name, compute_dtype=compute_dtype,
+                          free_gb=free_gpu_memory_gb(device), trust_remote_code=job.trust_remote_code,
+                          world_size=world.size)
+    plan = make_plan(data, hp, agree_on_estimate(estimate, hp, world, device), world.size, device, job.base_path)
+    log.info("plan: %s; %d examples -> %d sequences of <= %d tokens", plan, data.counts["examples"], len(data.train),
+             hp.max_seq_length)
     progress({"stage": "loading_model"})
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tokenizer, chat_format = load_tokenizer(base_path, trust_remote_code)
-    model, base_weights = load_model(base_path, hp, device, compute_dtype, trust_remote_code, plan.attention,
-                                     quantized_cache, plan.recompute, keep_copy=world.size == 1)  # else after training
-    if data.packing:  # linear-attention / state-space layers: each packed example on its own
-        model.get_base_model().per_example_layers = isolate_packed_examples(model)
+    tokenizer, chat_format = load_tokenizer(job.base_path, job.trust_remote_code)
+    model, base_weights = load_model(job.base_path, hp, device, compute_dtype, job.trust_remote_code, plan.attention,
+                                     job.quantized_cache, plan.recompute, keep_copy=world.size == 1)  # else: after
     model.train()
     torch.manual_seed(hp.seed + world.rank)  # LoRA was initialised alike on every rank; dropout differs per rank
     # 8-bit AdamW states; not the paged variant, whose buffers bitsandbytes never frees (a warm worker would leak them)
     optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=hp.learning_rate,
                                     weight_decay=hp.weight_decay)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    run = Run(hp, base_path, data, plan, world, device, compute_dtype, model, tokenizer, chat_format, optimizer,
-              get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps), pad_id, base_weights,
-              estimate, checkpoint_dir, fingerprint, progress, scaler=loss_scaler(device, compute_dtype))
-    if checkpoint_dir is not None:
-        saved, run.warnings = load_latest_checkpoint(checkpoint_dir, fingerprint, set_aside=world.main)
-        if saved is not None:
-            restore(run, saved)
-            if run.state.recompute_from is not None and not plan.recompute:  # "auto" met an out-of-memory step
-                recompute_from(run, run.state.recompute_from)
-        (steps,) = distributed.sum_over_ranks(world, [run.state.step], device)
-        if steps != run.state.step * world.size:  # a rank could not read the checkpoint the others resumed from
-            raise JobError(f"the training processes resumed from different checkpoints (rank {world.rank}: step "
-                           f"{run.state.step}); resubmit the job, and if it fails again set retrain: true")
-    if world.main:  # the per-step log beside the checkpoints (a job without them: a directory of its own, removed at the end)
-        run.log = TrainingLog((checkpoint_dir or Path(tempfile.mkdtemp(prefix="lora-training-log-"))) / "training_log.jsonl")
+    run = Run(job, data, plan, world, device, compute_dtype, model, tokenizer, chat_format, optimizer,
+              get_scheduler(plan.schedule, optimizer, plan.warmup_steps, plan.total_steps), pad_id, base_weights,
+              estimate, progress, adapter_save_dtype(hp.adapter_dtype, compute_dtype),
+              scaler=loss_scaler(device, compute_dtype),
+              # packed examples in linear-attention / state-space layers: each on its own
+              per_example_layers=isolate_packed_examples(model) if data.packing else 0)
+    if job.checkpoint_dir is not None:
+        resume(run)
+    if world.main:  # the per-step log beside the checkpoints (without them: a directory of its own, removed at the end)
+        directory = job.checkpoint_dir or Path(tempfile.mkdtemp(prefix="lora-training-log-"))
+        run.log = TrainingLog(directory / "training_log.jsonl")
         if (lost := run.log.start(run.state.step)) is not None:
             run.warnings.append(lost)
     return run
 
 
+def resume(run: Run) -> None:
+    """The newest checkpoint of this job restored into `run`, on every rank alike (or none, on every rank)."""
+    saved, run.warnings = load_latest_checkpoint(run.checkpoint_dir, run.job.fingerprint, set_aside=run.world.main)
+    if saved is not None:
+        restore(run, saved)
+        if run.state.recompute_from is not None and not run.plan.recompute:  # "auto" met an out-of-memory step
+            recompute_from(run, run.state.recompute_from)
+    (steps,) = distributed.sum_over_ranks(run.world, [run.state.step], run.device)
+    if steps != run.state.step * run.world.size:  # a rank could not read the checkpoint the others resumed from
+        raise JobError(f"the training processes resumed from different checkpoints (rank {run.world.rank}: step "
+                       f"{run.state.step}); resubmit the job, and if it fails again set retrain: true")
+
+
 # ---------------------------------------------------------------------------- train
 
-def hidden_states(model, batch, use_mask: bool = True):
-    """The decoder's last hidden states for a collated micro-batch (B, L, hidden): packed examples kept apart
-    by the 4D mask in attention layers, and by their spans in the layers it does not reach (linear attention,
-    run per example: architecture.isolate_packed_examples)."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    per_example = {"packed_examples": batch["per_example"]} if getattr(causal_lm, "per_example_layers", 0) else {}
-    return causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if use_mask else None,
-                                position_ids=batch["position_ids"], **per_example).last_hidden_state
-
-
-def _chunk_cross_entropy(lm_head, hidden, targets):
-    import torch.nn.functional as F
-
-    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
-
-
-def loss_sum(model, batch, use_mask: bool = True):
-    """Sum of the cross-entropy over the trained tokens of one micro-batch. The output layer runs only on the
-    positions that predict a trained token (found by `collate`), LOSS_CHUNK_TOKENS at a time, each chunk recomputed
-    in backward: the full logits (Qwen's 152k vocabulary: the largest activation) never exist. `use_mask=False`
-    (flash-attention 2) leaves the separation of packed examples to position_ids."""
-    from torch.utils.checkpoint import checkpoint
-
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = hidden_states(model, batch, use_mask)
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["loss_index"])
-    targets, lm_head = batch["loss_targets"], causal_lm.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=hidden.dtype).float()
-    for start in range(0, targets.numel(), LOSS_CHUNK_TOKENS):
-        end = start + LOSS_CHUNK_TOKENS
-        total = total + checkpoint(_chunk_cross_entropy, lm_head, hidden[start:end], targets[start:end], use_reentrant=False)
-    return total
-
-
 def _forward_backward(run: Run, batches: list, n_trained: float) -> float:
-    total, use_mask = 0.0, run.plan.attention != "flash_attention_2"
+    total = 0.0
     for batch in batches:
         with autocast(run.device, run.compute_dtype):
-            loss = loss_sum(run.model, batch, use_mask) / n_trained
+            loss = run.loss_sum(batch) / n_trained
         run.scaler.scale(loss).backward()
         total = loss.detach() + total  # stays on the device: nothing is read back until the step's end
     return float(total)
@@ -243,8 +186,6 @@ def _forward_backward(run: Run, batches: list, n_trained: float) -> float:
 def _backward(run: Run, batches: list, n_trained: float) -> float:
     """Forward and backward over this rank's micro-batches, each loss divided by the trained tokens of the whole global
     batch; this rank's share of the step's loss. Out of memory under "auto": recompute from now on, and redo."""
-    import torch
-
     while True:
         try:
             return _forward_backward(run, batches, n_trained)
@@ -253,12 +194,12 @@ def _backward(run: Run, batches: list, n_trained: float) -> float:
         run.optimizer.zero_grad(set_to_none=True)
         step, resubmit = run.state.step + 1, " (it resumes from the last checkpoint)" if run.checkpoint_dir else ""
         if run.plan.recompute:
-            raise JobError(f"the GPU ran out of memory at step {step} with micro-batch {run.plan.micro_batch_size} x up to "
-                           f"{run.hp.max_seq_length} tokens; reduce hyperparameters.micro_batch_size (or batch_size), "
-                           f"max_seq_length or lora_rank, and resubmit{resubmit}")
+            raise JobError(f"the GPU ran out of memory at step {step} with micro-batch {run.plan.micro_batch_size} x "
+                           f"up to {run.hp.max_seq_length} tokens; reduce hyperparameters.micro_batch_size (or "
+                           f"batch_size), max_seq_length or lora_rank, and resubmit{resubmit}")
         if run.hp.gradient_checkpointing is False:
-            raise JobError(f"the GPU ran out of memory at step {step} with gradient_checkpointing false; set it to \"auto\" "
-                           f"or true (or reduce micro_batch_size or max_seq_length) and resubmit{resubmit}")
+            raise JobError(f"the GPU ran out of memory at step {step} with gradient_checkpointing false; set it to "
+                           f"\"auto\" or true (or reduce micro_batch_size or max_seq_length) and resubmit{resubmit}")
         log.warning("out of memory at step %d without gradient checkpointing: turning it on and redoing the step", step)
         recompute_from(run, step)
         if run.device == "cuda":
@@ -266,17 +207,17 @@ def _backward(run: Run, batches: list, n_trained: float) -> float:
 
 
 def recompute_from(run: Run, step: int) -> None:
-    """Recomputation on from `step` on, for good: "auto" met an out-of-memory step without it (then, or before a resume)."""
+    """Recomputation on from `step` on, for good: "auto" met an out-of-memory step without it (then, or before a
+    resume). The one place the plan changes; the state carries the step into checkpoints."""
     enable_recomputation(run.model)
-    run.plan.recompute, run.plan.recompute_reason = True, f"on from step {step} (out of memory without it)"
+    run.plan = dataclasses.replace(run.plan, recompute=True, recompute_reason=f"on from step {step} (out of memory "
+                                   "without it)")
     run.state.recompute_from = step
 
 
 def train_step(run: Run, sequences: list, stop) -> tuple[dict, bool]:
     """One optimizer step on this rank's share of `sequences` (the global batch): its record, and whether any rank
     was asked to stop (`stop`, read once this rank's backward is done: every rank then stops after this same step)."""
-    import torch
-
     started, world, micro = time.monotonic(), run.world, run.plan.micro_batch_size
     mine = sequences[world.rank::world.size]
     batches = [run.batch(mine[i:i + micro]) for i in range(0, len(mine), micro)]
@@ -288,8 +229,8 @@ def train_step(run: Run, sequences: list, stop) -> tuple[dict, bool]:
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, run.hp.max_grad_norm))
     skipped = run.scaler.is_enabled() and not math.isfinite(grad_norm)  # fp16 overflow: the scaler skips this step
     if not (math.isfinite(loss) and (math.isfinite(grad_norm) or skipped)) or run.scaler.get_scale() < 1:
-        raise JobError(f"training diverged at step {run.state.step + 1} (loss {loss}, gradient norm {grad_norm}): lower "
-                       f"hyperparameters.learning_rate (now {run.hp.learning_rate:g}) and resubmit")
+        raise JobError(f"training diverged at step {run.state.step + 1} (loss {loss}, gradient norm {grad_norm}): "
+                       f"lower hyperparameters.learning_rate (now {run.hp.learning_rate:g}) and resubmit")
     lr = run.scheduler.get_last_lr()[0]
     run.scaler.step(run.optimizer)  # the optimizer's step, unless the gradients overflowed
     run.scaler.update()
@@ -304,13 +245,12 @@ def train_step(run: Run, sequences: list, stop) -> tuple[dict, bool]:
     return {"step": s.step, "epoch": s.epoch, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
             "tokens_per_second": real / seconds, "real_tokens": int(real), "trained_tokens": int(n_trained),
             "gpu_utilization": gpu_utilization(run.device),
-            **({"loss_scale": run.scaler.get_scale(), "skipped": skipped} if run.scaler.is_enabled() else {})}, stops > 0
+            **({"loss_scale": run.scaler.get_scale(), "skipped": skipped} if run.scaler.is_enabled() else {}),
+            }, stops > 0
 
 
 def evaluate(run: Run, sequences: list) -> float | None:
     """Mean loss over the trained tokens of `sequences` (every rank its share, batched as in training)."""
-    import torch
-
     if not sequences:
         return None
     mine, micro = sequences[run.world.rank::run.world.size], run.plan.micro_batch_size
@@ -319,18 +259,11 @@ def evaluate(run: Run, sequences: list) -> float | None:
     with torch.no_grad(), autocast(run.device, run.compute_dtype):
         for i in range(0, len(mine), micro):
             batch = run.batch(mine[i:i + micro])
-            total += float(loss_sum(run.model, batch, run.plan.attention != "flash_attention_2"))
+            total += float(run.loss_sum(batch))
             count += batch["trained_tokens"]
     run.model.train()
     total, count = distributed.sum_over_ranks(run.world, [total, count], run.device)
     return total / max(count, 1)
-
-
-def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
-    """The order of the sequences in `epoch`: a shuffle that depends on the seed and epoch alone (any world size)."""
-    order = list(range(size))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
 
 
 def train_loop(run: Run) -> None:
@@ -349,8 +282,9 @@ def train_loop(run: Run) -> None:
             order = epoch_order(len(run.data.train), hp.seed, s.epoch)
             while s.step < plan.total_steps:
                 start = s.next_start
-                record, stopping = train_step(run, [run.data.train[i] for i in order[start:start + hp.batch_size]], stop)
-                stopping = stopping or (run.world.size == 1 and bool(stop))  # alone: a signal during the update counts too
+                batch = [run.data.train[i] for i in order[start:start + hp.batch_size]]
+                record, stopping = train_step(run, batch, stop)
+                stopping = stopping or (run.world.size == 1 and bool(stop))  # alone: a signal in the update counts
                 s.next_start = start + hp.batch_size if start + hp.batch_size < len(order) else 0
                 record_step(run, record, epoch_end=s.next_start == 0)
                 now = time.monotonic()
@@ -364,7 +298,8 @@ def train_loop(run: Run) -> None:
                     if (reason := stop_reason(run.checkpoint_dir)) is not None:  # the app cancelled the job
                         raise Cancelled(f"{reason} at step {s.step} of {plan.total_steps}; a checkpoint was saved")
                     raise Stopped(f"the worker was asked to stop (SIGTERM) at step {s.step} of {plan.total_steps}; " + (
-                        "a checkpoint was saved: resubmit the same job to resume" if run.checkpoint_dir else "resubmit the job"))
+                        "a checkpoint was saved: resubmit the same job to resume" if run.checkpoint_dir
+                        else "resubmit the job"))
                 if s.next_start == 0:
                     break
         if s.stop_reason is None:
@@ -415,62 +350,14 @@ def write_checkpoint(run: Run) -> None:
 def deliver_best(run: Run) -> dict:
     """The training record of the step whose weights are delivered: the best epoch's (its weights put back into the
     model, on rank 0, which saves), or the last step's."""
-    from peft import set_peft_model_state_dict
-
     s = run.state
     if s.best_step is None or s.best_step == s.step:
         return s.last_record
     if run.best is not None:
         set_peft_model_state_dict(run.model, run.best)
-    log.info("delivering epoch %d (validation loss %.4f), the best of %d", s.best_epoch, s.best_validation_loss, s.epoch)
+    log.info("delivering epoch %d (validation loss %.4f), the best of %d", s.best_epoch, s.best_validation_loss,
+             s.epoch)
     return {"step": s.best_step, "epoch": s.best_epoch, "loss": s.best_loss, "validation_loss": s.best_validation_loss}
-
-
-def save(run: Run, output_dir: Path, seconds: dict, kept: dict) -> dict:
-    """The metrics; rank 0 writes the adapter and its files into a fresh directory renamed into place. `kept`: the
-    training record of the step whose weights are delivered."""
-    from safetensors import SafetensorError
-
-    from files import atomic_dir
-
-    s, plan, data = run.state, run.plan, run.data
-    peaks = distributed.gather_figure(run.world, peak_memory_gb(run.device), run.device)
-    tokens_per_second = s.real_tokens / max(seconds["train"], 1e-9)
-    metrics = {
-        "train_loss_first": s.first_loss, "train_loss_last": s.last_record["loss"],
-        "train_loss_kept": kept.get("loss"), "validation_loss": kept.get("validation_loss"), "best_epoch": s.best_epoch,
-        "stop_reason": s.stop_reason, "validation_losses": s.validation_losses,
-        "validation_tokens": run.validation_tokens,
-        "steps": s.step, "epochs": s.epoch, **data.counts, "sequences": len(data.train),
-        "tokens": s.real_tokens, "trained_tokens": s.trained_tokens, "token_efficiency": s.real_tokens / max(s.computed_tokens, 1),
-        "wall_seconds": seconds["wall"], "load_seconds": seconds["load"], "train_seconds": seconds["train"],
-        "base_weights": run.base_weights, "tokens_per_second": tokens_per_second, "world_size": run.world.size,
-        "tokens_per_second_per_gpu": tokens_per_second / run.world.size,
-        "peak_memory_gb": max(peaks), "peak_memory_gb_per_gpu": peaks, "gradient_checkpointing": plan.recompute,
-        "recomputation": plan.recompute_reason, "device": run.device, "attention": plan.attention,
-        "compute_dtype": str(run.compute_dtype).removeprefix("torch."), "length_report": data.length_report,
-        "labelled": data.labelled, "chat_format": run.chat_format.describe(), "memory_estimate": run.estimate.to_dict(),
-        "resumed_from_step": run.resumed_from, "packing": data.packing_note, "warnings": data.warnings + run.warnings,
-        "checkpoints": {k: run.checkpoints[k] for k in ("written", "seconds")}, "skipped_steps": s.skipped_steps, "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None,
-    }
-    if not run.world.main:
-        return metrics
-    dtype = run.save_dtype
-    config = {"base_model": run.base_name, "base_model_path": str(run.base_path),
-              "hyperparameters": run.hp.model_dump(mode="json"),
-              "plan": asdict(plan), "effective": {
-                  "lora_alpha": run.hp.effective_lora_alpha, "optimizer": "bitsandbytes.AdamW8bit", "scheduler": "cosine",
-                  "quantization": "nf4 + double quantization", "chat_format": run.chat_format.describe(),
-                  "kbit_preparation": "frozen base in compute dtype, LoRA fp32; recomputation non-reentrant where on",
-                  "adapter_dtype": str(dtype).removeprefix("torch.")},
-              "seed": run.hp.seed, "versions": library_versions(), "device": run.device}
-    try:
-        with atomic_dir(output_dir) as tmp:
-            write_adapter(run.model, run.tokenizer, run.chat_format.end_of_turn, tmp, config, metrics, run.log.path, dtype)
-    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as SafetensorError
-        raise JobError(f"could not save the adapter ({getattr(exc, 'strerror', None) or exc}): free space on the volume and resubmit "
-                       "the job; it resumes from its final checkpoint without training again") from None
-    return metrics
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -482,34 +369,35 @@ class TrainResult:
     tokenizer: Any
 
 
-def train_rank(data: Data, base_path: Path, output_dir: Path, hp: Hyperparameters, on_progress: ProgressFn | None = None,
-               trust_remote_code: bool = False, checkpoint_dir: Path | None = None, fingerprint: str = "",
-               quantized_cache: Path | None = None, base_name: str = "", started: float | None = None) -> TrainResult:
-    """setup → train → save → cleanup, in this process: one rank of the job (or all of it). `started`: when the job's
-    training stage began (labelling included), on the monotonic clock every process shares."""
+def train_rank(data: Data, job: TrainJob, on_progress: ProgressFn | None = None,
+               started: float | None = None) -> TrainResult:
+    """setup → train → save → cleanup, in this process: one rank of the job (or all of it). `started`: when the
+    job's training stage began (labelling included), on the monotonic clock every process shares."""
     started = started or time.monotonic()
-    device, _ = select_precision(hp.compute_dtype)
+    device, compute_dtype = select_precision(job.hp.compute_dtype)
     world = distributed.start(device)
     progress = on_progress or (lambda event: distributed.report("progress", event) if world.main else None)
-    run = setup(data, base_path, hp, world, progress, trust_remote_code, checkpoint_dir, fingerprint, quantized_cache)
-    run.base_name, loaded = base_name or base_path.name, time.monotonic()
+    run = setup(data, job, world, device, compute_dtype, progress)
+    loaded = time.monotonic()
     train_loop(run)
     seconds = {"load": loaded - started, "train": time.monotonic() - loaded}
-    if checkpoint_dir is not None and world.main and run.resumed_from != run.state.step:
+    if job.checkpoint_dir is not None and world.main and run.resumed_from != run.state.step:
         write_checkpoint(run)  # a failed save resumes without training
     kept = deliver_best(run)
     progress({"stage": "saving", "validation_loss": kept.get("validation_loss")})
-    metrics = save(run, Path(output_dir), {**seconds, "wall": time.monotonic() - started}, kept)
+    peaks = distributed.gather_figure(world, peak_memory_gb(device), device)
+    metrics = run_metrics(run, {**seconds, "wall": time.monotonic() - started}, kept, peaks)
+    save(run, metrics)
     distributed.stop(world)  # cleanup; after a failure the process ends without it, its error reported first
-    if checkpoint_dir is None and run.log.path is not None:
+    if job.checkpoint_dir is None and run.log.path is not None:
         shutil.rmtree(run.log.path.parent, ignore_errors=True)
-    if world.size > 1 and world.main and quantized_cache is not None and run.base_weights == "quantized while loading":
-        keep_copy_after_training(run.model, base_path, run.compute_dtype, quantized_cache, trust_remote_code)
+    if world.size > 1 and world.main and job.quantized_cache and run.base_weights == "quantized while loading":
+        keep_copy_after_training(run.model, job.base_path, compute_dtype, job.quantized_cache, job.trust_remote_code)
     return TrainResult(metrics, run.model, run.tokenizer)
 
 
-def _rank_metrics(*args) -> dict:
-    return train_rank(*args).metrics
+def _rank_metrics(data: Data, job: TrainJob, started: float) -> dict:
+    return train_rank(data, job, started=started).metrics
 
 
 def train(conversations: list[dict], base_model: str | Path, output_dir: str | Path, hp: Hyperparameters,
@@ -522,15 +410,14 @@ def train(conversations: list[dict], base_model: str | Path, output_dir: str | P
     minutes and on SIGTERM) are kept there, and training resumes from the newest valid checkpoint whose `fingerprint`
     (of the settings, data and base model) matches. With `quantized_cache`, the 4-bit base is kept there for later
     jobs. In more than one process the result holds the metrics only."""
-    base_path = resolve_base_model(str(base_model), cache_dirs or [])
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    job = TrainJob(hp, str(base_model), resolve_base_model(str(base_model), cache_dirs or []), Path(output_dir),
+                   Path(checkpoint_dir) if checkpoint_dir is not None else None, fingerprint, quantized_cache,
+                   trust_remote_code)
     started = time.monotonic()
-    data = prepare_data(conversations, base_path, hp, trust_remote_code, checkpoint_dir, fingerprint)
-    args = (data, base_path, Path(output_dir), hp, None, trust_remote_code, checkpoint_dir, fingerprint, quantized_cache,
-            str(base_model), started)
+    data = prepare_data(conversations, job.base_path, hp, trust_remote_code, job.checkpoint_dir, fingerprint)
     if processes == 1:
-        return train_rank(*args[:4], on_progress, *args[5:])
-    return TrainResult(distributed.launch(processes, _rank_metrics, args, on_progress), None, None)
+        return train_rank(data, job, on_progress, started)
+    return TrainResult(distributed.launch(processes, _rank_metrics, (data, job, started), on_progress), None, None)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -546,7 +433,8 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
         elif "list" in annotation:
             parser.add_argument(flag, nargs="+", default=None, help=info.description)
         else:
-            kind = str if "Literal" in annotation else float if "float" in annotation else int if "int" in annotation else str
+            kind = (str if "Literal" in annotation else float if "float" in annotation
+                    else int if "int" in annotation else str)
             parser.add_argument(flag, type=kind, default=None, help=f"{info.description} (default {info.default})")
 
 
@@ -559,7 +447,8 @@ def _parser() -> argparse.ArgumentParser:
     for p, name in [(p_train, "--dataset"), (p_train, "--base-model"), (p_train, "--output"), (p_prev, "--dataset"),
                     (p_prev, "--base-model")]:
         p.add_argument(name, required=True)
-    p_train.add_argument("--checkpoint-dir", default=None, help="keep the labelled data and resumable checkpoints here, and resume from them")
+    p_train.add_argument("--checkpoint-dir", default=None,
+                         help="keep the labelled data and resumable checkpoints here, and resume from them")
     p_train.add_argument("--processes", type=int, default=None, help="training processes, one per GPU (data parallel; "
                          "default: every visible GPU, 1 without one; more than 1 on the CPU runs gloo, for tests)")
     _add_hyperparameter_flags(p_train)
@@ -567,7 +456,8 @@ def _parser() -> argparse.ArgumentParser:
     p_prev.add_argument("--limit", type=int, default=None)
     p_prev.add_argument("--json", action="store_true")
     p_est = sub.add_parser("estimate", help="GPU memory a job needs, from config.json alone")
-    p_est.add_argument("--base-model", required=True, help="model directory (config.json is enough) or a cached model id")
+    p_est.add_argument("--base-model", required=True,
+                       help="model directory (config.json is enough) or a cached model id")
     for name in ("max_seq_length", "batch_size", "lora_rank"):
         p_est.add_argument("--" + name.replace("_", "-"), type=int, default=default(name))
     p_est.add_argument("--gpu-memory-gb", type=float, default=None, help="free GPU memory to fit into")
@@ -586,10 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "preview":
             print_preview(preview(args.dataset, args.base_model, args.max_seq_length, args.limit), args.json)
             return 0
-        hp = parse_hyperparameters({k: v for k, v in vars(args).items() if k in Hyperparameters.model_fields and v is not None})
+        hp = parse_hyperparameters({k: v for k, v in vars(args).items()
+                                    if k in Hyperparameters.model_fields and v is not None})
         conversations, _ = load_dataset(args.dataset)
-        from files import sha256_of
-
         fingerprint = job_fingerprint(hp, args.base_model, sha256_of(Path(args.dataset)))
         processes = args.processes or max(1, distributed.visible_gpus())
         result = train(conversations, args.base_model, args.output, hp, checkpoint_dir=args.checkpoint_dir,

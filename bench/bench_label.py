@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             elif labelled != reference:
                 raise SystemExit(f"{processes} processes labelled differently from {args.processes[0]}")
             tokens = sum(len(e.input_ids) for e in examples)
-            rows.append({"processes": processes, "conversations": len(data), "examples": len(examples), "tokens": tokens,
-                         "seconds": round(seconds, 3), "labelled_tokens_per_second": round(tokens / seconds),
+            rows.append({"processes": processes, "conversations": len(data), "examples": len(examples),
+                         "tokens": tokens, "seconds": round(seconds, 3),
+                         "labelled_tokens_per_second": round(tokens / seconds),
                          "ms_per_conversation": round(1000 * seconds / len(data), 2)})
             print(f"{processes} process(es): {len(data)} conversations, {tokens} tokens in {seconds:.2f} s = "
                   f"{tokens / seconds:,.0f} labelled tokens/s ({1000 * seconds / len(data):.2f} ms a conversation)")

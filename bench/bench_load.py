@@ -42,8 +42,9 @@ CPU_CONFIGS = {
     "moe (qwen3_next, 64 experts)": dict(
         model_type="qwen3_next", hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
         head_dim=64, intermediate_size=1024, vocab_size=8192, num_experts=64, num_experts_per_tok=4,
-        moe_intermediate_size=256, shared_expert_intermediate_size=256, linear_num_key_heads=4, linear_num_value_heads=8,
-        linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4, full_attention_interval=4),
+        moe_intermediate_size=256, shared_expert_intermediate_size=256, linear_num_key_heads=4,
+        linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4,
+        full_attention_interval=4),
     "dense (qwen2)": dict(
         model_type="qwen2", hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
         intermediate_size=2816, vocab_size=32768),
@@ -62,7 +63,8 @@ def measure(way: str, model_dir: str, copy_root: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from model_loading import load_base_model, quantization_config, select_precision
+    from device import select_precision
+    from model_loading import load_base_model, quantization_config
 
     device, dtype = select_precision()
     peak, done = [_anon_kib()], threading.Event()
@@ -76,8 +78,8 @@ def measure(way: str, model_dir: str, copy_root: str) -> dict:
     sampler.start()
     started = time.perf_counter()
     if way == "stock":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(dtype), dtype=dtype,
-                                                     device_map={"": 0} if device == "cuda" else None)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(dtype),
+                                                     dtype=dtype, device_map={"": 0} if device == "cuda" else None)
         source = "stock"
     else:
         model, source = load_base_model(Path(model_dir), device, dtype, quantized_cache=Path(copy_root))
@@ -112,7 +114,7 @@ def build(name: str, spec: dict | Path, root: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from model_loading import select_precision
+    from device import select_precision
 
     _, dtype = select_precision()
     config = json.loads(Path(spec).read_text()) if isinstance(spec, Path) else dict(spec)
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["way"] = way
                 if way == "ours":
                     row["with_saving_the_copy_seconds"] = round(time.perf_counter() - started, 2)
-                row["bytes_read_mb"] = round(_dir_bytes(next(copy_root.iterdir()) if way == "copy" else model_dir) / 1e6, 1)
+                row["bytes_read_mb"] = round(
+                    _dir_bytes(next(copy_root.iterdir()) if way == "copy" else model_dir) / 1e6, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             shutil.rmtree(model_dir)  # one model on disk at a time (a 7B model is ~15 GB, its copy ~5 GB)
@@ -167,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "bitsandbytes")},
         "rows": rows,
     }
-    print(f"\n{'model':30} {'way':6} {'4-bit':>6} {'load s':>7} {'read MB':>8} {'anon after MB':>14} {'after trim MB':>14} {'anon peak MB':>13}"
+    print(f"\n{'model':30} {'way':6} {'4-bit':>6} {'load s':>7} {'read MB':>8} {'anon after MB':>14} "
+          f"{'after trim MB':>14} {'anon peak MB':>13}"
           + (f" {'peak GPU GB':>12}" if torch.cuda.is_available() else ""))
     for r in rows:
-        print(f"{r['model']:30} {r['way']:6} {r['fraction_in_4bit']:6.1%} {r['load_seconds']:7.2f} {r['bytes_read_mb']:8.1f} {r['anon_after_load_mb']:14d} {r['anon_after_trim_mb']:14d} "
+        print(f"{r['model']:30} {r['way']:6} {r['fraction_in_4bit']:6.1%} {r['load_seconds']:7.2f} "
+              f"{r['bytes_read_mb']:8.1f} {r['anon_after_load_mb']:14d} {r['anon_after_trim_mb']:14d} "
               f"{r['anon_peak_mb']:13d}" + (f" {r['peak_allocated_gb']:12.2f}" if "peak_allocated_gb" in r else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ SAMPLE = ROOT / "data" / "brightrun-eq12-demo.jsonl"
 
 def generate(path: Path, megabytes: float) -> int:
     lines = SAMPLE.read_text(encoding="utf-8").splitlines()
-    header, pairs = lines[0], [json.loads(l) for l in lines[1:]]
+    header, pairs = lines[0], [json.loads(line) for line in lines[1:]]
     target, written, n = megabytes * 1024**2, 0, 0
     with open(path, "w", encoding="utf-8") as f:
         f.write(header + "\n")

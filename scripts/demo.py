@@ -64,7 +64,8 @@ def main() -> int:
           f"validation loss {metrics['validation_loss']:.4f} on {metrics['validation_examples']} held-out examples "
           f"({metrics['validation_conversations']} conversation(s), by default)")
     print(f"loss chart:      {adapter / 'loss_curve.png'}")
-    print(f"throughput:      {metrics['tokens_per_second']:.0f} tokens/s on {metrics['device']} ({metrics['compute_dtype']})")
+    print(f"throughput:      {metrics['tokens_per_second']:.0f} tokens/s on {metrics['device']} "
+          f"({metrics['compute_dtype']})")
     print(f"demo wall time:  {time.monotonic() - started:.1f} s")
     return 0
 

@@ -1,7 +1,7 @@
 """Generate the README's input and settings tables, the jobs `test_input.json` (the local smoke test that
 `python handler.py` runs) and `app_job.example.json` (what the BrightRun app sends), and the RunPod Hub
-files, from their single sources (`job.JobInput` and `job.WorkerSettings`). `tests/test_docs.py` fails
-when they are out of date.
+files, from their single sources: the fields of two pydantic models, `job.JobInput` and
+`settings.WorkerSettings`. `tests/test_docs.py` fails when they are out of date.
 
     python scripts/gen_docs.py          # rewrite them
 """
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
+from types import NoneType, UnionType
+from typing import get_args
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from job import GpuConfig, Hyperparameters, JobInput, WorkerSettings  # noqa: E402
+from job import GpuConfig, Hyperparameters, JobInput  # noqa: E402
+from settings import WorkerSettings  # noqa: E402
 
 README = ROOT / "README.md"
 TEST_INPUT = ROOT / "test_input.json"
@@ -56,12 +58,20 @@ def input_table() -> str:
     return "\n".join(rows)
 
 
+def _value_type(info) -> type:
+    """A setting's type without its None: `int | None` is int."""
+    kinds = get_args(info.annotation) if isinstance(info.annotation, UnionType) else (info.annotation,)
+    [kind] = [k for k in kinds if k is not NoneType]
+    return kind
+
+
 def settings_table() -> str:
     rows = ["| variable | also read from | default | meaning |", "|---|---|---|---|"]
-    for f in fields(WorkerSettings):
-        default = "unset" if f.default is None else f"`{f.default}`"
-        aliases = ", ".join(f"`{a}`" for a in f.metadata["aliases"])
-        rows.append(f"| `{f.name.upper()}` | {aliases} | {default} | {f.metadata['help']} |")
+    for name, info in WorkerSettings.model_fields.items():
+        variable, *aliases = WorkerSettings.env_names(name)
+        default = "unset" if info.default is None else f"`{info.default}`"
+        also = ", ".join(f"`{a}`" for a in aliases)
+        rows.append(f"| `{variable}` | {also} | {default} | {info.description} |")
     return "\n".join(rows)
 
 
@@ -84,9 +94,10 @@ def app_job() -> dict:
     validated by the model before it is written (shared/contracts/brightrun-app.md)."""
     job = {"input": {
         "job_id": "5b0f3c8e-2d7a-4c1e-9f6b-1a2b3c4d5e6f",
-        "dataset_url": "https://PROJECT.supabase.co/storage/v1/object/sign/training-files/USER/dataset.jsonl?token=SIGNED_JWT",
-        "hyperparameters": {"base_model": "mistralai/Mistral-7B-Instruct-v0.2", "learning_rate": 0.0001, "batch_size": 4,
-                            "epochs": 3, "rank": 16, "alpha": 32, "dropout": 0.05},
+        "dataset_url": ("https://PROJECT.supabase.co/storage/v1/object/sign/training-files/USER/dataset.jsonl"
+                        "?token=SIGNED_JWT"),
+        "hyperparameters": {"base_model": "mistralai/Mistral-7B-Instruct-v0.2", "learning_rate": 0.0001,
+                            "batch_size": 4, "epochs": 3, "rank": 16, "alpha": 32, "dropout": 0.05},
         "gpu_config": {"type": "NVIDIA A40", "count": 1},
     }}
     JobInput.model_validate(job["input"])
@@ -96,18 +107,19 @@ def app_job() -> dict:
 def hub_json() -> dict:
     """RunPod Hub listing: every worker setting is an env input, with its default and help."""
     env = []
-    for f in fields(WorkerSettings):
-        if f.name == "runpod_endpoint_id":  # RunPod sets it on every endpoint worker
+    for name, info in WorkerSettings.model_fields.items():
+        if name == "runpod_endpoint_id":  # RunPod sets it on every endpoint worker
             continue
-        kind = f.metadata["type"]
-        entry = {"name": f.name.upper(), "type": "boolean" if kind is bool else "number" if kind in (int, float) else "string",
-                 "description": f.metadata["help"]}
-        if f.default is not None:
-            entry["default"] = f.default if kind in (bool, int, float) else str(f.default)
-        env.append({"key": f.name.upper(), "input": entry})
+        variable, kind = WorkerSettings.env_names(name)[0], _value_type(info)
+        kind_name = "boolean" if kind is bool else "number" if kind in (int, float) else "string"
+        entry = {"name": variable, "type": kind_name, "description": info.description}
+        if info.default is not None:
+            entry["default"] = info.default if kind in (bool, int, float) else str(info.default)
+        env.append({"key": variable, "input": entry})
     return {
         "title": "BrightRun LoRA trainer",
-        "description": "QLoRA fine-tuning of chat adapters (Qwen, Mistral) from BrightRun, OpenAI, ShareGPT or Alpaca datasets",
+        "description": ("QLoRA fine-tuning of chat adapters (Qwen, Mistral) from BrightRun, OpenAI, ShareGPT or "
+                        "Alpaca datasets"),
         "type": "serverless", "category": "language",
         "config": {"runsOn": "GPU", "containerDiskInGb": 30, "gpuCount": 1, "gpuIds": "AMPERE_80,ADA_80_PRO,HOPPER_141",
                    "allowedCudaVersions": CUDA_VERSIONS, "presets": [], "env": env},
@@ -123,7 +135,8 @@ def tests_json() -> dict:
     return {"tests": [{"name": "tiny_model_trains_on_the_bundled_sample", "input": job, "timeout": 600000}],
             "config": {"gpuTypeId": "NVIDIA A100 80GB PCIe", "gpuCount": 1, "allowedCudaVersions": CUDA_VERSIONS,
                        "env": [{"key": "VOLUME_DELIVERY", "value": "true"},
-                               {"key": "JOBS_DIR", "value": "/tmp/lora-jobs"}, {"key": "MODEL_CACHE_DIR", "value": "/tmp/models"}]}}
+                               {"key": "JOBS_DIR", "value": "/tmp/lora-jobs"},
+                               {"key": "MODEL_CACHE_DIR", "value": "/tmp/models"}]}}
 
 
 def render_readme(text: str) -> str:

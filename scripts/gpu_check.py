@@ -35,13 +35,19 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+# torch, pynvml and the project's modules (handler, tiny_model, bench_train) are imported inside the functions that
+# use them: the project's modules once ROOT is on sys.path and the job's environment is set (handler reads it when
+# imported), torch after the check that there is a GPU to use.
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "brightrun-eq12-demo.jsonl"
@@ -74,9 +80,6 @@ def say(text: str = "") -> None:
 # ---------------------------------------------------------------------------- 1. versions
 
 def versions() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
@@ -101,7 +104,8 @@ def versions() -> dict:
     except Exception:  # noqa: BLE001 - no NVML: nvidia-smi, or nothing
         smi = shutil.which("nvidia-smi")
         if smi:
-            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True)
             info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     info["compiler"] = shutil.which("cc") or shutil.which("gcc")  # flex attention's Triton kernels need one
     return info
@@ -115,8 +119,8 @@ def print_versions(info: dict) -> None:
             f"{f'{peak:g} TFLOPS' if peak else 'unknown'})")
     say(f"driver:       {info['driver'] or 'unknown'} (CUDA {info['cuda_driver'] or 'unknown'} by the driver)")
     say(f"CUDA (torch): {info['cuda_build']}")
-    say(f"torch:        {info['torch']}    bitsandbytes: {info['bitsandbytes']}    transformers: {info['transformers']}    "
-        f"peft: {info['peft']}")
+    say(f"torch:        {info['torch']}    bitsandbytes: {info['bitsandbytes']}    "
+        f"transformers: {info['transformers']}    peft: {info['peft']}")
     say(f"triton:       {info['triton']}    flash_attn: {info['flash_attn']}    C compiler: {info['compiler']}    "
         f"python: {info['python']}")
 
@@ -178,8 +182,6 @@ def steady_tokens_per_second(history: list[dict], steps_per_epoch: int) -> tuple
 
 
 def run_job(args, work: Path, gpu_names: list[str]) -> dict:
-    import torch
-
     say(f"\n== one job through the handler: {args.config} with random weights, the bundled sample")
     started = time.monotonic()
     model = build_model(args.config, work)
@@ -212,6 +214,15 @@ def run_job(args, work: Path, gpu_names: list[str]) -> dict:
     job_s = time.monotonic() - called
     if "error" in output:
         return {"ok": False, "problem": output["error"], "job_seconds": round(job_s, 1), "model": model.name}
+    first_step_s = round(first_step[0] - called, 1) if first_step else None
+    return job_figures(output, model, gpu_names, {"build_seconds": round(built_s, 1), "job_seconds": round(job_s, 1),
+                                                  "first_step_seconds": first_step_s})
+
+
+def job_figures(output: dict, model: Path, gpu_names: list[str], seconds: dict) -> dict:
+    """The runbook's figures of a finished job: throughput (steady state), MFU, memory, losses, the plan."""
+    import torch
+
     metrics = output["metrics"]
     adapter = Path(output["adapter_path"])
     history = [json.loads(line) for line in (adapter / "training_log.jsonl").read_text().splitlines()]
@@ -226,10 +237,10 @@ def run_job(args, work: Path, gpu_names: list[str]) -> dict:
     tokens_per_second = steady or metrics["tokens_per_second"]
     torch.cuda.empty_cache()
     figures = {
-        "ok": True, "model": model.name, "parameters_n": n, "build_seconds": round(built_s, 1),
-        "job_seconds": round(job_s, 1), "first_step_seconds": round(first_step[0] - called, 1) if first_step else None,
+        "ok": True, "model": model.name, "parameters_n": n, **seconds,
         "tokens_per_second": tokens_per_second, "tokens_per_second_steps": steady_steps,
-        "tokens_per_second_job": metrics["tokens_per_second"], "peak_memory_gb_per_gpu": metrics["peak_memory_gb_per_gpu"],
+        "tokens_per_second_job": metrics["tokens_per_second"],
+        "peak_memory_gb_per_gpu": metrics["peak_memory_gb_per_gpu"],
         "peak_bf16_tflops_per_gpu": peaks[0] if all(peaks) else None,
         "mfu": 6 * n * tokens_per_second / (peak * 1e12) if peak else None,
         "bf16_matmul_peak_tflops_measured": matmul_peak_tflops(),
@@ -260,28 +271,33 @@ def print_figures(job: dict) -> None:
         f"recomputation {'on' if job['gradient_checkpointing'] else 'off'} ({job['recomputation']})")
     say(f"time to first step:  {job['first_step_seconds']} s (from the handler's call; the 4-bit base "
         f"{job['base_weights']})")
-    say(f"tokens/s:            {job['tokens_per_second']:.0f} real tokens/s over {job['tokens_per_second_steps']} steady "
-        f"steps; {job['tokens_per_second_job']:.0f} over the whole training stage")
+    say(f"tokens/s:            {job['tokens_per_second']:.0f} real tokens/s over "
+        f"{job['tokens_per_second_steps']} steady steps; {job['tokens_per_second_job']:.0f} over the whole "
+        "training stage")
     say(f"peak memory per GPU: {', '.join(f'{gb:.2f} GB' for gb in job['peak_memory_gb_per_gpu'])}")
-    mfu = f"{job['mfu']:.1%} (6·N·tokens/s over {peak:g} TFLOPS a GPU)" if job["mfu"] is not None else "unknown (GPU not in the table)"
+    mfu = (f"{job['mfu']:.1%} (6·N·tokens/s over {peak:g} TFLOPS a GPU)" if job["mfu"] is not None
+           else "unknown (GPU not in the table)")
     measured = job["bf16_matmul_peak_tflops_measured"]
     say(f"MFU:                 {mfu}" + (f"; a bf16 matmul measured here: {measured:.0f} TFLOPS" if measured else ""))
     say(f"job:                 {job['steps']} steps, {job['epochs']} epoch(s), loss {job['train_loss_first']:.3f} -> "
-        f"{job['train_loss_last']:.3f}, {job['job_seconds']} s in the handler (+{job['build_seconds']} s building the model)")
+        f"{job['train_loss_last']:.3f}, {job['job_seconds']} s in the handler "
+        f"(+{job['build_seconds']} s building the model)")
 
 
 # ---------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="qwen2.5-7b", help="model config in data/model-configs/ (name or a .json path)")
+    parser.add_argument("--config", default="qwen2.5-7b",
+                        help="model config in data/model-configs/ (name or a .json path)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-length", type=int, default=2048)
     parser.add_argument("--skip-tests", action="store_true", help="do not run the GPU tests")
     parser.add_argument("--skip-job", action="store_true", help="do not run the 7B job")
     parser.add_argument("--tests-timeout", type=float, default=420, help="seconds the GPU tests may take")
-    parser.add_argument("--work-dir", default=None, help="where the model and the job go (default: a temporary directory)")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the model and the job go (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="figures file (default bench/results/gpu-check-<date>.json)")
     args = parser.parse_args(argv)
 
@@ -289,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         say(f"gpu_check: no CUDA GPU visible (torch {torch.__version__}, CUDA build {torch.version.cuda}, "
-            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): nothing was run. Run it on a GPU machine; "
-            "until then every GPU figure stays \"not yet measured\".")
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): nothing was run. "
+            "Run it on a GPU machine; until then every GPU figure stays \"not yet measured\".")
         return NO_GPU
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     started = time.monotonic()
@@ -323,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         t = results["tests"]
         say(f"\nGPU tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped "
             f"({t['seconds']} s){'; ' + t['problem'] if t.get('problem') else ''}")
-    say(f"gpu_check {'PASSED' if not failed else 'FAILED: ' + ', '.join(failed)} in {results['seconds']:.0f} s -> {out}")
+    say(f"gpu_check {'PASSED' if not failed else 'FAILED: ' + ', '.join(failed)} "
+        f"in {results['seconds']:.0f} s -> {out}")
     return 0 if not failed else 1
 
 

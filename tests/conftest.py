@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny local models with real tokenizers, the bundled sample, a signed-URL server."""
+"""Shared fixtures: tiny local models with real tokenizers, the bundled sample, a signed-URL server, a worker
+process, an S3 server, the app's Supabase; helpers for resumed runs (a crash at a step, checkpoints where asked)
+and for costs measured as ratios."""
 
 import json
 import os
@@ -29,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import checkpoints  # noqa: E402
+from dataset_loader import load_dataset  # noqa: E402
 from signed_url_server import SignedUrlServer  # noqa: E402
 from tiny_model import build_tiny_model  # noqa: E402
 
@@ -150,6 +154,8 @@ S3_KEYS = {"S3_ACCESS_KEY_ID": "AKIAEXAMPLEKEY123", "S3_SECRET_ACCESS_KEY": "s3-
 @pytest.fixture(scope="session")
 def s3():
     """An S3 API server (moto in server mode) on loopback with a bucket `lora-models`: (endpoint, client)."""
+    # imported here, not at the top: moto adds its stub to botocore's built-in handlers as it loads, which only the
+    # sessions that start this server should have
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -157,10 +163,60 @@ def s3():
     server.start()
     endpoint = f"http://127.0.0.1:{server._port}"
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=S3_KEYS["S3_ACCESS_KEY_ID"], aws_secret_access_key=S3_KEYS["S3_SECRET_ACCESS_KEY"])
+                          aws_access_key_id=S3_KEYS["S3_ACCESS_KEY_ID"],
+                          aws_secret_access_key=S3_KEYS["S3_SECRET_ACCESS_KEY"])
     client.create_bucket(Bucket="lora-models")
     yield endpoint, client
     server.stop()
+
+
+# ---------------------------------------------------------------------------- resume: crashes and checkpoints
+
+HP = dict(max_steps=6, batch_size=2, max_seq_length=384, lora_rank=4, checkpoint_steps=2, warmup_steps=1)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step):
+    """An on_progress that crashes the run once `step` has trained."""
+    def on_progress(event):
+        if event.get("step") == step and "loss" in event:
+            raise Crash(f"simulated crash after step {step}")
+    return on_progress
+
+
+def losses(adapter_dir):
+    return [json.loads(line)["loss"] for line in (adapter_dir / "training_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    """The sample's first 16 conversations."""
+    return load_dataset(SAMPLE)[0][:16]
+
+
+@pytest.fixture
+def checkpoints_where_asked(monkeypatch):
+    """For tests that pin which steps have a checkpoint: every `checkpoint_steps`, not spaced by their write time
+    (checkpoints.CHECKPOINT_TIME_SHARE; tested in tests/test_checkpoints.py)."""
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_TIME_SHARE", 1.0)
+
+
+# ---------------------------------------------------------------------------- costs out of proportion
+
+def seconds(call, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    call(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def growth(call, small, large, runs: int = 5) -> float:
+    """How many times longer `call(large)` takes than `call(small)`, each the best of `runs` (a busy machine's slow
+    spells inflate single runs, never the best one)."""
+    call(small)  # warm-up
+    return min(seconds(call, large) for _ in range(runs)) / min(seconds(call, small) for _ in range(runs))
 
 
 from supabase_fixtures import postgres_dsn, supabase  # noqa: E402,F401  (the app's Supabase, on a real PostgreSQL)

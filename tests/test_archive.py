@@ -10,7 +10,8 @@ import tarfile
 import pytest
 
 from archive import TUS_CHUNK, Archive, build_archive, upload_archive
-from job import JobError, WorkerSettings
+from job import JobError
+from settings import WorkerSettings
 
 
 def deployer_unpack(data: bytes) -> dict[str, bytes]:

@@ -21,7 +21,8 @@ def local_imports(module: str, seen: set[str]) -> set[str]:
         return seen
     seen.add(module)
     for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
         for name in names:
             local_imports(name.split(".")[0], seen)
     return seen
@@ -109,7 +110,7 @@ def requirements_only(args: list[str]) -> list[str]:
 
 
 # torch: PyTorch's CUDA 12.6 build of requirements.txt's pin, from PyTorch's index for that build. PyPI's torch for
-# Linux is the CUDA 13.0 build, which needs an NVIDIA driver >= 580 (README, "The image").
+# Linux is the CUDA 13.0 build, which needs an NVIDIA driver >= 580 (docs/DEPLOY.md, "The image").
 TORCH_INDEX = "https://download.pytorch.org/whl/cu126"
 TORCH_BUILD = "cu126"
 
@@ -186,7 +187,8 @@ def test_the_helpers_reject_what_would_change_the_image_packages():
     assert unpinned("# c\ntorch==2.13.0\nfoo[bar]==1.0  # why\ntorch>=2.13\npeft\n--index-url https://x\n") == [
         "torch>=2.13", "peft", "--index-url https://x"]
     assert torch_install_problems(["--index-url", TORCH_INDEX, "torch==2.13.0+cu126"], "2.13.0") == []
-    assert torch_install_problems(["--no-cache-dir", f"--index-url={TORCH_INDEX}/", "torch==2.13.0+cu126"], "2.13.0") == []
+    assert torch_install_problems(["--no-cache-dir", f"--index-url={TORCH_INDEX}/", "torch==2.13.0+cu126"],
+                                  "2.13.0") == []
     for args in (["--index-url", TORCH_INDEX, "torch==2.12.0+cu126"],                   # not the pinned version
                  ["--index-url", TORCH_INDEX, "torch==2.13.0"],                          # any build
                  ["--index-url", "https://download.pytorch.org/whl/cu128", "torch==2.13.0+cu128"],
@@ -244,7 +246,8 @@ def test_the_build_fails_unless_torch_is_the_cuda_12_6_build_and_bitsandbytes_ha
     checks = [code for keyword, run in steps if keyword == "RUN" for code in python_checks(run)]
     assert len(checks) == 1, checks
     check = checks[0]
-    imported = {alias.name for node in ast.walk(ast.parse(check)) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {alias.name for node in ast.walk(ast.parse(check)) if isinstance(node, ast.Import)
+                for alias in node.names}
     assert {"torch", "bitsandbytes", "transformers", "peft", "runpod", "postgrest", "storage3"} <= imported, imported
     pin = torch_pin((ROOT / "requirements.txt").read_text())
 
@@ -253,7 +256,8 @@ def test_the_build_fails_unless_torch_is_the_cuda_12_6_build_and_bitsandbytes_ha
                    f"torch.__version__ = v.TorchVersion({version!r}); torch.version.cuda = {cuda!r}\n")
         if bnb_dir is not None:  # a bitsandbytes whose package holds only these libraries
             prelude += f"import pathlib, bitsandbytes.cextension as c; c.PACKAGE_DIR = pathlib.Path({str(bnb_dir)!r})\n"
-        return subprocess.run([sys.executable, "-c", prelude + check], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        return subprocess.run([sys.executable, "-c", prelude + check], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
 
     ok = run(f"{pin}+cu126", "12.6")
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -275,4 +279,5 @@ def test_the_runpod_hub_files_allow_cuda_12_6_and_nothing_below():
         parsed = [tuple(int(part) for part in version.split(".")) for version in versions]
         assert len(set(versions)) == len(versions), (name, versions)
         assert min(parsed) == (12, 6), f"{name} allows CUDA {versions}: the image needs 12.6 or newer"
-        assert {"12.6", "12.7", "12.8", "12.9", "13.0"} <= set(versions), f"{name} leaves out hosts the image runs on: {versions}"
+        assert {"12.6", "12.7", "12.8", "12.9", "13.0"} <= set(versions), (
+            f"{name} leaves out hosts the image runs on: {versions}")

@@ -6,7 +6,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
+import handler
 from conftest import S3_KEYS, SAMPLE, running_worker, runsync
 
 RUNPOD_S3 = "https://s3api-eu-ro-1.runpod.io"
@@ -34,8 +36,6 @@ def test_runpods_volume_s3_api_is_refused_when_the_worker_starts_and_no_job_down
 @pytest.fixture
 def handler_env(tmp_path, monkeypatch):
     """The handler in this process, with the environment of a worker."""
-    import handler
-
     for key in list(__import__("os").environ):
         if key.startswith(("S3_", "BUCKET_", "RUNPOD_ENDPOINT_ID", "VOLUME_DELIVERY")):
             monkeypatch.delenv(key)
@@ -50,7 +50,8 @@ def test_an_endpoint_with_no_storage_fails_in_its_first_second_naming_the_variab
     env.setenv("RUNPOD_ENDPOINT_ID", "ep-test")
     result = handler.handler({"id": "r1", "input": job(storage, "no-storage", tiny_qwen2)})
     assert result["error"].startswith("worker settings: no storage for the adapter's files")
-    for variable in ("S3_ENDPOINT_URL", "S3_BUCKET", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "VOLUME_DELIVERY=true"):
+    for variable in ("S3_ENDPOINT_URL", "S3_BUCKET", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY",
+                     "VOLUME_DELIVERY=true"):
         assert variable in result["error"]
     assert storage.hits[SAMPLE.name] == 0
 
@@ -74,7 +75,8 @@ def test_a_missing_bucket_is_found_before_the_dataset_is_downloaded(handler_env,
     for key, value in {"S3_ENDPOINT_URL": s3[0], "S3_BUCKET": "no-such-bucket", **S3_KEYS}.items():
         env.setenv(key, value)
     result = handler.handler({"id": "r4", "input": job(storage, "no-bucket", tiny_qwen2)})
-    assert result["error"].startswith("starting: the adapter's storage refused a test upload to bucket 'no-such-bucket'")
+    assert result["error"].startswith("starting: the adapter's storage refused a test upload to bucket "
+                                      "'no-such-bucket'")
     assert "NoSuchBucket" in result["error"] and "Nothing was downloaded or trained" in result["error"]
     assert storage.hits[SAMPLE.name] == 0 and S3_KEYS["S3_SECRET_ACCESS_KEY"] not in result["error"]
 
@@ -114,15 +116,16 @@ def test_a_store_whose_presigned_links_do_not_work_is_refused_before_any_work(ha
     server = ThreadingHTTPServer(("127.0.0.1", 0), _NoPresignStore)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        for key, value in {"S3_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}", "S3_BUCKET": "lora-models",
-                           **S3_KEYS}.items():
+        for key, value in {"S3_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
+                           "S3_BUCKET": "lora-models", **S3_KEYS}.items():
             env.setenv(key, value)
         result = handler.handler({"id": "r5", "input": job(storage, "no-presign", tiny_qwen2)})
     finally:
         server.shutdown()
         server.server_close()
     assert result["error"].startswith("starting: a presigned download link from bucket 'lora-models' at ")
-    assert "does not return the file it signs (HTTP 403)" in result["error"] and "supabase.co/storage/v1/s3" in result["error"]
+    assert ("does not return the file it signs (HTTP 403)" in result["error"]
+            and "supabase.co/storage/v1/s3" in result["error"])
     assert storage.hits[SAMPLE.name] == 0
     assert _NoPresignStore.objects == {}  # the check's test file was deleted again
 
@@ -130,8 +133,6 @@ def test_a_store_whose_presigned_links_do_not_work_is_refused_before_any_work(ha
 def test_a_stored_result_is_delivered_as_the_deployment_now_delivers(handler_env, storage, tiny_qwen2, s3, tmp_path):
     """A job that completed with its files on the volume, submitted again once S3 storage is set: the app gets
     presigned links that download the same bytes, never a volume path or a file:// link."""
-    import requests
-
     handler, env = handler_env
     env.setenv("RUNPOD_ENDPOINT_ID", "ep-test")
     env.setenv("VOLUME_DELIVERY", "true")

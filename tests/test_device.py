@@ -3,16 +3,20 @@ download, NCCL's shared memory, and where compiled kernels are kept. The machine
 replaced by a stand-in module describing GPUs (the driver is outside what is tested), and torch's list of the
 architectures it was built for by the lists real builds carry."""
 
+import os
+import shutil
 import sys
+from importlib.metadata import version
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import device
 import distributed
-import model_loading
+import handler
 from conftest import SAMPLE
-from job import WorkerSettings
+from settings import WorkerSettings
 
 CU126_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]  # torch 2.13.0+cu126
 
@@ -50,7 +54,8 @@ class FakeNvml:
 
 GPUS = [{"name": "NVIDIA A40", "uuid": "GPU-aaaa", "capability": (8, 6), "free": 47 << 30, "total": 48 << 30},
         {"name": "Tesla P100-PCIE-16GB", "uuid": "GPU-bbbb", "capability": (6, 0), "free": 15 << 30, "total": 16 << 30},
-        {"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-cccc", "capability": (9, 0), "free": 79 << 30, "total": 80 << 30}]
+        {"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-cccc", "capability": (9, 0), "free": 79 << 30,
+         "total": 80 << 30}]
 
 
 @pytest.fixture
@@ -62,21 +67,21 @@ def nvml(monkeypatch):
 
 
 def test_without_nvml_nothing_is_reported_and_nothing_fails():
-    assert model_loading.gpu_facts() == []  # this machine: no driver, so NVML's library is not found
-    assert model_loading.unsupported_gpu() is None
+    assert device.gpu_facts() == []  # this machine: no driver, so NVML's library is not found
+    assert device.unsupported_gpu() is None
 
 
 def test_gpus_are_read_through_nvml_in_the_order_cuda_visible_devices_gives(nvml, monkeypatch):
-    facts = model_loading.gpu_facts()
+    facts = device.gpu_facts()
     assert [f["name"] for f in facts] == ["NVIDIA A40", "Tesla P100-PCIE-16GB", "NVIDIA H100 80GB HBM3"]
     assert facts[0] == {"name": "NVIDIA A40", "capability": (8, 6), "free_bytes": 47 << 30, "total_bytes": 48 << 30}
     assert nvml.initialised == 0  # shut down again
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
-    assert [f["name"] for f in model_loading.gpu_facts()] == ["NVIDIA H100 80GB HBM3", "NVIDIA A40"]
+    assert [f["name"] for f in device.gpu_facts()] == ["NVIDIA H100 80GB HBM3", "NVIDIA A40"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb,7,0")  # CUDA stops at the first entry it cannot find
-    assert [f["name"] for f in model_loading.gpu_facts()] == ["Tesla P100-PCIE-16GB"]
+    assert [f["name"] for f in device.gpu_facts()] == ["Tesla P100-PCIE-16GB"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert model_loading.gpu_facts() == []
+    assert device.gpu_facts() == []
 
 
 @pytest.mark.parametrize("visible, archs, refused", [
@@ -89,7 +94,7 @@ def test_gpus_are_read_through_nvml_in_the_order_cuda_visible_devices_gives(nvml
 def test_a_gpu_the_installed_torch_has_no_kernels_for_is_named(nvml, monkeypatch, visible, archs, refused):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
-    why = model_loading.unsupported_gpu()
+    why = device.unsupported_gpu()
     if refused is None:
         assert why is None
     else:
@@ -98,23 +103,19 @@ def test_a_gpu_the_installed_torch_has_no_kernels_for_is_named(nvml, monkeypatch
 
 
 def test_an_unsupported_gpu_fails_the_job_before_any_download(nvml, monkeypatch, storage, tiny_qwen2, tmp_path):
-    import handler
-
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the P100
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CU126_ARCHS[2:])
     for name, value in {"JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(tmp_path / "models"),
                         "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true"}.items():
         monkeypatch.setenv(name, value)
-    result = handler.handler({"id": "gpu-1", "input": {"job_id": "old-gpu", "dataset_url": storage.url(SAMPLE.name, storage.good),
-                                                       "hyperparameters": {"base_model": str(tiny_qwen2)}}})
+    result = handler.handler({"id": "gpu-1",
+                              "input": {"job_id": "old-gpu", "dataset_url": storage.url(SAMPLE.name, storage.good),
+                                        "hyperparameters": {"base_model": str(tiny_qwen2)}}})
     assert result["error"].startswith("loading_model: this worker's GPU (Tesla P100-PCIE-16GB, compute capability 6.0)")
     assert storage.hits[SAMPLE.name] == 0
 
 
 def test_a_small_dev_shm_turns_nccls_shared_memory_off_for_several_ranks(monkeypatch):
-    import os
-    import shutil
-
     monkeypatch.setenv("NCCL_SHM_DISABLE", "")  # unset for the worker; put back as it was after the test
     monkeypatch.setattr(distributed, "_shm_disabled_here", False)
     sizes = {"/dev/shm": 64 << 20}
@@ -134,12 +135,11 @@ def test_a_small_dev_shm_turns_nccls_shared_memory_off_for_several_ranks(monkeyp
 
 
 def test_compiled_kernels_are_kept_on_the_volume_per_torch_version(tmp_path):
-    from importlib.metadata import version
-
     settings = WorkerSettings.from_env({"MODEL_CACHE_DIR": str(tmp_path / "volume" / "models")})
     env = settings.compile_cache_env()
     root = tmp_path / "volume" / "compile-cache" / f"torch-{version('torch')}"
     assert env == {"TRITON_CACHE_DIR": str(root / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}
     assert (root / "triton").is_dir() and (root / "inductor").is_dir()
     (tmp_path / "not-a-directory").write_text("")  # a volume that cannot hold them: the compilers' own default
-    assert WorkerSettings.from_env({"MODEL_CACHE_DIR": str(tmp_path / "not-a-directory" / "models")}).compile_cache_env() == {}
+    assert WorkerSettings.from_env(
+        {"MODEL_CACHE_DIR": str(tmp_path / "not-a-directory" / "models")}).compile_cache_env() == {}

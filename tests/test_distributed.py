@@ -13,9 +13,18 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
+import handler
+from checkpoints import load_latest_checkpoint, request_stop
 from conftest import ROOT, SAMPLE, running_worker, runsync
+from dataset_loader import load_dataset
+from job import Hyperparameters, JobError
+from settings import WorkerSettings
+from train_lora import train
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
@@ -64,16 +73,12 @@ def losses(adapter: Path) -> list[float]:
 
 
 def children(pid: int) -> list[int]:
-    import psutil
-
     return [p.pid for p in psutil.Process(pid).children(recursive=True)]
 
 
 def running(pids: list[int], grace_s: float = 5) -> list[int]:
     """Those of `pids` still running after `grace_s` (an exited child whose parent is gone may stay a zombie until
     the container's init reaps it: it runs nothing)."""
-    import psutil
-
     deadline = time.monotonic() + grace_s
     while True:
         alive = []
@@ -92,14 +97,12 @@ def running(pids: list[int], grace_s: float = 5) -> list[int]:
 def one_process(tmp_path_factory, tiny_qwen2):
     """The reference: one process, 8 steps of 3 sequences, a validation share."""
     tmp = tmp_path_factory.mktemp("one")
-    metrics = finished(cli(tmp, "adapter", 1, "--base-model", str(tiny_qwen2), "--max-steps", "8", "--val-fraction", "0.2"))
+    metrics = finished(cli(tmp, "adapter", 1, "--base-model", str(tiny_qwen2), "--max-steps", "8",
+                           "--val-fraction", "0.2"))
     return tmp / "adapter", metrics
 
 
 def test_two_processes_train_what_one_does_and_only_rank_0_writes(one_process, tiny_qwen2, tmp_path):
-    import torch
-    from safetensors.torch import load_file
-
     env = audited(tmp_path, WATCH=str(tmp_path / "job"))
     audit = tmp_path / "audit"
     metrics = finished(cli(tmp_path / "job", "adapter", 2, "--base-model", str(tiny_qwen2), "--max-steps", "8",
@@ -107,11 +110,13 @@ def test_two_processes_train_what_one_does_and_only_rank_0_writes(one_process, t
                            "--checkpoint-steps", "2", env=env))
     reference, expected = one_process
     assert metrics["world_size"] == 2 and expected["world_size"] == 1 and len(metrics["peak_memory_gb_per_gpu"]) == 2
-    # 3 sequences a step: rank 0 computes 2, rank 1 one; the loss is still the mean over the whole batch's trained tokens
+    # 3 sequences a step: rank 0 computes 2, rank 1 one; the loss is still the mean over the whole batch's trained
+    # tokens
     assert losses(tmp_path / "job" / "adapter") == pytest.approx(losses(reference), rel=1e-4)
     assert metrics["validation_loss"] == pytest.approx(expected["validation_loss"], rel=1e-4)
     assert metrics["trained_tokens"] == expected["trained_tokens"] and metrics["tokens"] == expected["tokens"]
-    two, one = load_file(tmp_path / "job" / "adapter" / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    two, one = (load_file(tmp_path / "job" / "adapter" / "adapter_model.safetensors"),
+                load_file(reference / "adapter_model.safetensors"))
     assert two.keys() == one.keys()
     for name in one:
         assert torch.allclose(two[name], one[name], rtol=1e-3, atol=1e-6), name
@@ -127,8 +132,8 @@ def test_sigterm_stops_every_rank_once_with_a_checkpoint_another_world_size_resu
         stopped_in, resumed_in, one_process, tiny_qwen2, tmp_path):
     """A job stopped by SIGTERM in one number of processes, resumed in another: the same steps, the same data order,
     as a job never stopped."""
-    common = ["--base-model", str(tiny_qwen2), "--val-fraction", "0.2", "--checkpoint-dir", str(tmp_path / "checkpoints"),
-              "--checkpoint-steps", "1000", "--max-steps", "8"]
+    common = ["--base-model", str(tiny_qwen2), "--val-fraction", "0.2",
+              "--checkpoint-dir", str(tmp_path / "checkpoints"), "--checkpoint-steps", "1000", "--max-steps", "8"]
     proc = cli(tmp_path, "adapter", stopped_in, *common)
     deadline = time.monotonic() + 120
     for line in proc.stderr:  # rank 0 tells the steps
@@ -157,15 +162,14 @@ def test_sigterm_stops_every_rank_once_with_a_checkpoint_another_world_size_resu
 def two_ranks_training(tiny_qwen2, tmp_path):
     """A 2-process CLI job at its step 2: the launcher's Popen, its 2 ranks (psutil, in rank order: RANK is set inside
     them, after exec, so /proc shows no trace of it) and every process of the job."""
-    import psutil
-
     proc = cli(tmp_path, "adapter", 2, "--base-model", str(tiny_qwen2), "--max-steps", "80", "--epochs", "20",
                "--val-fraction", "0")
     for line in proc.stderr:
         if " step 2/" in line:
             break
     assert proc.poll() is None, proc.stderr.read()
-    ranks = sorted((p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())), key=lambda p: p.pid)
+    ranks = sorted((p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())),
+                   key=lambda p: p.pid)
     assert len(ranks) == 2, proc.stderr.read()
     return proc, ranks, children(proc.pid)
 
@@ -185,12 +189,11 @@ def test_a_two_process_job_listens_on_loopback_only(tiny_qwen2, tmp_path):
     """The rendezvous store, the ranks' store and gloo's sockets are bound to 127.0.0.1: nothing outside the container
     reaches them. The deployment here points gloo and NCCL at the node's network interface (as a container whose
     hostname resolves to eth0 does): the ranks of a one-node job use loopback all the same."""
-    import psutil
-
     outward = next((name for name, addrs in psutil.net_if_addrs().items() for a in addrs
                     if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback), None)
     env = {"GLOO_SOCKET_IFNAME": outward, "NCCL_SOCKET_IFNAME": outward} if outward else {}
-    proc = cli(tmp_path, "adapter", 2, "--base-model", str(tiny_qwen2), "--max-steps", "12", "--val-fraction", "0", env=env)
+    proc = cli(tmp_path, "adapter", 2, "--base-model", str(tiny_qwen2), "--max-steps", "12", "--val-fraction", "0",
+               env=env)
     for line in proc.stderr:
         if " step 2/" in line:
             break
@@ -206,8 +209,6 @@ def test_a_two_process_job_listens_on_loopback_only(tiny_qwen2, tmp_path):
 def test_a_stopped_rank_is_named_within_minutes_and_nothing_of_the_job_is_left(tiny_qwen2, tmp_path):
     """A rank that stops answering (SIGSTOP: its every thread stops) leaves the others waiting in the all-reduce for
     torch's collective timeout (30 minutes). Its heartbeat stops too: the launcher kills it and names it."""
-    import psutil
-
     proc, ranks, everything = two_ranks_training(tiny_qwen2, tmp_path)
     try:
         ranks[1].suspend()  # SIGSTOP
@@ -242,12 +243,13 @@ def test_a_rank_that_raises_fails_the_job_with_its_own_error(tiny_qwen2, tmp_pat
 
 
 def test_the_handler_runs_a_two_process_job_through_the_sdk(tmp_path, storage, tiny_qwen2, recorder):
-    env = {"TRAIN_PROCESSES": "2", "PROGRESS_INTERVAL_S": "0", "RUNPOD_WEBHOOK_POST_OUTPUT": recorder.url("/ddp?id=$ID")}
+    env = {"TRAIN_PROCESSES": "2", "PROGRESS_INTERVAL_S": "0",
+           "RUNPOD_WEBHOOK_POST_OUTPUT": recorder.url("/ddp?id=$ID")}
     with running_worker(tmp_path, **env) as worker:
         result = runsync(worker, {
             "job_id": "ddp-job", "dataset_url": storage.url(SAMPLE.name, storage.good),
-            "hyperparameters": {"base_model": str(tiny_qwen2), "batch_size": 4, "epochs": 1, "rank": 4, "max_seq_length": 256,
-                                "max_steps": 3},
+            "hyperparameters": {"base_model": str(tiny_qwen2), "batch_size": 4, "epochs": 1, "rank": 4,
+                                "max_seq_length": 256, "max_steps": 3},
             "gpu_config": {"type": "NVIDIA A100 80GB", "count": 2}})
         log = worker.log.read_text()
     assert result["status"] == "COMPLETED", result
@@ -265,9 +267,6 @@ def test_the_handler_runs_a_two_process_job_through_the_sdk(tmp_path, storage, t
 
 
 def test_train_processes_beyond_the_gpus_is_refused_at_once(tmp_path):
-    import handler
-    from job import JobError, WorkerSettings
-
     settings = WorkerSettings.from_env({"JOBS_DIR": str(tmp_path), "TRAIN_PROCESSES": "0"})
     with pytest.raises(JobError, match=r"TRAIN_PROCESSES=0 .* set it between 1 and"):
         handler.training_processes(settings)
@@ -278,11 +277,6 @@ def test_train_processes_beyond_the_gpus_is_refused_at_once(tmp_path):
 def test_the_apps_cancel_stops_every_rank_after_the_same_step_with_one_checkpoint(tiny_qwen2, tmp_path):
     """The app's Cancel, seen by the handler's row thread, reaches the ranks as a stop request in the checkpoint
     directory they share: every rank stops after the same step, rank 0 writes one checkpoint, the job is Cancelled."""
-    from checkpoints import load_latest_checkpoint, request_stop
-    from dataset_loader import load_dataset
-    from job import Hyperparameters, JobError
-    from train_lora import train
-
     checkpoints = tmp_path / "checkpoints"
 
     def cancel_at_step_2(event):

@@ -61,7 +61,8 @@ def visible_gpus() -> tuple[int, str]:
     is no driver; then torch itself in a child with the devices restored."""
     if not _nvml_gpus() and shutil.which("nvidia-smi") is None:
         return 0, "no NVIDIA driver here (NVML finds no GPU, no nvidia-smi)"
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() "
+    probe = subprocess.run([sys.executable, "-c",
+                            "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() "
                             "else 0, torch.__version__)"], env=gpu_env(), capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         return 0, f"torch could not be asked for CUDA devices: {probe.stderr.strip()[-500:]}"
@@ -155,7 +156,8 @@ def test_two_ranks_over_nccl_train_what_one_does(tmp_path):
     one, two = r["one"], r["two"]
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["device"] == "cuda"
     assert len(two["peak_memory_gb_per_gpu"]) == 2 and all(p > 0 for p in two["peak_memory_gb_per_gpu"])
-    assert two["steps"] == one["steps"] and two["trained_tokens"] == one["trained_tokens"] and two["tokens"] == one["tokens"]
+    assert (two["steps"] == one["steps"] and two["trained_tokens"] == one["trained_tokens"]
+            and two["tokens"] == one["tokens"])
     assert r["losses_two"][0] == pytest.approx(r["losses_one"][0], rel=1e-2)
     assert r["losses_two"] == pytest.approx(r["losses_one"], rel=5e-2)
     assert two["validation_loss"] == pytest.approx(one["validation_loss"], rel=5e-2)
@@ -204,8 +206,9 @@ def check_flex(work: Path) -> dict:
     base = _setup(work)
     from chat_labels import IGNORE, Example, collate
     from job import Hyperparameters
-    from model_loading import load_model, select_attention
-    from train_lora import loss_sum
+    from device import select_attention
+    from loss import loss_sum
+    from model_loading import load_model
 
     if select_attention("cuda", 4, True, True) != "flex_attention":
         _skip("flex attention is not chosen on this machine (it needs triton and a C compiler): the worker trains "
@@ -213,7 +216,8 @@ def check_flex(work: Path) -> dict:
     hp = Hyperparameters(lora_rank=8, lora_dropout=0.0)
     models = {"sdpa": load_model(base, hp, "cuda", torch.bfloat16, attention="sdpa", recompute=False)[0],
               "flex": load_model(base, hp, "cuda", torch.bfloat16, attention="flex_attention", recompute=False)[0],
-              "flex_recompute": load_model(base, hp, "cuda", torch.bfloat16, attention="flex_attention", recompute=True)[0]}
+              "flex_recompute": load_model(base, hp, "cuda", torch.bfloat16, attention="flex_attention",
+                                           recompute=True)[0]}
     # the same LoRA weights in each, B not zero (at zero its gradients would say little)
     names = [n for n, p in models["sdpa"].named_parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(0)
@@ -248,7 +252,8 @@ def check_flex(work: Path) -> dict:
         loss = loss_sum(model, batch)
         loss.backward()
         torch.cuda.synchronize()
-        return float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return float(loss.detach()), {n: p.grad.detach().float().clone()
+                                      for n, p in model.named_parameters() if p.requires_grad}
 
     def compare(loss, grads, ref_loss, ref_grads):
         flat, ref = torch.cat([grads[n].flatten() for n in names]), torch.cat([ref_grads[n].flatten() for n in names])

@@ -113,7 +113,8 @@ def test_a_body_cut_short_is_retried_and_resumed_from_what_was_written(hub):
         path = hf_hub_download(repo, "model.safetensors", revision=hub.commit(repo), token=False, endpoint=hub.endpoint,
                                **dirs(hub, f"cut-{size}"))
         assert Path(path).read_bytes() == original(hub, repo, "model.safetensors")
-        assert size < hub.bytes_served[(repo, "model.safetensors")] <= cut + size  # the cut part, then at most all again
+        # the cut part, then at most all again
+        assert size < hub.bytes_served[(repo, "model.safetensors")] <= cut + size
         assert not hub.cut_after
 
 

@@ -1,10 +1,11 @@
-"""The job model: both payload shapes, every problem at once, safe job ids, settings from the environment."""
-
-from pathlib import Path
+"""The job model: both payload shapes, every problem at once, safe job ids, plain names where patterns would be
+read, finite numbers, redaction (in time linear in the text) and input values quoted shortened."""
 
 import pytest
 
-from job import JobError, WorkerSettings, parse_job_input, redact_text, redact_url
+import handler
+from conftest import SAMPLE, growth
+from job import JobError, parse_job_input, redact_text, redact_url
 
 URL = "https://p.supabase.co/storage/v1/object/sign/lora-datasets/d.jsonl?token=eyJsecret"
 
@@ -26,7 +27,8 @@ def test_both_payload_shapes_give_the_same_settings():
 def test_every_problem_is_reported_at_once():
     with pytest.raises(JobError) as exc:
         parse_job_input({"dataset_url": URL, "hyperparameters": {"learning_rate": 0.5}, "gpu_config": {}})
-    assert str(exc.value) == "invalid job input: hyperparameters.learning_rate=0.5 is above 0.001; gpu_config.count is missing"
+    assert str(exc.value) == ("invalid job input: hyperparameters.learning_rate=0.5 is above 0.001; "
+                              "gpu_config.count is missing")
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -61,7 +63,8 @@ def test_unknown_keys_are_warnings_not_errors():
 
 
 def test_defaults_and_derived_values():
-    job, _ = parse_job_input({"dataset_url": URL, "hyperparameters": {"rank": 8, "batch_size": 8, "micro_batch_size": 2}})
+    job, _ = parse_job_input({"dataset_url": URL,
+                              "hyperparameters": {"rank": 8, "batch_size": 8, "micro_batch_size": 2}})
     hp = job.hyperparameters
     assert hp.effective_lora_alpha == 16 and hp.effective_micro_batch_size == 2 and hp.base_model is None
 
@@ -77,101 +80,76 @@ def test_tokens_never_survive_redaction():
     assert "pw" not in redact_url("https://user:pw@host/x")
 
 
-def test_settings_come_from_the_given_environment():
-    settings = WorkerSettings.from_env({"JOBS_DIR": "/tmp/j", "ALLOW_FILE_URLS": "true", "DOWNLOAD_RETRIES": "2"})
-    assert str(settings.jobs_dir) == "/tmp/j" and settings.allow_file_urls and settings.download_retries == 2
-    assert WorkerSettings.from_env({}).default_base_model == "mistralai/Mistral-7B-v0.1"
-    with pytest.raises(JobError, match="ALLOW_FILE_URLS='maybe' is not a boolean"):
-        WorkerSettings.from_env({"ALLOW_FILE_URLS": "maybe"})
+def test_scrubbing_a_megabyte_of_text_costs_in_proportion_to_its_length_and_still_scrubs():
+    # a long run of letters made the URL pattern restart at every position (quadratic): 40k characters took 4.3 s
+    def text(letters: int) -> str:
+        return "a" * letters + " " + URL + " " + "7" * (letters // 2)
+
+    assert growth(redact_text, text(100_000), text(1_000_000)) < 30  # ten times the text: ~10x linear, ~100x quadratic
+    megabyte = text(1_000_000)
+    assert "eyJsecret" not in redact_text(megabyte) and "?<redacted>" in redact_text(megabyte)
 
 
-def test_storage_that_cannot_sign_download_links_is_refused_naming_what_to_set():
-    runpod_s3 = {"S3_ENDPOINT_URL": "https://s3api-eu-ro-1.runpod.io", "S3_ACCESS_KEY_ID": "k", "S3_SECRET_ACCESS_KEY": "s",
-                 "NETWORK_VOLUME_ID": "vol-123", "RUNPOD_ENDPOINT_ID": "ep"}
+def refusal(job_input: dict) -> JobError:
     with pytest.raises(JobError) as refused:
-        WorkerSettings.from_env(runpod_s3)
-    message = str(refused.value)
-    assert "does not support presigned URLs" in message and "NETWORK_VOLUME_ID='vol-123' is not read" in message
-    assert "supabase.co/storage/v1/s3" in message and "S3_BUCKET" in message
-    with pytest.raises(JobError, match="presigned"):  # a bucket named as the worker reads it does not help
-        WorkerSettings.from_env(runpod_s3 | {"S3_BUCKET": "vol-123"})
-    with pytest.raises(JobError, match="half configured: S3_BUCKET not set.*NETWORK_VOLUME_ID"):
-        WorkerSettings.from_env(runpod_s3 | {"S3_ENDPOINT_URL": "https://p.supabase.co/storage/v1/s3"})
+        parse_job_input(job_input)
+    return refused.value
 
 
-def test_an_endpoint_needs_storage_or_explicit_volume_delivery_and_a_local_run_needs_neither(tmp_path):
-    with pytest.raises(JobError, match="no storage for the adapter's files.*S3_ENDPOINT_URL, S3_BUCKET.*VOLUME_DELIVERY=true"):
-        WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep"})
-    on_volume = WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep", "VOLUME_DELIVERY": "true"})
-    assert on_volume.volume_delivery and not on_volume.allow_file_urls
-    s3 = {"S3_ENDPOINT_URL": "https://p.supabase.co/storage/v1/s3", "S3_BUCKET": "lora-models"}
-    assert WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep"} | s3).s3_configured
-    with pytest.raises(JobError, match="choose one"):
-        WorkerSettings.from_env(s3 | {"VOLUME_DELIVERY": "true"})
-    local = WorkerSettings.from_env({"JOBS_DIR": str(tmp_path)})
-    assert not local.allow_file_urls and not local.on_endpoint and not local.s3_configured
-    with pytest.raises(JobError, match="S3_ENDPOINT_URL='p.supabase.co/storage/v1/s3' is not an http"):
-        WorkerSettings.from_env(s3 | {"S3_ENDPOINT_URL": "p.supabase.co/storage/v1/s3"})
-    with pytest.raises(JobError, match="SigV4"):
-        WorkerSettings.from_env(s3 | {"PRESIGNED_URL_EXPIRY_S": "2000000"})
+def test_an_input_value_is_quoted_shortened_in_the_error():
+    def refused_with(digits: int) -> JobError:
+        return refusal({"dataset_url": URL, "hyperparameters": {"learning_rate": "9" * digits}})
+
+    assert growth(refused_with, 100_000, 1_000_000) < 30  # ten times the value: ~10x linear, ~100x quadratic
+    message = str(refused_with(100_000))
+    assert message.startswith("invalid job input: hyperparameters.learning_rate='99999") and len(message) < 400
+    assert "characters" in message  # says how long the value was
 
 
-def test_a_local_run_without_the_volume_keeps_its_files_in_the_checkout():
-    from job import LOCAL_VOLUME
-
-    if Path("/runpod-volume").is_dir():
-        pytest.skip("this machine has a /runpod-volume")
-    settings = WorkerSettings.from_env({})
-    assert settings.jobs_dir == LOCAL_VOLUME / "lora-jobs" and settings.model_cache_dir == LOCAL_VOLUME / "models"
-    assert WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep", "VOLUME_DELIVERY": "1"}).jobs_dir == Path("/runpod-volume/lora-jobs")
+@pytest.mark.parametrize("job_id", ["abc\n", "abc\r\n", "\nabc"])
+def test_a_job_id_with_a_line_break_is_refused(job_id):
+    with pytest.raises(JobError, match="job_id"):
+        parse_job_input({"job_id": job_id, "dataset_url": URL})
 
 
-SUPABASE = {"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_SERVICE_ROLE_KEY": "service-role-key"}
+@pytest.mark.parametrize("targets",
+                         ["(.*.*)*X", "q_proj", ".*", ["q_proj", "(v|k)_proj"], ["q_proj", "model.layers.0.*"], ["("]])
+def test_lora_target_modules_are_plain_names_never_patterns(targets):
+    with pytest.raises(JobError, match=r"hyperparameters.lora_target_modules.*'all-linear' or a list of module names"):
+        parse_job_input({"dataset_url": URL, "hyperparameters": {"lora_target_modules": targets}})
+    job, _ = parse_job_input({"dataset_url": URL,
+                              "hyperparameters": {"lora_target_modules": ["q_proj", "mlp.down_proj"]}})
+    assert job.hyperparameters.lora_target_modules == ["q_proj", "mlp.down_proj"]
 
 
-def test_the_app_teams_environment_is_accepted_and_its_volume_s3_endpoint_ignored_with_a_warning():
-    """As the app's team deploys (shared/contracts/brightrun-app.md): Supabase, plus RunPod's volume S3 API, its keys
-    and NETWORK_VOLUME_ID, and no S3_BUCKET. The archive goes to Supabase; S3 is not used, and a warning says so."""
-    team = SUPABASE | {"S3_ENDPOINT_URL": "https://s3api-eu-ro-1.runpod.io", "S3_ACCESS_KEY_ID": "k",
-                       "S3_SECRET_ACCESS_KEY": "s", "NETWORK_VOLUME_ID": "vol-123", "RUNPOD_ENDPOINT_ID": "ep"}
-    settings = WorkerSettings.from_env(team)
-    assert settings.supabase_configured and not settings.s3_configured and settings.s3_ignored
-    [warning] = [w for w in settings.warnings(team) if "S3" in w]
-    assert "s3api-eu-ro-1.runpod.io" in warning and "Supabase Storage" in warning and "ignored" in warning
-    # Supabase alone is enough storage for an endpoint; half of it is refused, naming the missing variable
-    assert WorkerSettings.from_env(SUPABASE | {"RUNPOD_ENDPOINT_ID": "ep"}).supabase_configured
-    with pytest.raises(JobError, match="half configured: SUPABASE_SERVICE_ROLE_KEY is not set"):
-        WorkerSettings.from_env({"SUPABASE_URL": "https://p.supabase.co"})
-    with pytest.raises(JobError, match="SUPABASE_URL='p.supabase.co' is not an http"):
-        WorkerSettings.from_env(SUPABASE | {"SUPABASE_URL": "p.supabase.co"})
-    with pytest.raises(JobError, match="Set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY"):
-        WorkerSettings.from_env({"RUNPOD_ENDPOINT_ID": "ep"})
+@pytest.mark.parametrize("field, value",
+                         [("gpu_config.gpu_memory_gb", 1e999), ("gpu_config.cost_per_gpu_hour", float("nan")),
+                          ("hyperparameters.lora_alpha", float("inf"))])
+def test_non_finite_numbers_are_refused_naming_the_field(field, value):
+    section, name = field.split(".")
+    spec = {"dataset_url": URL, "gpu_config": {"count": 1}, section: {name: value}}
+    if section == "gpu_config":
+        spec["gpu_config"] = {"count": 1, name: value}
+    with pytest.raises(JobError, match=f"{field}=.*finite"):
+        parse_job_input(spec)
 
 
-def test_job_directories_go_on_the_volume_wherever_it_is_mounted(tmp_path, monkeypatch):
-    """/runpod-volume on serverless workers; the app's team mounts theirs at /workspace: jobs (checkpoints) and models
-    go there, never on the container's disk; with no volume at all on an endpoint, a warning says what is lost."""
-    import job
-
-    runpod_volume, workspace = tmp_path / "runpod-volume", tmp_path / "workspace"
-    monkeypatch.setattr(job, "VOLUME_MOUNTS", (runpod_volume, workspace))
-    workspace.mkdir()
-    on_workspace = WorkerSettings.from_env(SUPABASE | {"RUNPOD_ENDPOINT_ID": "ep"})
-    assert on_workspace.jobs_dir == workspace / "lora-jobs" and on_workspace.model_cache_dir == workspace / "models"
-    assert on_workspace.runpod_model_cache == workspace / "huggingface-cache" / "hub"
-    assert on_workspace.warnings({}) == []
-    runpod_volume.mkdir()
-    assert WorkerSettings.from_env(SUPABASE | {"RUNPOD_ENDPOINT_ID": "ep"}).jobs_dir == runpod_volume / "lora-jobs"
-    runpod_volume.rmdir()
-    workspace.rmdir()
-    bare = WorkerSettings.from_env(SUPABASE | {"RUNPOD_ENDPOINT_ID": "ep"})
-    [warning] = bare.warnings({})
-    assert "no network volume is mounted" in warning and "lost when the worker stops" in warning
-
-
-def test_a_service_key_pasted_with_a_newline_is_trimmed_and_one_with_spaces_refused_without_quoting_it():
-    assert WorkerSettings.from_env(SUPABASE | {"SUPABASE_SERVICE_ROLE_KEY": "service-role-key\n"}).supabase_service_role_key \
-        == "service-role-key"
-    with pytest.raises(JobError, match="SUPABASE_SERVICE_ROLE_KEY holds spaces or control characters") as refused:
-        WorkerSettings.from_env(SUPABASE | {"SUPABASE_SERVICE_ROLE_KEY": "eyJsecret part2"})
-    assert "eyJsecret" not in str(refused.value)
+@pytest.mark.parametrize("section", ["hyperparameters", "gpu_config"])
+def test_a_deeply_nested_unknown_key_is_a_warning_not_an_internal_error(section, tmp_path, monkeypatch, storage):
+    """A 500-deep value under an unknown key made the job's fingerprint fail to serialize: "internal error"."""
+    monkeypatch.setenv("JOBS_DIR", str(tmp_path / "jobs"))
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("ALLOW_MODEL_DOWNLOAD", "false")
+    deep: dict = {}
+    node = deep
+    for _ in range(500):
+        node["k"] = node = {}
+    job_input = {"dataset_url": storage.url(SAMPLE.name, storage.good), "hyperparameters": {"base_model": "org/absent"},
+                 "gpu_config": {"count": 1}}
+    job_input[section]["notes"] = deep
+    result = handler.handler({"id": "deep", "input": job_input})
+    # on to the next check
+    assert result["error"].startswith("loading_model:") and "org/absent" in result["error"], result
+    spec, warnings = parse_job_input(job_input)
+    assert warnings == [f"unknown input key ignored: {section}.notes"]
+    assert "notes" not in spec.model_dump(mode="json")[section]  # carried nowhere

@@ -12,12 +12,14 @@ import psutil
 import pytest
 import torch
 
+import labelled_data
 from chat_templates import load_tokenizer
 from checkpoints import Stopped, stop_on_sigterm
 from conftest import SAMPLE
 from dataset_loader import load_dataset
 from job import Hyperparameters, JobError
 from labelled_data import DATA_FILE, label_conversations, prepare_data
+from train_lora import train
 
 REUSED = "reused from the job directory"
 
@@ -84,8 +86,6 @@ def test_kept_labelled_data_holding_a_token_the_vocabulary_lacks_is_labelled_aga
         tiny_qwen2, tmp_path, caplog):
     """Kept data with the right fingerprint and a token id of 1,000,000 failed every resume with `IndexError: index out
     of range in self` (an internal error)."""
-    from train_lora import train
-
     conversations = load_dataset(SAMPLE)[0][:16]
     hp = Hyperparameters(max_steps=1, batch_size=2, max_seq_length=384, lora_rank=4)
     keep = tmp_path / "checkpoints"
@@ -103,8 +103,6 @@ def test_kept_labelled_data_holding_a_token_the_vocabulary_lacks_is_labelled_aga
 @pytest.mark.parametrize("change", ["labelling version", "tokenizer"])
 def test_kept_labelled_data_is_not_reused_by_another_labelling_version_or_tokenizer(change, tiny_qwen2, tmp_path,
                                                                                      monkeypatch):
-    import labelled_data
-
     model = tmp_path / "model"
     shutil.copytree(tiny_qwen2, model)
     conversations = load_dataset(SAMPLE)[0][:16]
@@ -118,7 +116,8 @@ def test_kept_labelled_data_is_not_reused_by_another_labelling_version_or_tokeni
         monkeypatch.setattr(labelled_data, "LABELLING_VERSION", labelled_data.LABELLING_VERSION + 1)
     else:  # the base model's tokenizer updated in place: a conversation without a system prompt gets another default
         template = model / "chat_template.jinja"
-        template.write_text(template.read_text().replace("You are a helpful assistant.", "You are a careful assistant."))
+        template.write_text(template.read_text().replace("You are a helpful assistant.",
+                                                         "You are a careful assistant."))
     assert labelled() != REUSED
     assert labelled() == REUSED
 

@@ -1,17 +1,27 @@
 """Packed examples never see each other, in any layer type: per-token losses of examples packed into rows equal
 those of each example alone, for each architecture family the worker trains (tiny random models built from their
-transformers configs), through the worker's own forward (`train_lora.hidden_states`); the LoRA gradients too, and
+transformers configs), through the worker's own forward (`loss.hidden_states`); the LoRA gradients too, and
 the 16-bit path."""
 
+import importlib.util
 import math
+import shutil
 
 import pytest
 import torch
 import transformers
 
-from architecture import ISOLATED_TOKEN_MIXERS, isolate_packed_examples, packing_support
+from architecture import ISOLATED_TOKEN_MIXERS, isolate_packed_examples, meta_model, packing_support, token_mixers
 from chat_labels import IGNORE, Example, collate
-from train_lora import hidden_states
+from compat import supports_flex_attention
+from conftest import SAMPLE
+from dataset_loader import load_dataset
+from device import select_attention
+from job import Hyperparameters
+from loss import hidden_states, loss_sum
+from model_loading import load_model
+from tiny_model import build_tiny_model
+from train_lora import train
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
@@ -34,16 +44,18 @@ FAMILIES = {
     "olmo_hybrid": dict(num_hidden_layers=4, layer_types=HYBRID, linear_num_key_heads=2, linear_num_value_heads=2,
                         linear_key_head_dim=16, linear_value_head_dim=32),
     "kimi_linear": dict(num_hidden_layers=4, layer_types=HYBRID, mlp_layer_types=["dense"] * 4, linear_num_heads=2,
-                        linear_head_dim=16, num_key_value_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                        kv_lora_rank=16, q_lora_rank=None, head_dim=8, num_experts=4, moe_intermediate_size=32),
+                        linear_head_dim=16, num_key_value_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                        v_head_dim=16, kv_lora_rank=16, q_lora_rank=None, head_dim=8, num_experts=4,
+                        moe_intermediate_size=32),
     "lfm2": dict(num_hidden_layers=4, layer_types=["conv", "conv", "full_attention", "conv"], full_attn_idxs=[2],
                  block_auto_adjust_ff_dim=False),
-    "lfm2_moe": dict(num_hidden_layers=4, layer_types=["conv", "conv", "full_attention", "conv"], num_dense_layers=1, **MOE),
+    "lfm2_moe": dict(num_hidden_layers=4, layer_types=["conv", "conv", "full_attention", "conv"],
+                     num_dense_layers=1, **MOE),
     "falcon_h1": dict(num_hidden_layers=2, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
                       mamba_chunk_size=32, head_dim=16),
-    "granitemoehybrid": dict(num_hidden_layers=4, layer_types=["mamba", "mamba", "attention", "mamba"], num_local_experts=4,
-                             num_experts_per_tok=2, shared_intermediate_size=64, mamba_n_heads=8, mamba_d_head=16,
-                             mamba_d_state=16, mamba_chunk_size=32),
+    "granitemoehybrid": dict(num_hidden_layers=4, layer_types=["mamba", "mamba", "attention", "mamba"],
+                             num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64,
+                             mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=32),
     "bamba": dict(num_hidden_layers=4, attn_layer_indices=[2], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
                   mamba_chunk_size=32),
     "nemotron_h": dict(layers_block_type=["mamba", "mlp", "attention", "mamba"], head_dim=16, ssm_state_size=16,
@@ -73,10 +85,11 @@ def examples(seed: int = 0):
             for row in ROWS]
 
 
-def token_losses(model, rows, attention: str = "sdpa") -> list[torch.Tensor]:
-    """Per-token losses of every example, read off the packed rows, and of each example alone (the worker's forward)."""
+def token_losses(model, rows, attention: str = "sdpa", per_example: bool = False) -> list[torch.Tensor]:
+    """Per-token losses of every example, read off the packed rows, and of each example alone (the worker's forward;
+    `per_example`: the model's linear-attention layers run each example on its own)."""
     def losses(batch, row, start, example):
-        hidden = hidden_states(model, batch)[row, start:start + len(example.input_ids)]
+        hidden = hidden_states(model, batch, per_example=per_example)[row, start:start + len(example.input_ids)]
         logits = model.get_output_embeddings()(hidden).float()
         return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(example.input_ids[1:]), reduction="none")
 
@@ -97,13 +110,14 @@ def test_packed_examples_compute_what_each_computes_alone(model_type):
     assert bool(mixers) == (model_type not in ("qwen2", "mistral", "llama", "qwen3", "qwen3_moe", "mixtral"))
     supported, note = packing_support(model.config.to_dict())
     assert supported and note.startswith("on: a block-diagonal attention mask")
+    per_example = False
     if mixers:  # without the per-example path the conv and the recurrent state run across examples: the test sees it
         with torch.no_grad():
             assert max(token_losses(model, rows)) > 1e-3
-        model.per_example_layers = isolate_packed_examples(model)
-        assert model.per_example_layers > 0 and ", ".join(sorted(mixers)) in note
+        per_example = isolate_packed_examples(model) > 0
+        assert per_example and ", ".join(sorted(mixers)) in note
     with torch.no_grad():
-        worst = max(token_losses(model, rows))
+        worst = max(token_losses(model, rows, per_example=per_example))
     assert worst <= 1e-5, f"{model_type}: packed and alone differ by {worst:.1e}"
 
 
@@ -111,37 +125,30 @@ def test_packed_examples_compute_what_each_computes_alone(model_type):
 def test_flex_attention_with_a_document_mask_keeps_packed_examples_apart(model_type):
     """The GPU's fast path (collate's BlockMask, rows padded to a fixed length), in forward: flex attention runs
     forward on the CPU, backward only on a GPU, so its training speed is the GPU benchmark's."""
-    from architecture import meta_model
-    from model_loading import select_attention
-
-    import importlib.util
-    import shutil
-
-    supports = getattr(type(meta_model(tiny(model_type).config.to_dict())), "_supports_flex_attn", False)
+    supports = supports_flex_attention(type(meta_model(tiny(model_type).config.to_dict())))
     triton_can_compile = bool(importlib.util.find_spec("triton") and (shutil.which("cc") or shutil.which("gcc")))
-    assert supports and select_attention("cuda", 4, True, supports) == ("flex_attention" if triton_can_compile else "sdpa")
-    assert select_attention("cpu", 4, True, supports) == "sdpa" and select_attention("cuda", 4, False, supports) == "sdpa"
+    assert supports and select_attention("cuda", 4, True, supports) == (
+        "flex_attention" if triton_can_compile else "sdpa")
+    assert (select_attention("cpu", 4, True, supports) == "sdpa"
+            and select_attention("cuda", 4, False, supports) == "sdpa")
     model = tiny(model_type, attention="flex_attention")
-    model.per_example_layers = isolate_packed_examples(model)
+    per_example = isolate_packed_examples(model) > 0
     batch = collate(examples(), 0, attention="flex_attention", pad_to=160)
     assert type(batch["attention_mask"]).__name__ == "BlockMask" and batch["input_ids"].shape == (2, 160)
     with torch.no_grad():
-        worst = max(token_losses(model, examples(), attention="flex_attention"))
+        worst = max(token_losses(model, examples(), attention="flex_attention", per_example=per_example))
     assert worst <= 1e-5, worst
 
 
-@pytest.mark.parametrize("model_type", [t for t in FAMILIES if t not in ("qwen2", "mistral", "llama", "qwen3", "qwen3_moe",
-                                                                       "mixtral")])
+@pytest.mark.parametrize("model_type", [t for t in FAMILIES
+                                        if t not in ("qwen2", "mistral", "llama", "qwen3", "qwen3_moe", "mixtral")])
 def test_models_with_linear_attention_layers_keep_the_dense_mask_on_a_gpu(model_type):
     """transformers 5.23 has no flex attention for Qwen3-Next, and the hybrids that have it (LFM2, Granite-4.0-H,
     Nemotron-H, Zamba2) cannot take a BlockMask beside their linear layers: the worker keeps sdpa's dense mask."""
-    from architecture import meta_model, token_mixers
-    from model_loading import select_attention
-
     architecture = meta_model(tiny(model_type).config.to_dict())
     mixers = token_mixers(architecture)
     assert mixers and mixers <= ISOLATED_TOKEN_MIXERS
-    supports = getattr(type(architecture), "_supports_flex_attn", False) and not mixers
+    supports = supports_flex_attention(type(architecture)) and not mixers
     assert select_attention("cuda", 4, True, supports) == "sdpa"
 
 
@@ -149,14 +156,9 @@ def test_the_lora_gradients_of_packed_examples_equal_those_of_each_alone(tmp_pat
     """Qwen3-Next in the worker's own setup: 4-bit base, LoRA on every linear layer, gradient checkpointing
     (non-reentrant: the spans reach the recomputed layers too). The gradient of the summed loss over a packed
     micro-batch equals the sum of the gradients of each example alone."""
-    from job import Hyperparameters
-    from tiny_model import build_tiny_model
-    from model_loading import load_model
-    from train_lora import loss_sum
-
     base = build_tiny_model("qwen3_next", tmp_path / "tiny-qwen3-next")
     model, _ = load_model(base, Hyperparameters(lora_rank=4, lora_dropout=0.0), "cpu", torch.float32, recompute=True)
-    model.get_base_model().per_example_layers = isolate_packed_examples(model)
+    per_example = isolate_packed_examples(model) > 0
     with torch.no_grad():  # B starts at zero: give the adapters a value so that their gradients are not trivial
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -168,7 +170,7 @@ def test_the_lora_gradients_of_packed_examples_equal_those_of_each_alone(tmp_pat
     def gradients(batches):
         model.zero_grad()
         for batch in batches:
-            loss_sum(model, batch).backward()
+            loss_sum(model, batch, per_example=per_example).backward()
         return {n: p.grad.clone() for n, p in lora.items()}
 
     packed = gradients([collate(rows, 0)])
@@ -185,8 +187,8 @@ def test_packing_in_bf16_keeps_examples_apart_within_bf16_rounding():
     model, rows = tiny("qwen3_next", torch.bfloat16), examples()
     with torch.no_grad():
         leaky = max(token_losses(model, rows))
-        model.per_example_layers = isolate_packed_examples(model)
-        kept_apart = max(token_losses(model, rows))
+        per_example = isolate_packed_examples(model) > 0
+        kept_apart = max(token_losses(model, rows, per_example=per_example))
     assert leaky > 5e-2 and kept_apart < 2e-2, (leaky, kept_apart)
 
 
@@ -199,19 +201,14 @@ def test_packing_in_bf16_keeps_examples_apart_within_bf16_rounding():
 def test_architectures_whose_layers_cannot_run_per_example_train_unpacked(model_type, overrides):
     config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **overrides}).to_dict()
     supported, note = packing_support(config)
-    assert not supported and note.startswith(f"off: {model_type} has layers (") and "one conversation per sequence" in note
+    assert (not supported and note.startswith(f"off: {model_type} has layers (")
+            and "one conversation per sequence" in note)
 
 
 def test_a_job_on_qwen3_next_reports_how_its_packed_examples_are_kept_apart(tmp_path):
-    from dataset_loader import load_dataset
-    from job import Hyperparameters
-    from tiny_model import build_tiny_model
-    from train_lora import train
-
-    from conftest import SAMPLE
-
     base = build_tiny_model("qwen3_next", tmp_path / "tiny-qwen3-next")
-    hp = Hyperparameters(max_steps=2, batch_size=2, max_seq_length=2048, lora_rank=4, val_fraction=0, compute_dtype="bfloat16")
+    hp = Hyperparameters(max_steps=2, batch_size=2, max_seq_length=2048, lora_rank=4, val_fraction=0,
+                         compute_dtype="bfloat16")
     metrics = train(load_dataset(SAMPLE)[0][:8], base, tmp_path / "adapter", hp).metrics
     assert metrics["packing"] == "on: a block-diagonal attention mask; Qwen3NextGatedDeltaNet run per example"
     assert metrics["sequences"] < metrics["examples"] and metrics["compute_dtype"] == "bfloat16"

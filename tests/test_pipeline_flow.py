@@ -16,15 +16,19 @@ import uuid
 
 import pytest
 import requests
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, SAMPLE, running_worker, runsync
+from model_loading import quantization_config, same_kernels_in_eval
 from test_archive import deployer_unpack
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
 TEAM_ENV = {  # what the app's team sets beside Supabase (shared/contracts/brightrun-app.md): ignored, with a warning
-    "S3_ENDPOINT_URL": "https://s3api-eu-ro-1.runpod.io", "S3_ACCESS_KEY_ID": "user_abc", "S3_SECRET_ACCESS_KEY": "rps_x",
-    "NETWORK_VOLUME_ID": "vol-123"}
+    "S3_ENDPOINT_URL": "https://s3api-eu-ro-1.runpod.io", "S3_ACCESS_KEY_ID": "user_abc",
+    "S3_SECRET_ACCESS_KEY": "rps_x", "NETWORK_VOLUME_ID": "vol-123"}
 ROW_COLUMNS = "status, progress, current_epoch, current_step, total_steps, current_loss, current_learning_rate, " \
               "tokens_per_second, started_at, updated_at, completed_at, final_loss, training_time_seconds, " \
               "adapter_file_path, error_message, error_details"
@@ -106,14 +110,9 @@ def wait_for(predicate, timeout=180, what="", log=None):
 
 
 def test_a_job_moves_its_row_to_completed_and_the_archive_deploys_and_loads(supabase, tiny_qwen2, tmp_path):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from model_loading import quantization_config, same_kernels_in_eval
-
     job_id = new_row(supabase)
-    with running_worker(tmp_path, **supabase.env, **TEAM_ENV, PROGRESS_INTERVAL_S="0.2", SERVING_MAX_LORA_RANK="16") as worker:
+    with running_worker(tmp_path, **supabase.env, **TEAM_ENV, PROGRESS_INTERVAL_S="0.2",
+                        SERVING_MAX_LORA_RANK="16") as worker:
         assert "S3_ENDPOINT_URL points at RunPod's network-volume S3 API" in worker.log.read_text()  # a warning
         watcher = RowWatcher(supabase, job_id)
         result = runsync(worker, job(job_id, dataset_url(supabase), tiny_qwen2, max_seq_length=1024))
@@ -126,23 +125,24 @@ def test_a_job_moves_its_row_to_completed_and_the_archive_deploys_and_loads(supa
     assert statuses.index("completed") > max(i for i, s in enumerate(statuses) if s == "running")
     progress = [p for _, p in seen]
     assert all(isinstance(p, int) for p in progress) and progress[-1] == 100 and len(set(progress)) > 3
-
     final, metrics = row(supabase, job_id), output["metrics"]
     archive_path = f"lora-models/adapters/{job_id}.tar.gz"
     assert final["adapter_file_path"] == archive_path and final["status"] == "completed" and final["progress"] == 100
-    assert final["current_step"] == final["total_steps"] == metrics["steps"] and final["current_epoch"] == metrics["epochs"]
-    assert final["final_loss"] == pytest.approx(metrics["train_loss_kept"])  # the delivered epoch's, the best of the two
+    assert (final["current_step"] == final["total_steps"] == metrics["steps"]
+            and final["current_epoch"] == metrics["epochs"])
+    assert final["final_loss"] == pytest.approx(metrics["train_loss_kept"])  # the delivered epoch's, the best of two
     for column in ("current_loss", "current_learning_rate", "tokens_per_second", "started_at", "updated_at",
                    "completed_at", "training_time_seconds"):
         assert final[column] is not None, column
     assert final["started_at"] < final["completed_at"] and final["error_message"] is None
-    assert output["app_row"] == {"table": "pipeline_training_jobs", "id": job_id, "written": True, "status": "completed"}
+    assert output["app_row"] == {"table": "pipeline_training_jobs", "id": job_id, "written": True,
+                                 "status": "completed"}
     assert any("S3_ENDPOINT_URL points at RunPod's network-volume S3 API" in w for w in output["warnings"])
     assert not any("vLLM" in w for w in output["warnings"])  # checked against the endpoint's rules: it loads
 
     rows = metric_rows(supabase, job_id)
-    per_metric = {m: [r for r in rows if r["metric_id"] == m] for m in ("training_loss", "learning_rate", "gradient_norm",
-                                                                        "validation_loss")}
+    per_metric = {m: [r for r in rows if r["metric_id"] == m]
+                  for m in ("training_loss", "learning_rate", "gradient_norm", "validation_loss")}
     assert [r["step_number"] for r in per_metric["training_loss"]] == list(range(1, metrics["steps"] + 1))
     assert len(per_metric["learning_rate"]) == len(per_metric["gradient_norm"]) == metrics["steps"]
     assert [r["epoch_number"] for r in per_metric["validation_loss"]] == [1, 2]  # one held-out conversation, each epoch
@@ -189,12 +189,14 @@ def test_cancel_in_the_app_stops_training_within_a_step_and_uploads_nothing(supa
         answer = submit(worker, job(job_id, dataset_url(supabase), tiny_qwen2, epochs=20, max_steps=400, batch_size=1,
                                     checkpoint_steps=100000))
         wait_for(lambda: (row(supabase, job_id)["current_step"] or 0) >= 3, what="step 3", log=worker.log)
-        supabase.sql("UPDATE pipeline_training_jobs SET status = 'cancelled' WHERE id = %s", (job_id,))  # the app's Cancel
+        # the app's Cancel
+        supabase.sql("UPDATE pipeline_training_jobs SET status = 'cancelled' WHERE id = %s", (job_id,))
         wait_for(lambda: "result" in answer or "error" in answer, what="the job's end", log=worker.log)
         log = worker.log.read_text()
     result = answer["result"]
     assert result["status"] == "FAILED", result
-    assert result["error"].startswith("training: the app ended this job (the user cancelled it; pipeline_training_jobs id=")
+    assert result["error"].startswith("training: the app ended this job (the user cancelled it; "
+                                      "pipeline_training_jobs id=")
     assert "a checkpoint was saved" in result["error"]
     # within one optimizer step of the worker seeing the cancel: at most one step logged after it
     seen = log.index("the app's job row is now 'cancelled'")
@@ -206,7 +208,8 @@ def test_cancel_in_the_app_stops_training_within_a_step_and_uploads_nothing(supa
     assert not (tmp_path / "jobs" / job_id / "adapter").exists()
 
 
-def test_sigterm_mid_training_leaves_the_row_failed_with_the_resume_message_and_a_checkpoint(supabase, tiny_qwen2, tmp_path):
+def test_sigterm_mid_training_leaves_the_row_failed_with_the_resume_message_and_a_checkpoint(supabase, tiny_qwen2,
+                                                                                             tmp_path):
     job_id = new_row(supabase)
     env = os.environ | supabase.env | {"JOBS_DIR": str(tmp_path / "jobs"), "MODEL_CACHE_DIR": str(tmp_path / "models"),
                                        "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true", "PROGRESS_INTERVAL_S": "0.2"}
@@ -231,7 +234,8 @@ def test_sigterm_mid_training_leaves_the_row_failed_with_the_resume_message_and_
     assert list((tmp_path / "jobs" / job_id / "checkpoints").glob("checkpoint-*"))
 
 
-def test_an_expired_link_is_read_from_the_apps_storage_and_another_hosts_is_not(supabase, storage, tiny_qwen2, tmp_path):
+def test_an_expired_link_is_read_from_the_apps_storage_and_another_hosts_is_not(supabase, storage, tiny_qwen2,
+                                                                                tmp_path):
     job_id = new_row(supabase)
     url = dataset_url(supabase)
     supabase.expire(url)  # the job waited in RunPod's queue past the link's hour
@@ -261,7 +265,8 @@ def test_an_expired_link_is_read_from_the_apps_storage_and_another_hosts_is_not(
     assert row(supabase, other)["status"] == row(supabase, forged)["status"] == "failed"
 
 
-def test_the_database_down_for_part_of_a_job_costs_no_training_and_the_final_state_lands(supabase, tiny_qwen2, tmp_path):
+def test_the_database_down_for_part_of_a_job_costs_no_training_and_the_final_state_lands(supabase, tiny_qwen2,
+                                                                                         tmp_path):
     job_id = new_row(supabase)
     with running_worker(tmp_path, **supabase.env, PROGRESS_INTERVAL_S="0.2", SUPABASE_WRITE_DEADLINE_S="1") as worker:
         answer = submit(worker, job(job_id, dataset_url(supabase), tiny_qwen2, max_steps=12, batch_size=1, epochs=4))
@@ -278,7 +283,8 @@ def test_the_database_down_for_part_of_a_job_costs_no_training_and_the_final_sta
     final = row(supabase, job_id)
     assert final["status"] == "completed" and final["adapter_file_path"] == f"lora-models/adapters/{job_id}.tar.gz"
     # the metrics buffered while the database was away were written once it was back
-    assert [r["step_number"] for r in metric_rows(supabase, job_id) if r["metric_id"] == "training_loss"] == list(range(1, 13))
+    assert [r["step_number"] for r in metric_rows(supabase, job_id)
+            if r["metric_id"] == "training_loss"] == list(range(1, 13))
 
 
 def test_a_wrong_key_fails_before_any_download_and_is_logged_at_start(supabase, tiny_qwen2, tmp_path):
@@ -289,7 +295,8 @@ def test_a_wrong_key_fails_before_any_download_and_is_logged_at_start(supabase, 
         result = runsync(worker, job(job_id, url, tiny_qwen2))
     assert result["status"] == "FAILED"
     assert result["error"].startswith("starting: the app's database refused the read of job row ")
-    assert "SUPABASE_SERVICE_ROLE_KEY is not accepted" in result["error"] and "Nothing was downloaded" in result["error"]
+    assert ("SUPABASE_SERVICE_ROLE_KEY is not accepted" in result["error"]
+            and "Nothing was downloaded" in result["error"])
     assert not any(r[1].startswith("/storage/v1/object/sign/") and r[0] == "GET" for r in supabase.requests)
     assert row(supabase, job_id)["status"] == "initializing"
 
@@ -301,7 +308,8 @@ def test_a_job_without_a_row_completes_with_a_warning(supabase, tiny_qwen2, tmp_
     assert result["status"] == "COMPLETED", result
     output = result["output"]
     assert any("the app's job row does not exist" in w for w in output["warnings"])
-    assert output["app_row"]["written"] is False and output["adapter_archive"]["storage_path"].endswith(f"{job_id}.tar.gz")
+    assert (output["app_row"]["written"] is False
+            and output["adapter_archive"]["storage_path"].endswith(f"{job_id}.tar.gz"))
     assert supabase.sql("SELECT count(*) AS n FROM pipeline_training_jobs")[0]["n"] == 0
 
 
@@ -324,8 +332,8 @@ def test_an_input_the_worker_refuses_still_ends_the_apps_row(supabase, tiny_qwen
         refused = runsync(worker, job(too_large, dataset_url(supabase), tiny_qwen2, rank=32))
     assert result["error"] == "validating: invalid job input: hyperparameters.learning_rate=0.5 is above 0.001"
     assert refused["error"].startswith("validating: the adapter could not be served: rank: lora_rank 32 exceeds the "
-                                       "serving endpoint's max_lora_rank 16 (SERVING_MAX_LORA_RANK): set lora_rank to 16 "
-                                       "or less, or raise the endpoint's max_lora_rank (vLLM v0.")
+                                       "serving endpoint's max_lora_rank 16 (SERVING_MAX_LORA_RANK): set lora_rank to "
+                                       "16 or less, or raise the endpoint's max_lora_rank (vLLM v0.")
     for job_id, answer in ((job_id, result), (too_large, refused)):
         final = row(supabase, job_id)
         assert final["status"] == "failed" and final["error_message"] == answer["error"]

@@ -1,14 +1,27 @@
 """vLLM's LoRA rules on real PEFT adapters of tiny random models: a clean adapter passes, each broken rule
 is reported once, by name."""
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (MistralConfig, MistralForCausalLM, MistralModel, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3NextConfig, Qwen3NextForCausalLM)
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    MistralModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3NextConfig,
+    Qwen3NextForCausalLM,
+)
 
-from model_loading import lora_targets_as_named
+from compat import lora_targets_as_named
+from conftest import SAMPLE
+from dataset_loader import load_dataset
+from job import Hyperparameters
 from serving import MAX_LORA_RANKS, RULES, check_adapter, check_rank
+from train_lora import train
 
 DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -20,7 +33,8 @@ def adapter(tmp_path, model_class=MistralForCausalLM, config=None, **lora):
     torch.manual_seed(0)
     model = model_class(config or MistralConfig(**TINY))
     out = tmp_path / "adapter"
-    get_peft_model(model, LoraConfig(**{"r": 16, "lora_alpha": 32, "target_modules": DENSE} | lora)).save_pretrained(out)
+    get_peft_model(model, LoraConfig(**{"r": 16, "lora_alpha": 32, "target_modules": DENSE}
+                                     | lora)).save_pretrained(out)
     return out
 
 
@@ -92,7 +106,8 @@ QWEN3_NEXT = Qwen3NextConfig(hidden_size=64, intermediate_size=128, moe_intermed
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
                              linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, vocab_size=128)
 QWEN3_NEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj",
-                      "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
+                      "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
+                      "shared_expert_gate"]
 
 
 def test_qwen3_next_attention_linear_attention_and_shared_expert_pass(tmp_path):
@@ -118,13 +133,6 @@ def test_check_rank_before_training():
 @pytest.mark.parametrize("model", ["tiny_mistral", "tiny_qwen2"])
 def test_what_the_worker_trains_by_default_passes_every_rule(model, request, tmp_path):
     """The worker's own adapter (`all-linear`, rank 16, 4-bit base, saved in bf16) for the app's architecture."""
-    import json
-
-    from conftest import SAMPLE
-    from dataset_loader import load_dataset
-    from job import Hyperparameters
-    from train_lora import train
-
     base = request.getfixturevalue(model)
     train(load_dataset(SAMPLE)[0][:8], base, tmp_path / "adapter", Hyperparameters(max_steps=1, max_seq_length=256))
     architecture = json.loads((base / "config.json").read_text())["architectures"][0]

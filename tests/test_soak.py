@@ -31,10 +31,14 @@ def test_soak_many_jobs_one_worker(tmp_path, storage, tiny_qwen2):
     good = {"base_model": str(tiny_qwen2), "max_steps": 1, "max_seq_length": 256, "lora_rank": 4}
     kinds = {
         "ok": ({"dataset_url": storage.url(SAMPLE.name, storage.good), "hyperparameters": good}, "COMPLETED", None),
-        "expired": ({"dataset_url": storage.url(SAMPLE.name, storage.old), "hyperparameters": good}, "FAILED", "expired"),
-        "missing": ({"dataset_url": storage.url("nope.jsonl", storage.good), "hyperparameters": good}, "FAILED", "not found"),
-        "broken": ({"dataset_url": storage.url("broken.jsonl", storage.good), "hyperparameters": good}, "FAILED", "no usable example"),
-        "invalid": ({"dataset_url": "https://x/y", "hyperparameters": {"learning_rate": 9}}, "FAILED", "invalid job input"),
+        "expired": ({"dataset_url": storage.url(SAMPLE.name, storage.old), "hyperparameters": good}, "FAILED",
+                    "expired"),
+        "missing": ({"dataset_url": storage.url("nope.jsonl", storage.good), "hyperparameters": good}, "FAILED",
+                    "not found"),
+        "broken": ({"dataset_url": storage.url("broken.jsonl", storage.good), "hyperparameters": good}, "FAILED",
+                   "no usable example"),
+        "invalid": ({"dataset_url": "https://x/y", "hyperparameters": {"learning_rate": 9}}, "FAILED",
+                    "invalid job input"),
     }
     samples, started = [], time.monotonic()
     with running_worker(tmp_path) as worker:
@@ -64,4 +68,5 @@ def test_soak_many_jobs_one_worker(tmp_path, storage, tiny_qwen2):
         others = [s[0] for s in samples if s[0] != job_dir.name and s[0] in log]
         assert not others, (job_dir.name, others)
         assert (job_dir / "adapter").is_dir() == job_dir.name.endswith("-ok"), job_dir.name
-    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == sorted(s[0] for s in samples if not s[0].endswith("-invalid"))
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == sorted(
+        s[0] for s in samples if not s[0].endswith("-invalid"))

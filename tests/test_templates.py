@@ -12,8 +12,10 @@ from chat_labels import IGNORE, tokenize_conversation, trained_char_spans, train
 from chat_templates import NON_THINKING_PRELUDE, SkipExample, prepare_chat_template, render, supports_tools
 from conftest import SAMPLE
 from dataset_loader import load_dataset
+from job import Hyperparameters
 from labelled_data import label_conversations
-from tiny_model import CHAT_TEMPLATE_VOCABULARIES, chat_template_tokenizer
+from tiny_model import CHAT_TEMPLATE_VOCABULARIES, build_tiny_model, chat_template_tokenizer
+from train_lora import train
 
 TEMPLATES = sorted(CHAT_TEMPLATE_VOCABULARIES)
 SYSTEM = "You are Maya, a calm financial coach. Never promise returns."
@@ -27,7 +29,8 @@ MULTI_TURN = {"messages": [
     {"role": "assistant", "content": "Then save five percent, and raise it with every pay rise.", "weight": 1},
 ]}
 TOOLS = [{"type": "function", "function": {"name": "get_rate", "description": "Exchange rate",
-                                           "parameters": {"type": "object", "properties": {"pair": {"type": "string"}}}}}]
+                                           "parameters": {"type": "object",
+                                                          "properties": {"pair": {"type": "string"}}}}}]
 TOOL_CALL = {"tools": TOOLS, "messages": [
     {"role": "system", "content": SYSTEM},
     {"role": "user", "content": "What is EUR/USD?"},
@@ -36,9 +39,11 @@ TOOL_CALL = {"tools": TOOLS, "messages": [
     {"role": "tool", "tool_call_id": "call12345", "content": "1.0842"},
     {"role": "assistant", "content": "It is about 1.08 right now.", "weight": 1},
 ]}
-# templates that render tool calls, and those that cannot train them faithfully (the reason is asserted below)
-TOOL_CALLS_SKIPPED = {  # the template drops them: SmolLM3 always; R1-distill unless content is null, a key transformers 5
-    "HuggingFaceTB-SmolLM3-3B": "does not render the tool calls",  # removes before rendering (then the template fails)
+# templates that render tool calls, and those that cannot train them faithfully (the reason is asserted below).
+# The template drops them: SmolLM3 always; R1-distill unless content is null, a key transformers 5 removes before
+# rendering (then the template fails).
+TOOL_CALLS_SKIPPED = {
+    "HuggingFaceTB-SmolLM3-3B": "does not render the tool calls",
     "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": "does not render the tool calls"}
 
 
@@ -99,7 +104,8 @@ def test_tool_calls_are_trained_and_tool_results_are_not_or_the_reason_is_given(
         with pytest.raises(SkipExample, match=TOOL_CALLS_SKIPPED[name]):
             tokenize_conversation(tokenizer, TOOL_CALL, 4096, fmt.end_of_turn)
         return
-    runs = [run.lstrip() for run in trained_runs(tokenizer, tokenize_conversation(tokenizer, TOOL_CALL, 4096, fmt.end_of_turn))]
+    runs = [run.lstrip() for run in trained_runs(tokenizer,
+                                                 tokenize_conversation(tokenizer, TOOL_CALL, 4096, fmt.end_of_turn))]
     assert len(runs) == 2 and "get_rate" in runs[0] and "EURUSD" in runs[0] and runs[0].endswith(fmt.end_of_turn)
     assert runs[1] == "It is about 1.08 right now." + fmt.end_of_turn
     assert not any("1.0842" in run for run in runs)  # the tool's result is context
@@ -107,7 +113,8 @@ def test_tool_calls_are_trained_and_tool_results_are_not_or_the_reason_is_given(
 
 PLACED = {  # where the published template puts a system prompt the training conversation's rendering would lose
     "google-gemma-2-2b-it": ("first user turn", f"<start_of_turn>user\n{SYSTEM}\n\nHow much should I save each month?"),
-    "mistralai-Mistral-7B-Instruct-v0.3.reconstructed": ("last user turn", f"[INST] {SYSTEM}\n\nReally, what then?[/INST]"),
+    "mistralai-Mistral-7B-Instruct-v0.3.reconstructed": ("last user turn",
+                                                         f"[INST] {SYSTEM}\n\nReally, what then?[/INST]"),
 }
 
 
@@ -140,7 +147,7 @@ def test_a_template_that_drops_or_refuses_the_system_prompt_gets_it_where_its_fo
 
 
 # The R1 distills' generation prompt opens a think block (`<｜Assistant｜><think>\n`) that their template does not
-# render before an answer in a conversation: answers without reasoning train as the template renders them (README).
+# render before an answer in a conversation: answers without reasoning train as the template renders them (TRAINING.md).
 GENERATION_PROMPT_DIFFERS = {"deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"}
 
 
@@ -152,7 +159,8 @@ def test_a_trailing_end_of_text_is_not_taken_for_the_end_of_each_turn():
     assert fmt.end_of_turn == "<|end|>"
     example = tokenize_conversation(tokenizer, MULTI_TURN, 4096, fmt.end_of_turn)
     assert [run for run in trained_runs(tokenizer, example)] == [
-        "Start with ten percent of what you take home.<|end|>", "Then save five percent, and raise it with every pay rise.<|end|>"]
+        "Start with ten percent of what you take home.<|end|>",
+        "Then save five percent, and raise it with every pay rise.<|end|>"]
     assert tokenizer.convert_ids_to_tokens(example.input_ids[-1]) == "<|endoftext|>" and example.labels[-1] == IGNORE
 
 
@@ -189,20 +197,17 @@ def test_mistral_v0_2_keeps_the_system_prompt_in_the_first_user_turn_and_trains_
 
 
 def test_where_the_system_prompt_went_is_recorded_in_the_report_and_the_training_config(tmp_path):
-    from tiny_model import build_tiny_model
-    from train_lora import train
-
-    from job import Hyperparameters
-
     model = build_tiny_model("qwen2", tmp_path / "gemma-2-chat", chat_template="google-gemma-2-2b-it")
     hp = Hyperparameters(max_steps=1, batch_size=2, max_seq_length=512, lora_rank=4, val_fraction=0)
     result = train(load_dataset(SAMPLE)[0][:4], model, tmp_path / "adapter", hp)
     described = result.metrics["chat_format"]
-    assert described["end_of_turn"] == "<end_of_turn>" and described["system_prompt"].startswith("merged into the first user turn")
+    assert (described["end_of_turn"] == "<end_of_turn>"
+            and described["system_prompt"].startswith("merged into the first user turn"))
     config = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
     assert config["effective"]["chat_format"] == described
     saved = AutoTokenizer.from_pretrained(tmp_path / "adapter")  # the adapter's template takes a system prompt
-    assert SYSTEM in saved.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+    assert SYSTEM in saved.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                                {"role": "user", "content": "Hi"}],
                                                tokenize=False, add_generation_prompt=True)
 
 
@@ -211,6 +216,7 @@ def test_named_templates_each_get_the_prelude():
     tokenizer.chat_template = {"default": tokenizer.chat_template, "tool_use": tokenizer.chat_template}
     fmt = prepare_chat_template(tokenizer)
     assert fmt.system_prompt == "first user turn"
-    assert all(t.startswith("{%- if messages and messages[0]['role'] == 'system'") for t in tokenizer.chat_template.values())
+    assert all(t.startswith("{%- if messages and messages[0]['role'] == 'system'")
+               for t in tokenizer.chat_template.values())
     example = tokenize_conversation(tokenizer, MULTI_TURN, 4096, fmt.end_of_turn)  # no longer refused
     assert SYSTEM in tokenizer.decode(example.input_ids)

@@ -1,4 +1,5 @@
-"""The trainer on a tiny 4-bit model: what changes, what does not, and what is saved."""
+"""The trainer on a tiny 4-bit model: what changes, what does not, and what is saved; running out of memory
+(recomputation turned on, or what to change) and a diverging loss."""
 
 import json
 import math
@@ -8,17 +9,25 @@ import sys
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from peft import PeftModel
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-from conftest import ROOT, SAMPLE
-from dataset_loader import load_dataset
+import checkpoints
+import device
+import loss
+import model_loading
+import train_lora
+from chat_labels import IGNORE, collate, pack_examples, tokenize_conversation
+from chat_templates import end_of_turn_text
+from conftest import HP, ROOT, SAMPLE, Crash, crash_at
+from dataset_loader import load_dataset, split_validation
+from device import autocast
 from job import Hyperparameters, JobError
-from model_hub import resolve_base_model
-from model_loading import quantization_config, same_kernels_in_eval
+from loss import loss_sum
+from model_loading import load_model, quantization_config, same_kernels_in_eval
 from train_lora import train
-
-pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves it out
 
 
 def load_base(path):
@@ -37,6 +46,7 @@ def trained(tiny_qwen2, tmp_path_factory):
     return result, out, events
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_lora_weights_change_and_the_4bit_base_does_not(trained, tiny_qwen2):
     result, _, _ = trained
     fresh = load_base(tiny_qwen2)
@@ -45,24 +55,26 @@ def test_lora_weights_change_and_the_4bit_base_does_not(trained, tiny_qwen2):
     fresh_layers = {n: m for n, m in fresh.named_modules() if isinstance(m, Linear4bit)}
     assert trained_layers.keys() == fresh_layers.keys() and len(fresh_layers) == 14  # 7 linear layers x 2 blocks
     for name, layer in fresh_layers.items():
-        assert torch.equal(trained_layers[name].weight.data.view(torch.uint8), layer.weight.data.view(torch.uint8)), name
+        assert torch.equal(trained_layers[name].weight.data.view(torch.uint8),
+                           layer.weight.data.view(torch.uint8)), name
     lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: nonzero means it was trained
     assert all(not p.requires_grad for n, p in result.model.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_the_saved_adapter_is_16_bit_half_the_size_and_reproduces_the_trained_model(trained, tiny_qwen2, tmp_path):
-    from safetensors.torch import load_file
-
     result, out, _ = trained
     saved = load_file(out / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
     result.model.save_pretrained(tmp_path / "fp32")  # what PEFT writes as the weights train: fp32
     fp32 = load_file(tmp_path / "fp32" / "adapter_model.safetensors")
     assert saved.keys() == fp32.keys() and all(saved[k].shape == fp32[k].shape for k in saved)
-    assert sum(t.numel() * t.element_size() for t in saved.values()) * 2 == sum(t.numel() * t.element_size() for t in fp32.values())
+    assert (sum(t.numel() * t.element_size() for t in saved.values()) * 2
+            == sum(t.numel() * t.element_size() for t in fp32.values()))
     # the file: half the bytes of fp32, plus the same header of tensor names (a large share only for a tiny adapter)
-    assert (out / "adapter_model.safetensors").stat().st_size < 0.55 * (tmp_path / "fp32" / "adapter_model.safetensors").stat().st_size
+    assert ((out / "adapter_model.safetensors").stat().st_size
+            < 0.55 * (tmp_path / "fp32" / "adapter_model.safetensors").stat().st_size)
     ids = torch.tensor([[11, 42, 7, 300, 901, 5]])
     result.model.eval()
     with torch.no_grad():
@@ -76,21 +88,23 @@ def test_the_saved_adapter_is_16_bit_half_the_size_and_reproduces_the_trained_mo
     assert adapter_effect > 1e-3 and (reloaded - expected).abs().max() < 0.01 * adapter_effect
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_fp32_adapters_are_kept_on_request(tiny_qwen2, tmp_path):
-    from safetensors.torch import load_file
-
-    hp = Hyperparameters(max_steps=1, batch_size=2, max_seq_length=256, lora_rank=4, val_fraction=0, adapter_dtype="float32")
+    hp = Hyperparameters(max_steps=1, batch_size=2, max_seq_length=256, lora_rank=4, val_fraction=0,
+                         adapter_dtype="float32")
     train(load_dataset(SAMPLE)[0][:4], tiny_qwen2, tmp_path / "adapter", hp)
     assert {t.dtype for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
     config = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
     assert config["effective"]["adapter_dtype"] == "float32"
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_metrics_config_and_stop_tokens_are_saved(trained):
     result, out, events = trained
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics))
-    assert metrics["steps"] == 3 and math.isfinite(metrics["train_loss_last"]) and math.isfinite(metrics["validation_loss"])
+    assert (metrics["steps"] == 3 and math.isfinite(metrics["train_loss_last"])
+            and math.isfinite(metrics["validation_loss"]))
     assert metrics["examples"] + metrics["validation_examples"] == 44 and metrics["validation_conversations"] == 1
     assert metrics["validation_examples"] >= 1 and metrics["warnings"] == []
     assert 0 < metrics["token_efficiency"] <= 1 and metrics["trained_tokens"] < metrics["tokens"]
@@ -111,30 +125,19 @@ def test_metrics_config_and_stop_tokens_are_saved(trained):
     assert not list(out.parent.glob("*.tmp"))
 
 
-def test_a_missing_base_model_names_the_places_searched(tmp_path):
-    (tmp_path / "Qwen" / "Qwen2.5-7B").mkdir(parents=True)
-    (tmp_path / "Qwen" / "Qwen2.5-7B" / "config.json").write_text("{}")
-    with pytest.raises(JobError, match=r"not found; searched .*Cached models: Qwen/Qwen2.5-7B"):
-        resolve_base_model("mistralai/Mistral-7B-v0.1", [tmp_path])
-    assert resolve_base_model("Qwen/Qwen2.5-7B", [tmp_path]) == tmp_path / "Qwen" / "Qwen2.5-7B"
-
-
+@pytest.mark.slow  # starts processes
 def test_preview_cli_shows_the_trained_text(tiny_qwen2):
     run = subprocess.run([sys.executable, "train_lora.py", "preview", "--dataset", str(SAMPLE), "--base-model",
                           str(tiny_qwen2), "--limit", "2", "--json"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     preview = json.loads(run.stdout)
-    pairs = [json.loads(l) for l in SAMPLE.read_text().splitlines()[1:3]]
+    pairs = [json.loads(line) for line in SAMPLE.read_text().splitlines()[1:3]]
     assert preview["eos_token"] == "<|im_end|>"
     assert [e["trained_text"] for e in preview["examples"]] == [[p["target_response"] + "<|im_end|>"] for p in pairs]
 
 
 def trained_token_loss(model, tokenizer, conversations, max_seq_length=512):
     """Mean cross-entropy over the trained tokens of `conversations` (one sequence each)."""
-    from chat_labels import collate, tokenize_conversation
-    from chat_templates import end_of_turn_text
-    from train_lora import loss_sum
-
     eot = end_of_turn_text(tokenizer)
     total = count = 0
     with torch.no_grad():
@@ -145,6 +148,7 @@ def trained_token_loss(model, tokenizer, conversations, max_seq_length=512):
     return total / count
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_learning_happens_on_the_sample(tiny_qwen2, tmp_path):
     conversations = load_dataset(SAMPLE)[0][:8]
     hp = Hyperparameters(learning_rate=1e-3, batch_size=1, epochs=15, lora_rank=8, lora_alpha=256, lora_dropout=0.0,
@@ -158,14 +162,17 @@ def test_learning_happens_on_the_sample(tiny_qwen2, tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.slow  # starts processes
 def test_the_cli_trains_and_a_cpu_run_is_reproducible(tiny_qwen2, tmp_path):
     args = ["--max-steps", "2", "--max-seq-length", "256", "--batch-size", "2", "--lora-rank", "4"]
-    run = subprocess.run([sys.executable, "train_lora.py", "train", "--dataset", str(SAMPLE), "--base-model", str(tiny_qwen2),
-                          "--output", str(tmp_path / "cli"), *args], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "train_lora.py", "train", "--dataset", str(SAMPLE),
+                          "--base-model", str(tiny_qwen2), "--output", str(tmp_path / "cli"), *args],
+                         cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     hp = Hyperparameters(max_steps=2, max_seq_length=256, batch_size=2, lora_rank=4)
     train(load_dataset(SAMPLE)[0], tiny_qwen2, tmp_path / "api", hp)
-    logs = [[json.loads(l)["loss"] for l in (tmp_path / d / "training_log.jsonl").read_text().splitlines()] for d in ("cli", "api")]
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / d / "training_log.jsonl").read_text().splitlines()]
+            for d in ("cli", "api")]
     # the same losses to float rounding: now and then the CLI's process sums a step's loss in another order, even the
     # first step's, before any update (7.958469 against 7.958474; 7.965368 against 7.965352, 2.0e-6 relative; seen on
     # this CPU only under pytest, the cause not found). Another seed or data order moves these losses by ~1e-2.
@@ -174,12 +181,6 @@ def test_the_cli_trains_and_a_cpu_run_is_reproducible(tiny_qwen2, tmp_path):
 
 def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwen2, monkeypatch):
     """The trainer never builds the full logits; its loss and LoRA gradients match the plain computation."""
-    import model_loading
-    import train_lora
-    from chat_labels import IGNORE, collate, pack_examples, tokenize_conversation
-    from chat_templates import end_of_turn_text
-    from peft import get_peft_model
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
     eot = end_of_turn_text(tokenizer)
     examples = [tokenize_conversation(tokenizer, c, 512, eot) for c in load_dataset(SAMPLE)[0][:6]]
@@ -194,12 +195,13 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwe
     def grads():
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    monkeypatch.setattr(train_lora, "LOSS_CHUNK_TOKENS", 100)  # several chunks
-    chunked = train_lora.loss_sum(model, batch)
+    monkeypatch.setattr(loss, "LOSS_CHUNK_TOKENS", 100)  # several chunks
+    chunked = loss.loss_sum(model, batch)
     chunked.backward()
     chunked_grads = grads()
     model.zero_grad()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
     full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                              ignore_index=IGNORE, reduction="sum")
     full.backward()
@@ -209,61 +211,14 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_qwe
         assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_a_kept_4bit_copy_loads_the_same_model_on_later_jobs_and_a_broken_one_is_replaced(tiny_qwen2, tmp_path, caplog):
-    conversations = load_dataset(SAMPLE)[0][:6]
-    hp = Hyperparameters(max_steps=2, batch_size=2, max_seq_length=512, lora_rank=4, warmup_steps=0, val_fraction=0)
-    cache = tmp_path / ".quantized"
-    first = train(conversations, tiny_qwen2, tmp_path / "a", hp, quantized_cache=cache)
-    copies = list(cache.iterdir())
-    assert first.metrics["base_weights"] == "quantized while loading" and len(copies) == 1
-    assert json.loads((copies[0] / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
-    second = train(conversations, tiny_qwen2, tmp_path / "b", hp, quantized_cache=cache)
-    assert second.metrics["base_weights"] == "4-bit copy"
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "training_log.jsonl").read_text().splitlines()] for d in "ab"]
-    assert losses[0] == losses[1]  # the copy is the same 4-bit model, bit for bit
-    # a copy that cannot be read is set aside: this job quantizes again and keeps a new copy
-    (copies[0] / "model.safetensors").write_bytes(b"not a safetensors file")
-    third = train(conversations, tiny_qwen2, tmp_path / "c", hp, quantized_cache=cache)
-    assert third.metrics["base_weights"] == "quantized while loading" and "could not be used" in caplog.text
-    assert train(conversations, tiny_qwen2, tmp_path / "d", hp, quantized_cache=cache).metrics["base_weights"] == "4-bit copy"
-
-
-def test_a_volume_that_cannot_hold_the_copy_costs_nothing_but_the_copy(tiny_qwen2, tmp_path, caplog):
-    blocked = tmp_path / "not-a-directory"
-    blocked.write_text("")
-    hp = Hyperparameters(max_steps=1, batch_size=2, max_seq_length=512, lora_rank=4, warmup_steps=0, val_fraction=0)
-    result = train(load_dataset(SAMPLE)[0][:4], tiny_qwen2, tmp_path / "adapter", hp, quantized_cache=blocked)
-    assert result.metrics["steps"] == 1 and "could not keep a 4-bit copy" in caplog.text
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-
-
-def test_the_default_validation_split_holds_out_whole_conversations():
-    from dataset_loader import split_validation
-
-    conversations, _ = load_dataset(SAMPLE)  # 44 BrightRun pairs of 12 conversations
-    for seed in range(20):
-        for fraction in (None, 0.25, 0.5):
-            train_part, held_out, warning = split_validation(conversations, fraction, seed)
-            trained_ids = {c["conversation_id"] for c in train_part}
-            held_ids = {c["conversation_id"] for c in held_out}
-            assert not trained_ids & held_ids and warning is None  # no pair of a held-out conversation is trained
-            assert len(train_part) + len(held_out) == 44
-            assert len(held_ids) == {None: 1, 0.25: 3, 0.5: 6}[fraction]
-    assert split_validation(conversations, 0, 1)[1] == []
-    small, held_out, warning = split_validation(conversations[:9], None, 1)  # the first 2 conversations' pairs
-    assert held_out == [] and len(small) == 9 and "fewer than the 10 needed" in warning and "val_fraction" in warning
-    lines = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(30)]
-    assert len(split_validation(lines, None, 1)[1]) == 3  # no conversation_id: each line is a conversation
-
-
+@pytest.mark.slow  # trains the tiny model
 def test_fp16_trains_with_a_loss_scale_that_backs_off_after_an_overflow_and_resumes_with_it(tiny_qwen2, tmp_path,
                                                                                           monkeypatch):
     """fp16 (GPUs without bf16) under autocast with dynamic loss scaling, on the CPU: a scale too large for fp16
     overflows the first steps' gradients; those steps are skipped (the weights do not move), the scale halves each
-    time, then training goes on with finite losses. The scale is in the checkpoint, and a resumed job goes on with it."""
-    import model_loading
-
-    monkeypatch.setattr(model_loading, "FP16_INIT_SCALE", 2.0**26)  # fp16's largest value is ~2**16
+    time, then training goes on with finite losses. The scale is in the checkpoint, and a resumed job goes on with
+    it."""
+    monkeypatch.setattr(device, "FP16_INIT_SCALE", 2.0**26)  # fp16's largest value is ~2**16
     conversations = load_dataset(SAMPLE)[0][:16]
     hp = Hyperparameters(compute_dtype="float16", max_steps=20, batch_size=2, max_seq_length=384, lora_rank=4,
                          learning_rate=1e-3, warmup_steps=0, val_fraction=0, checkpoint_steps=5)
@@ -284,14 +239,13 @@ def test_fp16_trains_with_a_loss_scale_that_backs_off_after_an_overflow_and_resu
     assert saved["scaler"]["scale"] == scales[-1] and saved["state"]["skipped_steps"] == len(skipped)
     again = train(conversations, tiny_qwen2, tmp_path / "again", hp, checkpoint_dir=tmp_path / "checkpoints",
                   fingerprint="fp16").metrics  # resumed from the final checkpoint: the scale it had, not a new one
-    assert again["resumed_from_step"] == 20 and again["loss_scale"] == scales[-1] and again["skipped_steps"] == len(skipped)
+    assert (again["resumed_from_step"] == 20 and again["loss_scale"] == scales[-1]
+            and again["skipped_steps"] == len(skipped))
 
 
 def test_lora_layers_compute_in_the_compute_dtype_under_autocast(tiny_qwen2):
     """Without autocast PEFT casts each adapted layer's input to the fp32 LoRA weights (a copy kept for backward); under
     autocast the LoRA matmuls run in the compute dtype."""
-    from model_loading import autocast, load_model
-
     model, _ = load_model(tiny_qwen2, Hyperparameters(lora_rank=4), "cpu", torch.bfloat16, recompute=False)
     dtypes = []
     lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
@@ -308,11 +262,11 @@ def test_lora_layers_compute_in_the_compute_dtype_under_autocast(tiny_qwen2):
 def contradicted(n: int = 16) -> list[dict]:
     """The same question in every conversation; the trained answers say "Yes.", the held-out ones (the trainer's own
     split, val_fraction 0.25) "No.": the held-out loss falls while the shared format is learnt, then rises as "Yes."
-    is. On the tiny model at BEST_HP: lowest at epoch 3 of 12, then up by about 0.3 (5.16, 4.90, 4.79, 5.07, 5.13...)."""
-    from dataset_loader import split_validation
-
-    conversations = [{"conversation_id": f"c{i}", "messages": [{"role": "user", "content": f"Question {i}: is it raining?"},
-                                                                {"role": "assistant", "content": "Yes."}]} for i in range(n)]
+    is. On the tiny model at BEST_HP: lowest at epoch 3 of 12, then up by about 0.3 (5.16, 4.90, 4.79, 5.07,
+    5.13...)."""
+    conversations = [{"conversation_id": f"c{i}",
+                      "messages": [{"role": "user", "content": f"Question {i}: is it raining?"},
+                                   {"role": "assistant", "content": "Yes."}]} for i in range(n)]
     for held_out in split_validation(conversations, BEST_HP["val_fraction"], BEST_HP["seed"])[1]:
         held_out["messages"][1]["content"] = "No."
     return conversations
@@ -326,9 +280,6 @@ STEPS_PER_EPOCH = 12  # 16 conversations, 4 held out, batch 1
 @pytest.fixture
 def epoch_weights(monkeypatch):
     """The LoRA weights at each validation (an epoch's end), read by a spy on the trainer's evaluate."""
-    import train_lora
-    from peft import get_peft_model_state_dict
-
     seen, evaluate = {}, train_lora.evaluate
 
     def spy(run, sequences):
@@ -340,8 +291,6 @@ def epoch_weights(monkeypatch):
 
 
 def delivered(out):
-    from safetensors.torch import load_file
-
     return load_file(out / "adapter_model.safetensors")
 
 
@@ -352,6 +301,7 @@ def assert_delivers(out, weights):
         assert torch.equal(saved[name], tensor.to(saved[name].dtype)), name
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_the_best_epoch_is_delivered_and_training_stops_once_patience_runs_out(tiny_qwen2, tmp_path, epoch_weights):
     hp = Hyperparameters(**BEST_HP, early_stopping_patience=2)
     result = train(contradicted(), tiny_qwen2, tmp_path / "adapter", hp)
@@ -363,36 +313,37 @@ def test_the_best_epoch_is_delivered_and_training_stops_once_patience_runs_out(t
     assert m["best_epoch"] == best and m["stop_reason"] == "early_stopping" and m["epochs"] == len(losses) == best + 2
     assert m["validation_loss"] == min(losses) and m["steps"] == STEPS_PER_EPOCH * m["epochs"] < STEPS_PER_EPOCH * 12
     assert_delivers(tmp_path / "adapter", epoch_weights[best])
-    kept = [json.loads(l) for l in (tmp_path / "adapter" / "training_log.jsonl").read_text().splitlines()
-            if json.loads(l).get("validation_loss") == min(losses)]
+    kept = [json.loads(line) for line in (tmp_path / "adapter" / "training_log.jsonl").read_text().splitlines()
+            if json.loads(line).get("validation_loss") == min(losses)]
     assert m["train_loss_kept"] == kept[0]["loss"] != m["train_loss_last"]
     assert json.loads((tmp_path / "adapter" / "metrics.json").read_text())["best_epoch"] == best
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_patience_0_trains_every_epoch_and_still_delivers_the_best(tiny_qwen2, tmp_path, epoch_weights):
-    m = train(contradicted(), tiny_qwen2, tmp_path / "adapter", Hyperparameters(**BEST_HP, early_stopping_patience=0)).metrics
+    m = train(contradicted(), tiny_qwen2, tmp_path / "adapter",
+              Hyperparameters(**BEST_HP, early_stopping_patience=0)).metrics
     losses = m["validation_losses"]
     assert m["epochs"] == len(losses) == 12 and m["stop_reason"] == "epochs"
     assert m["best_epoch"] == 1 + losses.index(min(losses)) < 12
     assert_delivers(tmp_path / "adapter", epoch_weights[m["best_epoch"]])
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_without_a_validation_set_the_last_epoch_is_delivered(tiny_qwen2, tmp_path, epoch_weights):
-    from peft import get_peft_model_state_dict
-
     hp = Hyperparameters(**{**BEST_HP, "val_fraction": 0, "epochs": 3})
     result = train(contradicted(), tiny_qwen2, tmp_path / "adapter", hp)
     m = result.metrics
-    assert epoch_weights == {} and m["best_epoch"] is None and m["validation_losses"] == [] and m["validation_loss"] is None
+    assert (epoch_weights == {} and m["best_epoch"] is None and m["validation_losses"] == []
+            and m["validation_loss"] is None)
     assert m["stop_reason"] == "epochs" and m["epochs"] == 3 and m["train_loss_kept"] == m["train_loss_last"]
     assert_delivers(tmp_path / "adapter", get_peft_model_state_dict(result.model))
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_a_job_resumed_after_its_best_epoch_delivers_that_epoch(tiny_qwen2, tmp_path, monkeypatch):
     """Crashed two epochs after its best one (a checkpoint in between), the job resumes and delivers the same weights
     as the run that was never interrupted: the best epoch's weights are in the checkpoint."""
-    import checkpoints
-
     monkeypatch.setattr(checkpoints, "CHECKPOINT_TIME_SHARE", 1.0)  # a checkpoint at every epoch's end, however cheap
     hp = Hyperparameters(**{**BEST_HP, "epochs": 8}, early_stopping_patience=0, checkpoint_steps=STEPS_PER_EPOCH)
     whole = train(contradicted(), tiny_qwen2, tmp_path / "whole", hp).metrics
@@ -407,10 +358,98 @@ def test_a_job_resumed_after_its_best_epoch_delivers_that_epoch(tiny_qwen2, tmp_
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(contradicted(), tiny_qwen2, tmp_path / "adapter", hp, on_progress=on_progress,
               checkpoint_dir=tmp_path / "checkpoints", fingerprint="best")
-    saved = torch.load(tmp_path / "checkpoints" / f"checkpoint-{best_step + STEPS_PER_EPOCH}" / "state.pt", weights_only=True)
+    saved = torch.load(tmp_path / "checkpoints" / f"checkpoint-{best_step + STEPS_PER_EPOCH}" / "state.pt",
+                       weights_only=True)
     assert saved["state"]["best_epoch"] == whole["best_epoch"] and saved["best"] is not None
     resumed = train(contradicted(), tiny_qwen2, tmp_path / "adapter", hp, checkpoint_dir=tmp_path / "checkpoints",
                     fingerprint="best").metrics
     assert resumed["resumed_from_step"] == best_step + STEPS_PER_EPOCH and resumed["best_epoch"] == whole["best_epoch"]
     assert resumed["validation_losses"] == pytest.approx(whole["validation_losses"], abs=1e-6)
     assert_delivers(tmp_path / "adapter", delivered(tmp_path / "whole"))
+
+
+@pytest.fixture
+def out_of_memory_once():
+    """Arms a fault: the GPU running out of memory, once, in a decoder layer of a forward that trains,
+    after `after` such layer calls (a CPU has no GPU memory to run out of; everything after the fault
+    is real). Returns the list it appends each fault to (whether that layer was recomputing)."""
+    faults, countdown = [], []
+
+    def hook(module, args):
+        if countdown and isinstance(module, Qwen2DecoderLayer) and torch.is_grad_enabled():
+            countdown[0] -= 1
+            if countdown[0] < 0:
+                countdown.clear()
+                faults.append(getattr(module, "gradient_checkpointing", False))
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def arm(after: int = 0):
+        countdown.append(after)
+        return faults
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    yield arm
+    handle.remove()
+
+
+@pytest.mark.slow  # trains the tiny model
+@pytest.mark.usefixtures("checkpoints_where_asked")
+def test_auto_checkpointing_turns_on_when_a_step_runs_out_of_memory_and_redoes_it(conversations, tiny_qwen2, tmp_path,
+                                                                                   out_of_memory_once, caplog):
+    # no dropout: the failed attempt draws no random masks
+    hp = dict(HP, max_steps=3, micro_batch_size=1, lora_dropout=0.0)
+    reference = train(conversations, tiny_qwen2, tmp_path / "ref", Hyperparameters(**hp, gradient_checkpointing=True))
+    faults = out_of_memory_once(after=2)  # in the step's second micro-batch, the first one's gradients already there
+    result = train(conversations, tiny_qwen2, tmp_path / "auto", Hyperparameters(**hp, gradient_checkpointing="auto"))
+    assert faults == [False]  # the fault came with recomputation off, as "auto" chose on this CPU
+    assert result.metrics["recomputation"] == "on from step 1 (out of memory without it)"
+    assert result.metrics["gradient_checkpointing"] is True
+    assert "turning it on and redoing the step" in caplog.text
+    layers = result.model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    # The step was redone from scratch: the same losses as a job that recomputed from the start.
+    assert result.metrics["steps"] == reference.metrics["steps"] == 3
+    ours = [json.loads(line)["loss"] for line in (tmp_path / "auto" / "training_log.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line)["loss"] for line in (tmp_path / "ref" / "training_log.jsonl").read_text().splitlines()]
+    assert ours == pytest.approx(theirs, abs=1e-6)
+
+
+@pytest.mark.slow  # trains the tiny model
+@pytest.mark.usefixtures("checkpoints_where_asked")
+def test_a_job_that_turned_checkpointing_on_resumes_with_it_on(conversations, tiny_qwen2, tmp_path, out_of_memory_once):
+    faults = out_of_memory_once()
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(Crash):
+        train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP), on_progress=crash_at(3),
+              checkpoint_dir=checkpoints, fingerprint="job-oom")
+    assert faults == [False]
+    result = train(conversations, tiny_qwen2, tmp_path / "adapter", Hyperparameters(**HP),
+                   checkpoint_dir=checkpoints, fingerprint="job-oom")
+    assert faults == [False]  # no second fault was armed: nothing ran out of memory after the resume
+    assert result.metrics["resumed_from_step"] == 2
+    assert result.metrics["recomputation"] == "on from step 1 (out of memory without it)"
+    assert result.metrics["gradient_checkpointing"] is True
+    assert all(layer.gradient_checkpointing for layer in result.model.get_base_model().model.layers)
+
+
+@pytest.mark.slow  # trains the tiny model
+@pytest.mark.usefixtures("checkpoints_where_asked")
+@pytest.mark.parametrize("setting, advice",
+                         [(False, 'set it to "auto" or true'), (True, "reduce hyperparameters.micro_batch_size")])
+def test_running_out_of_memory_with_checkpointing_chosen_fails_with_what_to_change(conversations, tiny_qwen2, tmp_path,
+                                                                                   out_of_memory_once, setting, advice):
+    faults = out_of_memory_once()
+    with pytest.raises(JobError, match="ran out of memory at step 1") as caught:
+        train(conversations, tiny_qwen2, tmp_path / "out", Hyperparameters(**HP, gradient_checkpointing=setting),
+              checkpoint_dir=tmp_path / "checkpoints")
+    assert advice in str(caught.value) and "resumes from the last checkpoint" in str(caught.value)
+    assert faults == [setting] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # trains the tiny model
+def test_a_diverging_loss_fails_the_job_before_the_step_spoils_the_adapter(tiny_qwen2, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_lora, "_backward", lambda *a, **k: float("nan"))  # the numerics' fault
+    with pytest.raises(JobError, match=r"training diverged at step 1 \(loss nan.*lower hyperparameters.learning_rate"):
+        train_lora.train(load_dataset(SAMPLE)[0][:4], tiny_qwen2, tmp_path / "adapter",
+                         Hyperparameters(max_steps=2, batch_size=2, max_seq_length=256, val_fraction=0))
+    assert not (tmp_path / "adapter").exists()
