@@ -55,11 +55,8 @@ gpu mode (and its `--allow-cpu` check), so that no compile and no evaluation fal
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
-import os
-import platform
 import random
 import shutil
 import sys
@@ -72,30 +69,12 @@ sys.path.insert(0, str(ROOT))
 
 from dataset_loader import load_dataset  # noqa: E402
 from job import Hyperparameters  # noqa: E402
+from measure import (build_random_model, fresh_gpu_memory, machine, matmul_peak_tflops,  # noqa: E402
+                     model_flops_parameters, rss_peak_gb)
 
 SAMPLE = ROOT / "data" / "brightrun-eq12-demo.jsonl"
 CONFIGURATIONS = ("packed", "padded", "hf_trainer", "packed_mb1_auto")
 CONFIGS = ROOT / "data" / "model-configs"
-
-
-def machine() -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version()}
-    from importlib.metadata import version
-    for lib in ("torch", "transformers", "peft", "bitsandbytes"):
-        info[lib] = version(lib)
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-        try:
-            import subprocess
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True).stdout.strip()
-        except OSError:
-            info["driver"] = None
-    return info
 
 
 def conversations(copies: int) -> list[dict]:
@@ -244,36 +223,13 @@ def run_hf_trainer(convs, model_dir, hp: Hyperparameters, out_dir: Path) -> dict
     args = trainer_arguments(hp, out_dir, micro, device, dtype)
     data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Stamp()]).train()
-    peak = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else _rss_peak_gb()
+    peak = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else rss_peak_gb()
     steady = (tokens_at[-1] - tokens_at[0]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     return {"first_step_seconds": stamps[0] - started, "tokens_per_second": steady,
             "token_efficiency": counted["real"] / max(counted["computed"], 1), "peak_memory_gb": peak,
             "steps": len(stamps), "real_tokens": counted["real"], "micro_batch_size": micro,
             "gradient_checkpointing": "on" if hp.gradient_checkpointing else "off",
             "epochs_begun": max(1, math.ceil(epochs_at[-1] - 1e-9)) if epochs_at else 0, "attention": "sdpa"}
-
-
-def fresh_gpu_memory() -> float | None:
-    """Start a run from freed GPU memory: whatever the previous run left unreferenced (reference cycles
-    of its model and optimizer) collected, the caching allocator's free blocks given back, the peak
-    reset. Returns the GB still allocated (a leftover would show here), or None without CUDA."""
-    import torch
-
-    gc.collect()
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated() / 1024**3
-
-
-def model_flops_parameters(model_dir: Path) -> int:
-    """N of the 6·N FLOPs per token: the parameters less the input embedding (a lookup, not a matmul)."""
-    from architecture import count_parameters, load_config
-
-    p = count_parameters(load_config(Path(model_dir)))
-    return p["total"] - p["embeddings"] + p["vocab"] * p["hidden"]
 
 
 def timed_conversations(model_dir: Path, hp: dict, steps: int) -> list[dict]:
@@ -303,51 +259,6 @@ def warmup_conversations(convs: list[dict], model_dir: Path, hp: Hyperparameters
         if 2 * batch < len(data.train) < 3 * batch and data.validation:
             return convs[:k]
     raise RuntimeError("no leading subset of the conversations makes a warm-up epoch of 2 full steps and a short one")
-
-
-def _rss_peak_gb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-def matmul_peak_tflops() -> float | None:
-    """The best of 5 timings of 100 bf16 8192² matmuls (~1 s on an H100, long enough for the clocks
-    to settle), after a warm-up of 20."""
-    import torch
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(a)
-    for _ in range(20):
-        torch.matmul(a, b, out=out)
-    best, n = float("inf"), 100
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            torch.matmul(a, b, out=out)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 8192**3 * n / best / 1e12
-
-
-def build_random_model(config_file: Path, tokenizer_dir: Path, out: Path) -> Path:
-    """A real architecture from its config.json with random weights (no download), saved with the
-    tiny model's tokenizer (its ids are valid in the larger vocabulary)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.for_model(**json.loads(config_file.read_text()))
-    cuda = torch.cuda.is_available()
-    with torch.device("cuda" if cuda else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
-    model.save_pretrained(out)
-    del model
-    if cuda:
-        torch.cuda.empty_cache()
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    return out
 
 
 def main() -> int:

@@ -45,7 +45,7 @@ import xml.etree.ElementTree as ElementTree
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-# torch, pynvml and the project's modules (handler, tiny_model, bench_train) are imported inside the functions that
+# torch, pynvml and the project's modules (handler, tiny_model, bench/measure) are imported inside the functions that
 # use them: the project's modules once ROOT is on sys.path and the job's environment is set (handler reads it when
 # imported), torch after the check that there is a GPU to use.
 
@@ -166,7 +166,7 @@ def run_gpu_tests(timeout_s: float) -> dict:
 
 def build_model(config_name: str, work: Path) -> Path:
     sys.path.insert(0, str(ROOT / "bench"))
-    from bench_train import build_random_model
+    from measure import build_random_model
     from tiny_model import build_tiny_model
 
     config = Path(config_name) if config_name.endswith(".json") else CONFIGS / f"{config_name}.json"
@@ -228,7 +228,7 @@ def job_figures(output: dict, model: Path, gpu_names: list[str], seconds: dict) 
     history = [json.loads(line) for line in (adapter / "training_log.jsonl").read_text().splitlines()]
     plan = json.loads((adapter / "training_config.json").read_text())["plan"]
     steady, steady_steps = steady_tokens_per_second(history, plan["steps_per_epoch"])
-    from bench_train import matmul_peak_tflops, model_flops_parameters
+    from measure import matmul_peak_tflops, model_flops_parameters
 
     n = model_flops_parameters(model)
     world = metrics["world_size"]

@@ -200,13 +200,47 @@ def _relative(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _same_lora_weights(models: dict) -> list[str]:
+    """The same LoRA weights in each model, B not zero (at zero its gradients would say little): their names."""
+    import torch
+
+    first = next(iter(models.values()))
+    names = [n for n, p in first.named_parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in names:
+            shape = dict(first.named_parameters())[name].shape
+            value = torch.randn(shape, generator=generator) * (0.1 if "lora_B" in name else 0.5)
+            for model in models.values():
+                dict(model.named_parameters())[name].copy_(value)
+    return names
+
+
+def _packed_rows(vocab: int) -> list:
+    """Two packed rows crossing flex attention's 128-token blocks, each example a prompt that is not trained and
+    then trained tokens."""
+    import torch
+
+    from chat_labels import IGNORE, Example
+
+    g = torch.Generator().manual_seed(1)
+    sequences = []
+    for row in [[100, 60, 90], [130, 70, 40]]:
+        sequence = []
+        for n in row:
+            ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+            sequence.append(Example(ids, [IGNORE] * (n // 3) + ids[n // 3:]))
+        sequences.append(sequence)
+    return sequences
+
+
 def check_flex(work: Path) -> dict:
     import torch
 
     base = _setup(work)
-    from chat_labels import IGNORE, Example, collate
-    from job import Hyperparameters
+    from chat_labels import collate
     from device import select_attention
+    from job import Hyperparameters
     from loss import loss_sum
     from model_loading import load_model
 
@@ -218,26 +252,8 @@ def check_flex(work: Path) -> dict:
               "flex": load_model(base, hp, "cuda", torch.bfloat16, attention="flex_attention", recompute=False)[0],
               "flex_recompute": load_model(base, hp, "cuda", torch.bfloat16, attention="flex_attention",
                                            recompute=True)[0]}
-    # the same LoRA weights in each, B not zero (at zero its gradients would say little)
-    names = [n for n, p in models["sdpa"].named_parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name in names:
-            shape = dict(models["sdpa"].named_parameters())[name].shape
-            value = torch.randn(shape, generator=generator) * (0.1 if "lora_B" in name else 0.5)
-            for model in models.values():
-                dict(model.named_parameters())[name].copy_(value)
-    vocab = models["sdpa"].get_output_embeddings().weight.shape[0]
-    rows = [[100, 60, 90], [130, 70, 40]]  # packed rows crossing flex attention's 128-token blocks
-    g = torch.Generator().manual_seed(1)
-    sequences = []
-    for row in rows:
-        sequence = []
-        for n in row:
-            ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-            labels = [IGNORE] * (n // 3) + ids[n // 3:]  # a prompt that is not trained, then trained tokens
-            sequence.append(Example(ids, labels))
-        sequences.append(sequence)
+    names = _same_lora_weights(models)
+    sequences = _packed_rows(models["sdpa"].get_output_embeddings().weight.shape[0])
     pad = 0
     flex_batch = collate(sequences, pad, "cuda", attention="flex_attention", pad_to=256)
     sdpa_batch = collate(sequences, pad, "cuda", attention="sdpa", pad_to=256)
