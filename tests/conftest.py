@@ -206,6 +206,19 @@ def checkpoints_where_asked(monkeypatch):
 
 # ---------------------------------------------------------------------------- costs out of proportion
 
+def write(tmp_path, lines, name="d.jsonl"):
+    """A dataset file of `lines` (dicts as JSON, strings as they are), one a line."""
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
+                    encoding="utf-8")
+    return path
+
+
+def chat(*pairs):
+    """An OpenAI-format record of (role, content) pairs."""
+    return {"messages": [{"role": r, "content": c} for r, c in pairs]}
+
+
 def seconds(call, *args, **kwargs) -> float:
     start = time.perf_counter()
     call(*args, **kwargs)

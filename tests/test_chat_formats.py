@@ -1,26 +1,13 @@
 """Chat formats: each upload format becomes the canonical form, and a line that cannot be used names its field and
 the fix. Most tests go through the loader so that the line numbers in the report are checked too."""
 
-import json
-
 import pytest
 
 from chat_formats import FORMATS, LineProblem, canonical_conversation, detect_format, fingerprint, line_format
-from conftest import ROOT
+from conftest import ROOT, chat, write
 from dataset_loader import load_dataset
 
 FIXTURES = ROOT / "tests" / "fixtures"
-
-
-def write(tmp_path, lines, name="d.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
-                    encoding="utf-8")
-    return path
-
-
-def chat(*pairs):
-    return {"messages": [{"role": r, "content": c} for r, c in pairs]}
 
 
 def test_each_format_is_detected_by_its_keys():

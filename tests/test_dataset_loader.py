@@ -13,19 +13,8 @@ from hypothesis import strategies as st
 
 import handler
 from chat_formats import detect_format
-from conftest import ROOT, SAMPLE, growth
+from conftest import ROOT, SAMPLE, chat, growth, write
 from dataset_loader import DatasetError, load_dataset, split_validation, write_jsonl
-
-
-def write(tmp_path, lines, name="d.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
-                    encoding="utf-8")
-    return path
-
-
-def chat(*pairs):
-    return {"messages": [{"role": r, "content": c} for r, c in pairs]}
 
 
 def test_the_real_brightrun_sample_loads_without_doubled_user_turns():
