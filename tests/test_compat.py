@@ -53,13 +53,14 @@ def test_the_installed_library_is_the_version_its_workarounds_were_written_again
 
 # ---------------------------------------------------------------------------- runpod: post_progress
 
-# Runs in a process of its own: the SDK reads RUNPOD_WEBHOOK_POST_OUTPUT when it is imported. The endpoint answers
-# the first update late (1 s); each update is sent from inside a running event loop, as the SDK runs the handler.
+# Runs in a process of its own: the SDK reads RUNPOD_WEBHOOK_POST_OUTPUT when it is imported. The endpoint holds its
+# answer to the first update until the other three have arrived, or 3 s; each update is sent from inside a running
+# event loop, as the SDK runs the handler.
 SENDER = r"""
 import asyncio, json, os, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-received = []
+received, others = [], threading.Semaphore(0)
 
 class Endpoint(BaseHTTPRequestHandler):
     def log_message(self, *args):
@@ -68,7 +69,11 @@ class Endpoint(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if body["output"]["step"] == 0:
-            time.sleep(1)
+            deadline = time.monotonic() + 3
+            for _ in range(3):
+                others.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        else:
+            others.release()
         received.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         self.send_response(200)
         self.send_header("Content-Length", "0")
