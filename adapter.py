@@ -45,9 +45,13 @@ def library_versions() -> dict:
 
 
 def lora_weights(model, dtype) -> dict:
-    """The model's LoRA weights (named as in its state dict) cast to `dtype`: given to PEFT's save_pretrained as its
-    `state_dict`, they are cast once and written once."""
-    return {name: param.detach().to(dtype) for name, param in model.named_parameters() if "lora_" in name}
+    """What PEFT's save_pretrained writes, named as in the model's state dict and cast to `dtype` once: the LoRA
+    weights, and the embedding layers' own weights where LoRA adapts an embedding or the output layer (PEFT saves
+    those whole). Given to save_pretrained as its `state_dict`, they are cast once and written once."""
+    adapted = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if hasattr(m, "base_layer")]
+    prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is m for m in adapted))
+    return {name: param.detach().to(dtype) for name, param in model.named_parameters(remove_duplicate=False)
+            if "lora_" in name or name.startswith(prefixes)}
 
 
 def write_adapter(model, tokenizer, eot_text: str, tmp: Path, config: dict, metrics: dict, training_log: Path,

@@ -27,7 +27,7 @@ from files import atomic_dir, atomic_file, private_dir
 from job import JobError
 
 # torch and peft are imported inside the functions that use them: the handler imports this module at its start (for
-# the stop request), which takes 1.8 s without them; torch, transformers, peft and bitsandbytes add about 6 s.
+# the stop request), which takes about 2 s without them; torch, transformers, peft and bitsandbytes add about 6 s.
 
 log = logging.getLogger(__name__)
 KEEP = 2

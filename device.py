@@ -3,7 +3,7 @@ runs on them, the precision and attention they allow, free and peak memory, and 
 the training step uses.
 
 torch and pynvml are imported inside the functions that use them: the handler imports this module, starts in
-under 2 s without them, and would take about 6 s more with torch, transformers, peft and bitsandbytes loaded.
+about 2 s without them, and would take about 6 s more with torch, transformers, peft and bitsandbytes loaded.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from checkpoints import Stopped, stop_on_sigterm
 from job import JobError
 
 # torch is imported inside the functions that use it: the handler imports this module at its start (for
-# shared_memory_note and visible_gpus), which takes 1.8 s without torch; torch, transformers, peft and bitsandbytes
+# shared_memory_note and visible_gpus), which takes about 2 s without torch; torch, transformers, peft and bitsandbytes
 # add about 6 s, paid by the first job instead.
 
 log = logging.getLogger(__name__)

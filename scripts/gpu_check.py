@@ -165,7 +165,7 @@ def run_gpu_tests(timeout_s: float) -> dict:
 # ---------------------------------------------------------------------------- 3. one job through the handler
 
 def build_model(config_name: str, work: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     from measure import build_random_model
     from tiny_model import build_tiny_model
 

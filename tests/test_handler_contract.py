@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -158,7 +159,7 @@ def test_importing_the_handler_loads_no_training_library():
 def test_progress_updates_follow_the_apps_columns(monkeypatch):
     """The reporter alone, with the sender recorded: what each update carries, and when it is sent."""
     sent = []
-    monkeypatch.setattr(progress, "post_progress", lambda job, payload: sent.append(payload))
+    monkeypatch.setattr(progress, "post_progress", lambda job, payload, timeout_s=None: sent.append(payload) or True)
     report = handler.ProgressReporter({"id": "j"}, enabled=True, interval_s=3600)
     step = {"stage": "training", "total_steps": 4, "epoch": 1, "learning_rate": 1e-4, "tokens_per_second": 900.0,
             "grad_norm": 0.5}
@@ -299,3 +300,34 @@ def test_a_job_directory_that_is_a_link_is_refused(tmp_path, monkeypatch, storag
                               "input": {"job_id": "linked", "dataset_url": storage.url(SAMPLE.name, storage.good)}})
     assert result["error"].startswith("starting: the job directory") and "symbolic link" in result["error"]
     assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_send_that_outlasts_its_timeout_leaves_only_the_newest_update_behind_it(monkeypatch):
+    """A webhook that hangs on one update: the updates queued behind it are cut to the newest (the backlog stays
+    bounded however long the job runs), and the newest is sent."""
+    monkeypatch.setattr(progress, "SEND_TIMEOUT_S", 0.3)
+    answer_first = threading.Event()
+    with webhook(answer_first, monkeypatch) as received:
+        report = handler.ProgressReporter({"id": "hung"}, enabled=True, interval_s=0)
+        for stage in ["downloading", "loading_data", "downloading_model", "loading_model"]:
+            report({"stage": stage})
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        report.close()
+        assert received == ["loading_model"]  # the first still unanswered, the two between dropped
+
+
+def test_after_close_gives_up_no_update_is_sent_after_the_jobs_result(monkeypatch):
+    monkeypatch.setattr(progress, "SEND_TIMEOUT_S", 0.3)
+    answer_first, earlier = threading.Event(), set(threading.enumerate())
+    with webhook(answer_first, monkeypatch) as received:
+        report = handler.ProgressReporter({"id": "late"}, enabled=True, interval_s=0)
+        report({"stage": "downloading"})
+        report({"stage": "loading_data"})
+        report.close(timeout_s=0.1)  # gives up while the first is unanswered
+        answer_first.set()
+        for sender in [t for t in threading.enumerate() if t.name == "progress-sender" and t not in earlier]:
+            sender.join(10)
+            assert not sender.is_alive()
+        assert "loading_data" not in received  # queued when close() gave up: dropped, never sent after the result
